@@ -1,0 +1,203 @@
+"""Typed experiment configuration: YAML files + dotted ``key=value`` overrides, validated once.
+
+Each section is a dataclass; a field's ``metadata`` gives its allowed range or choices. Loading
+checks every key against the dataclasses, so a typo, a wrong type or an out-of-range value is an
+error that names the dotted key and what was expected. ``to_dict`` gives the resolved config that
+is saved with a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type, or is out of range."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
+    return {"min": lo, "max": hi, "lo_open": lo_open}
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class DataConfig:
+    """Which samples exist: the ShapesWorld generator (or local VQA v2 / GenEval files)."""
+
+    dataset: str = field(default="shapes", metadata=_choices("shapes", "vqa_v2"))
+    split: str = field(default="downstream", metadata=_choices("base", "downstream"))
+    image_size: int = field(default=32, metadata=_range(16, 256))
+    max_objects: int = field(default=4, metadata=_range(1, 9))
+    train_scenes: int = field(default=1200, metadata=_range(1))
+    val_scenes: int = field(default=200, metadata=_range(1))
+    questions_per_image: int = field(default=2, metadata=_range(1, 20))
+    generation_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    annotator_noise: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    root: str = ""  # local path for real data (vqa_v2); unused for shapes
+    seed: int = field(default=0, metadata=_range(0))
+
+
+@dataclass
+class PartitionConfig:
+    """How samples are split over clients (see ``fedumm.data.partition``)."""
+
+    method: str = field(
+        default="dirichlet", metadata=_choices("iid", "dirichlet", "quantity_skew", "domain")
+    )
+    alpha: float = field(default=0.5, metadata=_range(0.0, None, lo_open=True))
+    beta: float = field(default=0.5, metadata=_range(0.0, None, lo_open=True))
+    label: str = field(
+        default="answer",
+        metadata=_choices(
+            "answer", "question_type", "answer_type", "family", "tag", "object_class", "modality"
+        ),
+    )
+    min_per_client: int = field(default=2, metadata=_range(0))
+    scenario: str = field(
+        default="none", metadata=_choices("none", "missing_modality", "single_modality", "hybrid")
+    )
+    missing_rate: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    understanding_clients: int = field(default=1, metadata=_range(0))
+    hybrid_q: float = field(default=0.0, metadata=_range(0.0, 1.0))
+
+
+@dataclass
+class Config:
+    """A whole experiment. Top-level keys are the ones users override most."""
+
+    name: str = "experiment"
+    runtime: str = field(default="local", metadata=_choices("local"))
+    seed: int = field(default=0, metadata=_range(0))
+    clients: int = field(default=4, metadata=_range(1, 1000))
+    rounds: int = field(default=5, metadata=_range(1))
+    local_epochs: int = field(default=1, metadata=_range(1))
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------- validation
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _check_scalar(key: str, value: Any, tp: type, meta: dict) -> Any:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{key}: expected {_TYPE_NAMES[tp]}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{key}: expected one of {list(meta['choices'])}, got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+        op = ">" if meta.get("lo_open") else ">="
+        raise ConfigError(f"{key}: expected a value {op} {lo}, got {value!r}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: expected a value <= {hi}, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        key, tp, meta = prefix + name, hints[name], dict(fields[name].metadata)
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".")
+        elif typing.get_origin(tp) is list:
+            (item_tp,) = typing.get_args(tp)
+            if isinstance(value, str):  # `lora.groups=vision,language` on the command line
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+            kwargs[name] = [_check_scalar(f"{key}[{i}]", v, item_tp, meta)
+                            for i, v in enumerate(value)]
+        elif isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            kwargs[name] = None if value is None else _check_scalar(key, value, args[0], meta)
+        else:
+            kwargs[name] = _check_scalar(key, value, tp, meta)
+    obj = cls(**kwargs)
+    post = getattr(obj, "validate", None)
+    if callable(post):
+        post()
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"partition.alpha=0.1"`` -> (["partition", "alpha"], 0.1); values parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. partition.alpha=0.1")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key component")
+    return parts, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (a copy); validation happens afterwards."""
+    out = _deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """Validate a nested dict (plus overrides) into a :class:`Config`."""
+    return _build(Config, apply_overrides(raw or {}, overrides or []))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+    return config_from_dict(raw, overrides)

@@ -1,0 +1,332 @@
+"""Re-implementation of the official VQA v2 accuracy metric.
+
+Mirrors ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` of GT-Vision-Lab/VQA (master, after
+the 2021 "Fixed processing answers bug" commit) rule for rule, including its quirks:
+
+* answers (GT and result) get ``'\\n'``/``'\\t'`` replaced by a space and are stripped;
+* punctuation / digit / article / contraction processing is applied to the GT answers *and*
+  the result answer only when the GT answers are not all identical; otherwise the raw strings
+  are compared (so a result ``"Yes"`` does not match ten GT ``"yes"``);
+* ``periodStrip`` is written ``(?!<=\\d)(\\.)(?!\\d)``: the intended look-behind is a look-ahead,
+  so every period not followed by a digit is removed, and ``re.UNICODE`` is passed where
+  ``sub`` expects ``count``, so at most 32 periods are removed;
+* ``processPunctuation`` tests its conditions on the *input* text, and any ``digit,digit`` in
+  it makes every punctuation mark be deleted instead of replaced by a space;
+* the contractions with capitals (``"Im"``, ``"Ive"``, ...) never fire because words are
+  lower-cased first;
+* the script runs under Python 2: ``\\d`` is ASCII-only (no ``re.UNICODE`` flag reaches the
+  patterns) and ``round`` sends exact halves away from zero (``round(3.125, 2) == 3.13``).
+
+Per-question accuracy is the mean, over the 10 GT answers, of ``min(1, #other GT answers equal
+to the result / 3)``; the reported numbers are percentages rounded to 2 decimals.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Any
+
+from fedumm.data.records import VQARecord
+
+__all__ = ["evaluate", "evaluate_files", "normalize_answer", "score_answers"]
+
+PRECISION = 2  # the official ``n``
+
+CONTRACTIONS: dict[str, str] = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
+    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
+    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
+    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
+    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
+    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+MANUAL_MAP: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+ARTICLES: tuple[str, ...] = ("a", "an", "the")
+PUNCTUATION: tuple[str, ...] = (
+    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
+    ">", "<", "@", "`", ",", "?", "!",
+)
+# Verbatim pattern, look-ahead typo included; re.ASCII because Python 2 str patterns compiled
+# without re.UNICODE match only [0-9] with \d.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)", re.ASCII)
+_PERIOD_STRIP_COUNT = int(re.UNICODE)  # the official passes re.UNICODE (32) as ``count``
+
+
+def _clean_whitespace(ans: str) -> str:
+    """The preprocessing applied to every answer before any comparison."""
+    return ans.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _process_punctuation(text: str) -> str:
+    """``VQAEval.processPunctuation``: conditions test the input, not the running output."""
+    out = text
+    digit_comma = _COMMA_STRIP.search(text) is not None
+    for p in PUNCTUATION:
+        if (p + " " in text or " " + p in text) or digit_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
+
+
+def _process_digit_article(text: str) -> str:
+    """``VQAEval.processDigitArticle``: lower-case, number words, drop articles, contractions."""
+    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(ans: str) -> str:
+    """Normalise an answer the way the official evaluator does in its normalising branch.
+
+    Parameters
+    ----------
+    ans : str
+        Raw answer (e.g. model output).
+
+    Returns
+    -------
+    str
+        ``ans`` with newlines/tabs turned into spaces, stripped, then punctuation, number-word,
+        article and contraction processing applied.
+    """
+    return _process_digit_article(_process_punctuation(_clean_whitespace(ans)))
+
+
+def _py2_round(x: float, ndigits: int = PRECISION) -> float:
+    """Python 2's ``round``: exact binary value, halfway cases away from zero."""
+    # Python 3's round sends exact ties to even (3.125 -> 3.12); the official script ran on 2.7.
+    return float(Decimal(x).quantize(Decimal(1).scaleb(-ndigits), rounding=ROUND_HALF_UP))
+
+
+def _plain_sum(values: Iterable[float]) -> float:
+    """Left-to-right float sum (Python >= 3.12's ``sum`` compensates, Python 2's did not)."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def _question_accuracy(gt_answers: list[dict[str, Any]], res_ans: str) -> float:
+    """Accuracy in [0, 1] of one result answer against its GT answer dicts."""
+    # Copies, because the official mutates the annotation dicts in place.
+    gts = [dict(a, answer=_clean_whitespace(a["answer"])) for a in gt_answers]
+    res = _clean_whitespace(res_ans)
+    if len({a["answer"] for a in gts}) > 1:
+        for a in gts:
+            a["answer"] = _process_digit_article(_process_punctuation(a["answer"]))
+        res = _process_digit_article(_process_punctuation(res))
+    accs = []
+    for gt in gts:
+        # Whole-dict inequality as in the official (answer_id normally makes each dict unique).
+        others = [o for o in gts if o != gt]
+        matching = sum(1 for o in others if o["answer"] == res)
+        accs.append(min(1.0, matching / 3))
+    return _plain_sum(accs) / len(accs)
+
+
+def _require(entry: Any, keys: tuple[str, ...], where: str, index: int) -> None:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} entry {index} is not an object: {entry!r}")
+    for key in keys:
+        if key not in entry:
+            raise ValueError(f"{where} entry {index} has no key {key!r}")
+
+
+def _ids_text(ids: Iterable[Any], limit: int = 20) -> str:
+    ids = sorted(ids, key=repr)
+    more = f" ... ({len(ids)} in all)" if len(ids) > limit else ""
+    return ", ".join(repr(i) for i in ids[:limit]) + more
+
+
+def evaluate(
+    questions: list[dict[str, Any]],
+    annotations: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Score results with the official VQA v2 accuracy.
+
+    Parameters
+    ----------
+    questions : list of dict
+        Entries of the official ``questions`` list; every annotated question must appear.
+    annotations : list of dict
+        Entries of the official ``annotations`` list; all of them are evaluated, in order.
+    results : list of dict
+        ``{"question_id": int, "answer": str}`` entries. As in the official ``loadRes``, their
+        question ids must be exactly the annotated ones; a repeated id keeps its last answer.
+
+    Returns
+    -------
+    dict
+        ``overall`` (float), ``perAnswerType`` and ``perQuestionType`` (type -> float) and
+        ``perQuestion`` (question id -> float, the official ``evalQA``); all in percent, rounded
+        to 2 decimals like the official script.
+
+    Raises
+    ------
+    ValueError
+        On malformed entries, duplicated annotation ids, annotated questions absent from
+        ``questions``, or results that do not cover exactly the annotated question ids.
+    """
+    if not annotations:
+        raise ValueError("no annotations to evaluate")
+    ann_by_id: dict[Any, dict[str, Any]] = {}
+    for i, ann in enumerate(annotations):
+        _require(ann, ("question_id", "question_type", "answer_type", "answers"), "annotations", i)
+        qid = ann["question_id"]
+        if qid in ann_by_id:
+            raise ValueError(f"annotations: question id {qid!r} appears more than once")
+        if not isinstance(ann["answers"], list) or not ann["answers"]:
+            raise ValueError(f"annotations entry {i} (question {qid!r}) has no answers")
+        for j, a in enumerate(ann["answers"]):
+            _require(a, ("answer",), f"annotations entry {i} answers", j)
+        ann_by_id[qid] = ann
+    question_ids = set()
+    for i, q in enumerate(questions):
+        _require(q, ("question_id",), "questions", i)
+        question_ids.add(q["question_id"])
+    unasked = set(ann_by_id) - question_ids
+    if unasked:
+        raise ValueError(f"annotated question ids missing from questions: {_ids_text(unasked)}")
+
+    if not isinstance(results, list):
+        raise ValueError("results is not an array of objects")
+    res_by_id: dict[Any, str] = {}
+    for i, r in enumerate(results):
+        _require(r, ("question_id", "answer"), "results", i)
+        if not isinstance(r["answer"], str):
+            raise ValueError(f"results entry {i}: answer is not a string: {r['answer']!r}")
+        res_by_id[r["question_id"]] = r["answer"]
+    missing = set(ann_by_id) - set(res_by_id)
+    extra = set(res_by_id) - set(ann_by_id)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"no result for question ids {_ids_text(missing)}")
+        if extra:
+            parts.append(f"results for question ids not in the annotations {_ids_text(extra)}")
+        raise ValueError("results do not correspond to the annotations: " + "; ".join(parts))
+
+    all_accs: list[float] = []
+    by_qtype: dict[str, list[float]] = {}
+    by_atype: dict[str, list[float]] = {}
+    per_question: dict[Any, float] = {}
+    for qid, ann in ann_by_id.items():
+        acc = _question_accuracy(ann["answers"], res_by_id[qid])
+        all_accs.append(acc)
+        by_qtype.setdefault(ann["question_type"], []).append(acc)
+        by_atype.setdefault(ann["answer_type"], []).append(acc)
+        per_question[qid] = _py2_round(100 * acc)
+
+    def pct(accs: list[float]) -> float:
+        return _py2_round(100 * _plain_sum(accs) / len(accs))  # official operation order
+
+    return {
+        "overall": pct(all_accs),
+        "perAnswerType": {t: pct(a) for t, a in by_atype.items()},
+        "perQuestionType": {t: pct(a) for t, a in by_qtype.items()},
+        "perQuestion": per_question,
+    }
+
+
+def _load_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"VQA file not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON ({e})") from e
+
+
+def _entries(data: Any, key: str, path: str | Path) -> list[dict[str, Any]]:
+    """The list under ``key`` of an official file (a bare list is accepted too)."""
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict) or key not in data:
+        raise ValueError(f"{path}: missing top-level key {key!r}")
+    if not isinstance(data[key], list):
+        raise ValueError(f"{path}: {key!r} is not a list")
+    return data[key]
+
+
+def evaluate_files(
+    questions_path: str | Path, annotations_path: str | Path, results_path: str | Path
+) -> dict[str, Any]:
+    """:func:`evaluate` on the official questions / annotations files and a results file.
+
+    Parameters
+    ----------
+    questions_path, annotations_path : str or Path
+        ``v2_OpenEnded_mscoco_<split>_questions.json`` and ``v2_mscoco_<split>_annotations.json``.
+    results_path : str or Path
+        JSON array of ``{"question_id": int, "answer": str}``.
+
+    Returns
+    -------
+    dict
+        As :func:`evaluate`.
+    """
+    questions = _entries(_load_json(questions_path), "questions", questions_path)
+    annotations = _entries(_load_json(annotations_path), "annotations", annotations_path)
+    results = _load_json(results_path)
+    if not isinstance(results, list):
+        raise ValueError(f"{results_path}: results is not an array of objects")
+    return evaluate(questions, annotations, results)
+
+
+def score_answers(predictions: Mapping[int, str], records: list[VQARecord]) -> dict[str, Any]:
+    """:func:`evaluate` on records and a ``question_id -> answer`` mapping.
+
+    Parameters
+    ----------
+    predictions : mapping of int to str
+        One answer per record; ids outside ``records`` are an error, as in the official script.
+    records : list of VQARecord
+        The evaluated questions with their 10 GT answers.
+
+    Returns
+    -------
+    dict
+        As :func:`evaluate`.
+    """
+    results = [{"question_id": qid, "answer": ans} for qid, ans in predictions.items()]
+    return evaluate(
+        [r.question_entry() for r in records], [r.annotation() for r in records], results
+    )

@@ -1,0 +1,37 @@
+"""Plots for the command line and reports (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+import numpy as np  # noqa: E402
+
+
+def partition_heatmap(summary: dict, out: str | Path, title: str = "") -> Path:
+    """Clients x labels heat map of sample counts from a partition summary."""
+    clients = summary["clients"]
+    labels = sorted({lab for c in clients for lab in c["label_counts"]})
+    mat = np.array([[c["label_counts"].get(lab, 0) for lab in labels] for c in clients])
+    fig_w = min(4 + 0.28 * len(labels), 24)
+    fig_h = min(2 + 0.25 * len(clients), 24)
+    fig, ax = plt.subplots(figsize=(fig_w, fig_h))
+    im = ax.imshow(mat, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    step = max(1, len(clients) // 32)
+    ax.set_yticks(range(0, len(clients), step), [str(c["id"]) for c in clients[::step]],
+                  fontsize=7)
+    ax.set_xlabel("label")
+    ax.set_ylabel("client")
+    tv = summary["heterogeneity"].get("tv_mean", float("nan"))
+    ax.set_title(f"{title}  samples per client and label (tv_mean={tv:.3f})".strip())
+    fig.colorbar(im, ax=ax, label="samples")
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

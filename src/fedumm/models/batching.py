@@ -1,0 +1,122 @@
+"""Turn dataset samples into the model's tensors (tokenised once per dataset, then indexed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedumm.data.dataset import MultimodalDataset
+from fedumm.data.render import COLORS, SHAPES, object_id_map
+from fedumm.models.text_tokenizer import TextTokenizer
+from fedumm.models.vq import PatchCodebook
+
+_COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
+_SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
+
+
+def _pad(seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max((len(s) for s in seqs), default=0)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(n - len(s), n) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s))
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def patch_labels(objects, size: int, patch: int) -> np.ndarray:
+    """(g*g, 2) per-patch (shape, colour) class of the object covering most of the patch
+    (0 = background; 1 + index otherwise). Used for the vision encoder's auxiliary loss."""
+    ids = object_id_map(objects, size)
+    g = size // patch
+    blocks = ids.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    out = np.zeros((g * g, 2), dtype=np.int64)
+    for k, obj in enumerate(objects):
+        cover = (blocks == k).sum(1)
+        sel = (cover * 4 >= patch * patch) & (cover > 0)
+        out[sel] = (1 + _SHAPE_INDEX[obj.shape], 1 + _COLOR_INDEX[obj.color])
+    return out
+
+
+@dataclass
+class PreparedData:
+    """Token ids, codes and probe labels of one dataset, ready to be indexed into batches."""
+
+    data: MultimodalDataset
+    questions: list[list[int]]  # question tokens + SEP
+    answers: list[list[int]]  # answer tokens + EOS
+    prompts: list[list[int]]  # prompt tokens + BOI
+    codes: torch.Tensor  # (num_gen, L) image codes of the generation targets
+    probe: torch.Tensor | None  # (num_images, g*g, 2) or None without scenes
+
+
+class SampleEncoder:
+    """Tokenises text, quantises target images and builds padded batches."""
+
+    def __init__(self, tokenizer: TextTokenizer, codebook: PatchCodebook, vision_patch: int = 4):
+        self.tok = tokenizer
+        self.codebook = codebook
+        self.vision_patch = vision_patch
+
+    def prepare(self, data: MultimodalDataset, with_probe: bool = False) -> PreparedData:
+        t = self.tok
+        questions = [t.encode(r.question) + [t.sep_id] for r in data.vqa]
+        answers = [t.encode(r.multiple_choice_answer) + [t.eos_id] for r in data.vqa]
+        prompts = [t.encode(g.prompt) + [t.boi_id] for g in data.gen]
+        if data.gen:
+            targets = np.stack([data.image(i) for i in data.gen_image])
+            codes = torch.cat([self.codebook.encode(targets[i:i + 512])
+                               for i in range(0, len(targets), 512)])
+        else:
+            codes = torch.zeros(0, 1, dtype=torch.long)
+        probe = None
+        if with_probe and data.scenes:
+            size = data.images.shape[1]
+            probe = torch.from_numpy(np.stack(
+                [patch_labels(objs, size, self.vision_patch) for objs in data.scenes]))
+        return PreparedData(data, questions, answers, prompts, codes, probe)
+
+    def understanding_batch(self, prep: PreparedData, idx: Sequence[int],
+                            image_present: Sequence[bool] | None = None) -> dict:
+        """Tensors for VQA samples ``idx`` (indices into ``prep.data.vqa``)."""
+        d = prep.data
+        rows = [d._row[d.vqa[i].image_id] for i in idx]
+        q_ids, q_mask = _pad([prep.questions[i] for i in idx], left=True)
+        a_ids, a_mask = _pad([prep.answers[i] for i in idx], left=False)
+        batch = {"images": torch.from_numpy(d.images[rows]), "q_ids": q_ids, "q_mask": q_mask,
+                 "a_ids": a_ids, "a_mask": a_mask}
+        if image_present is not None:
+            batch["image_present"] = torch.tensor(list(image_present), dtype=torch.bool)
+        if prep.probe is not None:
+            batch["probe"] = prep.probe[rows]
+        return batch
+
+    def question_batch(self, images: np.ndarray, questions: Sequence[str]) -> dict:
+        q_ids, q_mask = _pad([self.tok.encode(q) + [self.tok.sep_id] for q in questions], True)
+        return {"images": torch.from_numpy(np.ascontiguousarray(images)), "q_ids": q_ids,
+                "q_mask": q_mask}
+
+    def generation_batch(self, prep: PreparedData, idx: Sequence[int],
+                         drop_prompt: Sequence[bool] | None = None) -> dict:
+        """Tensors for generation samples ``idx``; dropped prompts train the unconditional
+        branch used by classifier-free guidance."""
+        drop = list(drop_prompt) if drop_prompt is not None else [False] * len(idx)
+        seqs = [[self.tok.boi_id] if dr else prep.prompts[i] for i, dr in zip(idx, drop,
+                                                                              strict=True)]
+        p_ids, p_mask = _pad(seqs, left=True)
+        return {"p_ids": p_ids, "p_mask": p_mask, "codes": prep.codes[list(idx)]}
+
+    def prompt_batch(self, prompts: Sequence[str]) -> dict:
+        seqs = [self.tok.encode(p) + [self.tok.boi_id] for p in prompts]
+        p_ids, p_mask = _pad(seqs, left=True)
+        u_ids, u_mask = _pad([[self.tok.boi_id]] * len(prompts), left=True)
+        n = p_ids.shape[1]  # unconditional prompts padded to the same length
+        u_ids = torch.cat([torch.zeros(len(prompts), n - 1, dtype=torch.long), u_ids], 1)
+        u_mask = torch.cat([torch.zeros(len(prompts), n - 1, dtype=torch.long), u_mask], 1)
+        return {"p_ids": p_ids, "p_mask": p_mask, "u_ids": u_ids, "u_mask": u_mask}

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from fedumm.data.dataset import generate_shapes, subset_samples
+from fedumm.data.render import COLORS, SHAPES, SceneObject, object_id_map, render_scene
+from fedumm.data.world import SPLITS, sample_prompt
+from fedumm.eval.geneval import Detection, evaluate_image
+
+
+def test_generator_is_deterministic_and_seed_sensitive():
+    a = generate_shapes("downstream", 30, seed=4)
+    b = generate_shapes("downstream", 30, seed=4)
+    c = generate_shapes("downstream", 30, seed=5)
+    assert np.array_equal(a.images, b.images)
+    assert a.vqa == b.vqa and a.gen == b.gen
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_train_and_val_roles_are_independent_draws():
+    tr = generate_shapes("base", 20, seed=0, role="train")
+    va = generate_shapes("base", 20, seed=0, role="val")
+    assert not np.array_equal(tr.images[:20], va.images[:20])
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_vqa_answers_agree_with_the_scene(size):
+    data = generate_shapes("downstream", 80, seed=1, image_size=size, annotator_noise=0.0)
+    assert data.images.shape[1:] == (size, size, 3)
+    for r in data.vqa:
+        objs = data.scenes[data._row[r.image_id]]
+        assert r.answers == [r.multiple_choice_answer] * 10
+        if r.question.startswith("how many") and r.question.endswith("objects are there?"):
+            color = r.question.split()[2]
+            assert int(r.multiple_choice_answer) == sum(o.color == color for o in objs)
+        if r.question.startswith("what color is the "):
+            shape = r.question.removeprefix("what color is the ").rstrip("?")
+            assert [o.color for o in objs if o.shape == shape] == [r.multiple_choice_answer]
+
+
+def test_annotator_noise_gives_ten_answers_with_disagreement():
+    data = generate_shapes("base", 100, seed=0, annotator_noise=0.3)
+    assert all(len(r.answers) == 10 for r in data.vqa)
+    agree = np.mean([a == r.multiple_choice_answer for r in data.vqa for a in r.answers])
+    assert 0.6 < agree < 0.8
+
+
+def test_splits_differ_in_concepts_families_and_domains():
+    base = generate_shapes("base", 150, seed=0)
+    down = generate_shapes("downstream", 150, seed=0)
+    base_shapes = {o.shape for s in base.scenes for o in s}
+    assert base_shapes == set(SPLITS["base"].shapes)
+    assert {"cross", "ring"} <= {o.shape for s in down.scenes for o in s}
+    assert {r.family for r in base.vqa} <= set(SPLITS["base"].families)
+    assert {"spatial", "binding"} <= {r.family for r in down.vqa}
+    assert set(base.domains) == {"clean"}
+    assert set(down.domains) == {"clean", "textured", "noise", "shift"}
+    assert {"position", "color_attr"} <= {g.tag for g in down.gen}
+    assert not {"position", "color_attr"} & {g.tag for g in base.gen}
+
+
+@pytest.mark.parametrize("tag", SPLITS["downstream"].tags)
+def test_generation_targets_satisfy_their_prompt_under_geneval_rules(tag):
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        record, objs = sample_prompt(rng, SPLITS["downstream"], 32, tag)
+        dets = [Detection(o.shape, o.color, o.box, 1.0) for o in objs]
+        ok, reason = evaluate_image(record, dets)
+        assert ok, (record.prompt, reason)
+
+
+def test_all_colours_are_visible_on_every_domain():
+    for domain in ("clean", "textured", "noise", "shift"):
+        for color in COLORS:
+            obj = SceneObject("square", color, "large", 1, 1, 16.0, 16.0, 5.0)
+            bg = render_scene([], 32, domain, np.random.default_rng(0)).astype(int)
+            img = render_scene([obj], 32, domain, np.random.default_rng(0)).astype(int)
+            assert np.abs(img[16, 16] - bg[16, 16]).sum() > 60, (domain, color)
+
+
+def test_object_id_map_matches_rendered_pixels():
+    objs = [SceneObject(s, "red", "large", 0, k % 3, 5.0 + 10 * (k % 3), 5.0, 4.5)
+            for k, s in enumerate(SHAPES[:3])]
+    ids = object_id_map(objs, 32)
+    img = render_scene(objs, 32)
+    assert np.array_equal(ids >= 0, (img != 128).any(-1))
+    assert Counter(ids.ravel().tolist())[-1] > 0
+
+
+def test_subset_and_labels_cover_both_modalities():
+    data = generate_shapes("downstream", 20, seed=0)
+    assert data.num_samples == len(data.vqa) + len(data.gen)
+    labels = data.labels("answer")
+    assert labels[len(data.vqa)].startswith("gen/")
+    sub = subset_samples(data, [0, len(data.vqa)])
+    assert len(sub.vqa) == 1 and len(sub.gen) == 1
+    with pytest.raises(ValueError, match="unknown label key 'colour'"):
+        data.labels("colour")

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedumm.config import ConfigError, config_from_dict, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_dotted_overrides():
+    cfg = config_from_dict({}, ["partition.alpha=0.1", "clients=16"])
+    assert cfg.partition.alpha == 0.1
+    assert cfg.clients == 16
+    assert cfg.partition.method == "dirichlet"
+
+
+def test_int_is_accepted_for_float_but_not_the_reverse():
+    assert config_from_dict({"partition": {"alpha": 1}}).partition.alpha == 1.0
+    with pytest.raises(ConfigError, match=r"clients: expected an integer"):
+        config_from_dict({"clients": 2.5})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("partition.alhpa=1", r"unknown key partition\.alhpa"),
+        ("clients=0", r"clients: expected a value >= 1"),
+        ("partition.alpha=0", r"partition\.alpha: expected a value > 0"),
+        ("partition.method=round_robin", r"partition\.method: expected one of"),
+        ("rounds=many", r"rounds: expected an integer, got 'many'"),
+        ("partition=3", r"partition: expected a mapping"),
+        ("noequals", r"expected key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, [override])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config_from_dict({"name": "x"}, ["seed=3", "partition.label=tag"])
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["partition"]["label"] == "tag"
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping at the top level"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_says_how_to_run_it(path):
+    load_config(path)
+    assert path.read_text().startswith("# fedumm "), "configs start with the command that runs them"
