@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fedumm.config import ConfigError, load_config
+from fedumm.runtime.run_dir import RunDirError
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
@@ -69,6 +70,105 @@ def _cmd_data_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(n: int = 0) -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedumm.runtime.local import run_experiment
+
+    _threads()
+    if args.resume:
+        if args.config or args.overrides:
+            raise ValueError("--resume DIR continues a run with its saved config; "
+                             "give no CONFIG or overrides")
+        summary = run_experiment(None, args.resume, resume=True, progress=not args.quiet)
+        out = args.resume
+    else:
+        if not args.config:
+            raise ValueError("give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR")
+        cfg = load_config(args.config, list(args.overrides))
+        out = args.out or f"runs/{cfg.name}"
+        summary = run_experiment(cfg, out, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    fin, comm = summary["final"], summary["communication"]
+    print(f"run: {out}")
+    print(f"  VQA accuracy {summary['base'].get('vqa_accuracy', 'n/a')} (frozen base) -> "
+          f"{fin.get('vqa_accuracy')}  |  GenEval overall {fin.get('geneval_overall')}")
+    print(f"  upload {comm['upload_bytes_per_client_round'] / 2**20:.2f} MiB per client-round "
+          f"({comm['reduction_vs_full']}x less than full fine-tuning)  |  wall "
+          f"{summary['time']['wall_s']} s")
+    print(f"  report: {Path(out) / 'report.md'}")
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from fedumm.models.pretrain import PretrainConfig, pretrain
+
+    _threads()
+    cfg = PretrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.max_minutes)
+    out = pretrain(cfg, args.out, progress=not args.quiet)
+    print(f"checkpoint: {out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedumm.data.dataset import generate_shapes
+    from fedumm.eval.model_eval import evaluate_backbone
+    from fedumm.models.loading import load_for_eval
+
+    _threads()
+    backbone = load_for_eval(args.checkpoint)
+    data = generate_shapes(args.split, args.scenes, seed=args.seed, role="test")
+    res = evaluate_backbone(backbone, data, max_vqa=args.max_vqa, max_gen=args.max_gen,
+                            seed=args.seed)
+    res.pop("vqa_by_question_type", None)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for k, v in res.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from fedumm.experiments.plots import image_grid
+    from fedumm.models.loading import load_for_eval
+
+    _threads()
+    backbone = load_for_eval(args.checkpoint)
+    images = backbone.generate(args.prompts, seed=args.seed, cfg_scale=args.cfg_scale)
+    print(f"grid: {image_grid(list(images), args.prompts, args.out)}")
+    return 0
+
+
+def _cmd_eval_vqa(args: argparse.Namespace) -> int:
+    from fedumm.eval.vqa_metric import evaluate_files
+
+    res = evaluate_files(args.questions, args.annotations, args.results)
+    res.pop("perQuestion", None)
+    print(json.dumps(res) if args.json else
+          f"overall {res['overall']}\nper answer type {res['perAnswerType']}")
+    return 0
+
+
+def _cmd_eval_geneval(args: argparse.Namespace) -> int:
+    from fedumm.eval.geneval import score_geneval_dir
+    from fedumm.eval.shapes_detector import ShapesDetector
+
+    res = score_geneval_dir(args.metadata, args.images, ShapesDetector())
+    out = {"overall": res["overall"], "by_task": res["by_task"]}
+    print(json.dumps(out) if args.json else
+          f"overall {out['overall']:.4f}\nby task {out['by_task']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedumm",
@@ -107,6 +207,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_export)
+
+    p = sub.add_parser("run", help="run a federated experiment (local runtime)")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--json", action="store_true", help="print summary.json")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=20.0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("evaluate", help="VQA accuracy and GenEval score of a model")
+    p.add_argument("checkpoint", help="'base' (shipped), a checkpoint folder or a run directory")
+    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--max-vqa", type=int, default=400)
+    p.add_argument("--max-gen", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("generate", help="generate images from prompts into a PNG grid")
+    p.add_argument("checkpoint", help="'base', a checkpoint folder or a run directory")
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--out", default="runs/generated.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="official scoring of result files").add_subparsers(
+        dest="eval_command", required=True)
+    p = ev.add_parser("vqa", help="official VQA v2 accuracy of a results file")
+    p.add_argument("--questions", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_vqa)
+    p = ev.add_parser("geneval", help="GenEval score of images in GenEval's folder layout")
+    p.add_argument("--metadata", required=True, help="evaluation_metadata.jsonl")
+    p.add_argument("--images", required=True, help="folder with <00000>/samples/0000.png")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_geneval)
     return parser
 
 
@@ -114,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, RunDirError) as exc:
         print(f"fedumm: error: {exc}", file=sys.stderr)
         return 2
 

@@ -72,6 +72,64 @@ class PartitionConfig:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters (defaults are the paper's r=16, alpha=32)."""
+
+    r: int = field(default=16, metadata=_range(1, 512))
+    alpha: int = field(default=32, metadata=_range(1))
+    dropout: float = field(default=0.0, metadata=_range(0.0, 0.9))
+    groups: list[str] = field(
+        default_factory=lambda: ["vision", "language", "generation", "alignment"],
+        metadata=_choices("vision", "language", "generation", "alignment"),
+    )
+
+
+@dataclass
+class StrategyConfig:
+    """Server strategy and client sampling (see ``fedumm.fl.strategies``)."""
+
+    name: str = field(
+        default="fedavg",
+        metadata=_choices("fedavg", "fedumm", "fedprox", "fedavgm", "fedadam", "fedyogi",
+                          "fedadagrad", "scaffold", "centralized", "local"),
+    )
+    fraction: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    min_clients: int = field(default=1, metadata=_range(1))
+    mu: float = field(default=0.01, metadata=_range(0.0))
+    server_lr: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    beta1: float = field(default=0.9, metadata=_range(0.0, 1.0))
+    beta2: float = field(default=0.99, metadata=_range(0.0, 1.0))
+    tau: float = field(default=1e-3, metadata=_range(0.0, None, lo_open=True))
+
+
+@dataclass
+class TrainConfig:
+    """Client-side training."""
+
+    batch_size: int = field(default=32, metadata=_range(1))
+    lr: float = field(default=2e-3, metadata=_range(0.0, None, lo_open=True))
+    weight_decay: float = field(default=0.0, metadata=_range(0.0))
+    grad_clip: float = field(default=1.0, metadata=_range(0.0))
+    optimizer: str = field(default="adamw", metadata=_choices("adamw", "sgd"))
+    persistent_optimizer: bool = False  # keep optimizer state across rounds (per client)
+    max_steps: int = field(default=0, metadata=_range(0))  # per round; 0 = local_epochs
+    val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    prompt_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    threads: int = field(default=0, metadata=_range(0))  # torch threads; 0 = all cores
+
+
+@dataclass
+class EvalConfig:
+    """Global evaluation on the held-out split."""
+
+    every: int = field(default=1, metadata=_range(0))  # rounds; 0 = only at the end
+    max_vqa: int = field(default=400, metadata=_range(0))
+    max_gen: int = field(default=120, metadata=_range(0))
+    gen_every: int = field(default=0, metadata=_range(0))  # 0 = generation only at the end
+
+
+@dataclass
 class Config:
     """A whole experiment. Top-level keys are the ones users override most."""
 
@@ -81,8 +139,14 @@ class Config:
     clients: int = field(default=4, metadata=_range(1, 1000))
     rounds: int = field(default=5, metadata=_range(1))
     local_epochs: int = field(default=1, metadata=_range(1))
+    model: str = "base"  # checkpoint folder, or "base" for the shipped foundation model
+    codec: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -35,3 +35,26 @@ def partition_heatmap(summary: dict, out: str | Path, title: str = "") -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def image_grid(images, titles, out: str | Path, cols: int = 6, scale: float = 2.2) -> Path:
+    """A PNG grid of images with wrapped titles (e.g. generated samples and their prompts)."""
+    import textwrap
+
+    n = len(images)
+    if n == 0:
+        raise ValueError("no images to draw")
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, min(cols, n), figsize=(min(cols, n) * scale, rows * scale * 1.2),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -197,16 +197,26 @@ class ReferenceUMM(nn.Module):
         ones = torch.ones(b, self.config.alignment_tokens, dtype=p_mask.dtype)
         return embeds, torch.cat([ones, p_mask], dim=1)
 
-    def generation_loss(self, p_ids, p_mask, codes):
-        """Cross-entropy of the image codes (B, L) given the prompt (left-padded, ends in BOI)."""
+    def _gen_logits(self, p_ids, p_mask, codes):
+        """Teacher-forced logits (B, L, codes) for every image code given the prompt."""
         prefix, mask = self._generation_prefix(p_ids, p_mask)
         n = codes.shape[1]
         code_in = self.gen_embed(codes[:, :-1]) + self.gen_pos.weight[1:n][None]
         embeds = torch.cat([prefix, code_in], dim=1)
         full = torch.cat([mask, torch.ones_like(codes[:, :-1])], dim=1)
         hidden, _ = self._decode(embeds, full)
-        logits = self.gen_head(hidden[:, prefix.shape[1] - 1:])
+        return self.gen_head(hidden[:, prefix.shape[1] - 1:])
+
+    def generation_loss(self, p_ids, p_mask, codes):
+        """Cross-entropy of the image codes (B, L) given the prompt (left-padded, ends in BOI)."""
+        logits = self._gen_logits(p_ids, p_mask, codes)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+    @torch.no_grad()
+    def generation_accuracy(self, p_ids, p_mask, codes) -> float:
+        """Teacher-forced top-1 accuracy of the image codes: a cheap held-out quality."""
+        pred = self._gen_logits(p_ids, p_mask, codes).argmax(-1)
+        return float((pred == codes).float().mean())
 
     def _probe_loss(self, feats: torch.Tensor, probe: torch.Tensor, num_shapes: int = 7):
         logits = self.vision_probe(feats)  # (B, 64, 7 + 11)

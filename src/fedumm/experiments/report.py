@@ -1,0 +1,110 @@
+"""``report.md`` for a run directory: headline numbers, accuracy-vs-round and bytes plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def plot_accuracy(metrics: list[dict], out: Path, title: str) -> Path:
+    evals = [m for m in metrics if m.get("type") == "eval" and "vqa_accuracy" in m]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    xs = [m["round"] + 1 for m in evals]
+    ax.plot(xs, [m["vqa_accuracy"] for m in evals], "o-", label="VQA accuracy (%)")
+    gen = [m for m in evals if "geneval_overall" in m]
+    if gen:
+        ax2 = ax.twinx()
+        ax2.plot([m["round"] + 1 for m in gen], [m["geneval_overall"] for m in gen], "s--",
+                 color="tab:orange", label="GenEval overall")
+        ax2.set_ylabel("GenEval overall (0-1)")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("round (0 = frozen base)")
+    ax.set_ylabel("VQA accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_bytes(metrics: list[dict], full_model_bytes: int, out: Path) -> Path:
+    rounds = [m for m in metrics if m.get("type") == "round"]
+    cum, total = [], 0
+    for m in rounds:
+        total += m["upload_bytes"]
+        cum.append(total)
+    full = [full_model_bytes * len(m["clients"]) for m in rounds]
+    full_cum = [sum(full[: i + 1]) for i in range(len(full))]
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    xs = [m["round"] + 1 for m in rounds]
+    ax.plot(xs, [c / 2**20 for c in cum], "o-", label="LoRA adapters (measured)")
+    ax.plot(xs, [c / 2**20 for c in full_cum], "x--", label="full fine-tuning (same dtype)")
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative upload (MiB, log)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_run_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    acc_png = plot_accuracy(metrics, run_dir / "accuracy.png",
+                            f"{summary['strategy']}, K={summary['clients']}")
+    comm = summary["communication"]
+    bytes_png = plot_bytes(metrics, comm["full_model_bytes"], run_dir / "bytes.png")
+    fin, base, t = summary["final"], summary.get("base", {}), summary["time"]
+    lines = [
+        f"# Run report: {summary['name']}",
+        "",
+        f"Strategy `{summary['strategy']}`, {summary['clients']} clients, {summary['rounds']} "
+        f"rounds, seed {summary['seed']}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| VQA accuracy, frozen base | {base.get('vqa_accuracy', 'n/a')} |",
+        f"| VQA accuracy, final | {fin.get('vqa_accuracy', 'n/a')} |",
+        f"| GenEval overall, final | {fin.get('geneval_overall', 'n/a')} |",
+        f"| upload per client per round | {_fmt_bytes(comm['upload_bytes_per_client_round'])} |",
+        f"| full model (same dtype) | {_fmt_bytes(comm['full_model_bytes'])} |",
+        f"| reduction vs full fine-tuning | {comm.get('reduction_vs_full')}x |",
+        f"| total bytes (up + down) | {_fmt_bytes(comm['total_bytes'])} |",
+        f"| wall time / client training | {t['wall_s']} s / {t['client_train_s']} s |",
+        f"| peak RSS | {_fmt_bytes(summary['memory']['peak_rss_bytes'])} |",
+        "",
+    ]
+    if fin.get("vqa_by_family"):
+        lines += ["VQA by question family (final vs base):", "", "| family | base | final |",
+                  "|---|---|---|"]
+        bf = base.get("vqa_by_family", {})
+        lines += [f"| {k} | {bf.get(k, 'n/a')} | {v} |" for k, v in fin["vqa_by_family"].items()]
+        lines.append("")
+    if fin.get("geneval_by_task"):
+        lines += ["GenEval by task:", "", "| task | score |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in fin["geneval_by_task"].items()]
+        lines.append("")
+    lines += [f"![accuracy]({acc_png.name})", "", f"![bytes]({bytes_png.name})", ""]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out

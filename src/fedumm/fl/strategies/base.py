@@ -1,0 +1,141 @@
+"""The server strategy interface, with per-adapter-group FedAvg as the default behaviour.
+
+A round on the server is: ``sample_clients`` -> send the global adapters plus
+``client_config`` -> clients train -> ``aggregate``. Aggregation runs separately for each adapter
+group (vision, language, generation, alignment) because clients train different groups: a
+client without understanding samples never updates the vision tower, so it must not pull the
+vision adapters towards its stale copy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from fedumm.config import StrategyConfig
+from fedumm.fl.aggregate import select, weighted_mean
+from fedumm.fl.updates import ClientUpdate
+from fedumm.models.lora import group_of
+
+State = dict[str, torch.Tensor]
+
+
+class Strategy:
+    """Base strategy: client sampling, per-group weighted averaging and a server-update hook.
+
+    Subclasses change one of ``client_config``, ``client_weight`` / ``group_weights`` or
+    ``server_update``, and keep any server-side state in ``state_dict`` / ``load_state_dict``.
+
+    Parameters
+    ----------
+    cfg
+        The strategy section of the experiment config.
+    num_clients
+        How many clients exist (N).
+    seed
+        Seeds client sampling (together with the round number).
+    """
+
+    name = "base"
+
+    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        self.cfg = cfg
+        self.num_clients = int(num_clients)
+        self.seed = int(seed)
+
+    # -- client side ---------------------------------------------------------------------------
+
+    def sample_clients(self, rnd: int) -> list[int]:
+        """Sorted ids of the clients that train in round ``rnd``.
+
+        ``max(min_clients, ceil(fraction * N))`` clients, at most N, drawn without replacement
+        from ``np.random.default_rng([seed, rnd])``: the draw depends only on (seed, round), so a
+        resumed run picks the same clients as an uninterrupted one.
+        """
+        # The small epsilon stops float error (0.3 * 10 = 3.0000000000000004) adding a client.
+        wanted = math.ceil(self.cfg.fraction * self.num_clients - 1e-9)
+        n = min(self.num_clients, max(self.cfg.min_clients, wanted))
+        rng = np.random.default_rng([self.seed, rnd])
+        return sorted(int(i) for i in rng.choice(self.num_clients, size=n, replace=False))
+
+    def client_config(self, rnd: int) -> dict:
+        """What clients receive besides the global adapters (nothing for FedAvg)."""
+        return {}
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def client_weight(self, update: ClientUpdate, group: str) -> float:
+        """A client's weight for one group: its samples of the modalities that train the group."""
+        return float(update.samples_for(group))
+
+    def group_weights(self, group: str, updates: list[ClientUpdate]) -> list[float]:
+        """The weights of ``updates`` (all of which trained ``group``), one per update."""
+        return [self.client_weight(u, group) for u in updates]
+
+    # -- aggregation ---------------------------------------------------------------------------
+
+    def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        """The new global adapter state after round ``rnd``.
+
+        For each group, clients whose update lacks the group's tensors or whose weight is 0 are
+        left out; a group no client contributed to keeps its previous tensors (the same objects).
+        Otherwise the weighted mean goes through ``server_update``. Neither ``global_state`` nor
+        the updates are modified.
+
+        Raises
+        ------
+        ValueError
+            If an update has some but not all tensors of a group, or tensors the global state
+            does not have (both mean the client and server disagree on the adapter layout).
+        """
+        groups: dict[str, list[str]] = defaultdict(list)
+        for key in global_state:
+            groups[group_of(key)].append(key)
+        for u in updates:
+            unknown = sorted(u.tensors.keys() - global_state.keys())
+            if unknown:
+                raise ValueError(f"client {u.client_id} sent unknown adapter tensors {unknown}")
+
+        new = dict(global_state)
+        for group, keys in groups.items():
+            trained = []
+            for u in updates:
+                have = sum(k in u.tensors for k in keys)
+                if have and have != len(keys):
+                    raise ValueError(f"client {u.client_id} sent {have} of the {len(keys)} "
+                                     f"tensors of adapter group {group!r}")
+                if have:
+                    trained.append(u)
+            weights = self.group_weights(group, trained)
+            kept = [(u, w) for u, w in zip(trained, weights, strict=True) if w > 0]
+            if not kept:
+                continue
+            avg = weighted_mean([select(u.tensors, keys) for u, _ in kept], [w for _, w in kept])
+            prev = select(global_state, keys)
+            new.update(self.server_update(group, prev, avg, [u for u, _ in kept]))
+        return new
+
+    def server_update(self, group: str, prev: State, avg: State,
+                      updates: list[ClientUpdate]) -> State:
+        """A group's new value from its previous value and the clients' weighted mean.
+
+        The base (FedAvg) takes the mean as it is. ``updates`` are the contributing clients.
+        """
+        return avg
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Server-side state as plain tensors / numbers (none for FedAvg)."""
+        return {"strategy": self.name}
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what ``state_dict`` returned (from a strategy of the same kind)."""
+        if d.get("strategy") != self.name:
+            raise ValueError(f"state_dict is for strategy {d.get('strategy')!r}, "
+                             f"not {self.name!r}")

@@ -1,0 +1,119 @@
+"""SCAFFOLD: Stochastic Controlled Averaging for Federated Learning.
+
+Karimireddy et al., ICML 2020, arXiv:1910.06378.
+
+Control variates estimate each client's drift from the global update direction and cancel it
+during local training. The server keeps ``c`` (one tensor per adapter tensor, zeros at the
+start); each client keeps its own ``c_i`` (zeros at the start, persisted across rounds).
+
+Client side (what the client trainer implements; option II of the paper), per trained tensor:
+
+1. receive ``x`` (global adapters) and ``c = client_config(rnd)["server_control"]``;
+2. local steps from ``y = x``: correct each gradient ``g`` to ``g - c_i + c`` before the
+   optimizer step;
+3. after K local steps with learning rate ``eta``:
+   ``c_i+ = c_i - c + (x - y) / (K * eta)``;
+4. send ``y`` as ``update.tensors`` and ``c_i+ - c_i`` as ``update.extra["control_delta"]``
+   (same keys as the tensors trained), then store ``c_i = c_i+``.
+
+``client_control_update`` computes step 3 and 4's delta.
+
+Server side, per adapter group, over the clients S that trained it (weights as FedAvg's):
+``x = prev + server_lr * sum_k w_k (y_k - prev)`` and
+``c = c + |S| / N * mean_{k in S}(delta c_k)`` (a uniform mean; N = ``num_clients``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedumm.config import StrategyConfig
+from fedumm.fl.strategies.base import State, Strategy
+from fedumm.fl.updates import ClientUpdate
+
+
+def client_control_update(c_local: State, c_server: State, x: State, y: State, num_steps: int,
+                          lr: float) -> tuple[State, State]:
+    """The client's new control variate and the delta it sends (option II of the paper).
+
+    ``c_i+ = c_i - c + (x - y) / (K * eta)`` and ``delta = c_i+ - c_i`` for each key of ``y``
+    (the tensors trained), with ``x`` the global adapters received and ``y`` those after
+    ``K = num_steps`` local steps of learning rate ``eta = lr``.
+    """
+    if num_steps < 1 or lr <= 0:
+        raise ValueError(f"need num_steps >= 1 and lr > 0, got {num_steps} and {lr}")
+    new, delta = {}, {}
+    for key, yk in y.items():
+        ci = c_local[key]
+        new[key] = ci - c_server[key] + (x[key].to(ci.dtype) - yk.to(ci.dtype)) / (num_steps * lr)
+        delta[key] = new[key] - ci
+    return new, delta
+
+
+class Scaffold(Strategy):
+    """FedAvg with a server learning rate and server / client control variates."""
+
+    name = "scaffold"
+
+    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int) -> None:
+        super().__init__(cfg, num_clients, seed)
+        self.control: dict[str, torch.Tensor] | None = None
+
+    def init_state(self, global_state: State) -> None:
+        """Create zero control variates for the keys of ``global_state`` (existing ones kept).
+
+        The runtime calls this once before round 0 with the initial adapters; ``aggregate``
+        also calls it, so keys are never missing. It keeps restored state after a resume.
+        """
+        if self.control is None:
+            self.control = {}
+        for key, t in global_state.items():
+            if key not in self.control:
+                dtype = torch.promote_types(t.dtype, torch.float32)
+                self.control[key] = torch.zeros(t.shape, dtype=dtype)
+
+    def client_config(self, rnd: int) -> dict:
+        if self.control is None:
+            raise RuntimeError("Scaffold.init_state(global_state) must be called before the "
+                               "first round")
+        # Copies: a client in the same process must not be able to change the server's c.
+        return {"server_control": {k: v.clone() for k, v in self.control.items()}}
+
+    def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
+        self.init_state(global_state)
+        return super().aggregate(rnd, global_state, updates)
+
+    def server_update(self, group: str, prev: State, avg: State,
+                      updates: list[ClientUpdate]) -> State:
+        deltas = []
+        for u in updates:
+            delta = u.extra.get("control_delta", {})
+            missing = [k for k in prev if k not in delta]
+            if missing:
+                raise ValueError(f"client {u.client_id} trained group {group!r} but sent no "
+                                 f"control_delta for {missing}")
+            deltas.append(delta)
+        assert self.control is not None  # set by aggregate
+        new = {}
+        for key, p in prev.items():
+            # float64 so that server_lr = 1 gives back the mean exactly.
+            x = p.double()
+            new[key] = (x + self.cfg.server_lr * (avg[key].double() - x)).to(p.dtype)
+            c = self.control[key]
+            total = torch.zeros_like(c)
+            for d in deltas:  # fixed client order: deterministic sum
+                total += d[key].to(c.dtype)
+            # |S| / N * (total / |S|) = total / N
+            self.control[key] = c + total / self.num_clients
+        return new
+
+    def state_dict(self) -> dict:
+        d = super().state_dict()
+        d["control"] = (None if self.control is None
+                        else {k: v.clone() for k, v in self.control.items()})
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        super().load_state_dict(d)
+        control = d.get("control")
+        self.control = None if control is None else {k: v.clone() for k, v in control.items()}

@@ -1,0 +1,321 @@
+"""Server strategies: hand-computed rounds on tiny adapter states with real tensor names."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from fedumm.config import StrategyConfig
+from fedumm.fl.strategies import (
+    STRATEGIES,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedUMM,
+    FedYogi,
+    Scaffold,
+    build_strategy,
+)
+from fedumm.fl.strategies.scaffold import client_control_update
+from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
+
+V = "base_model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
+L = "base_model.model.language_model.layers.0.mlp.up_proj.lora_B.weight"
+G = "base_model.model.gen_head.lora_A.weight"
+A = "base_model.model.alignment.tokens"
+
+
+def t(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def upd(cid: int, tensors: dict, und: int = 0, gen: int = 0, quality: dict | None = None,
+        control_delta: dict | None = None) -> ClientUpdate:
+    extra = {} if control_delta is None else {"control_delta": control_delta}
+    return ClientUpdate(client_id=cid, tensors=tensors,
+                        num_samples={UNDERSTANDING: und, GENERATION: gen},
+                        quality=quality or {}, extra=extra)
+
+
+def close(a: torch.Tensor, *expected: float) -> bool:
+    return torch.allclose(a.double(), torch.tensor(expected, dtype=torch.float64),
+                          rtol=1e-6, atol=1e-6)
+
+
+# -- registry ----------------------------------------------------------------------------------
+
+def test_build_strategy_names() -> None:
+    for name, cls in STRATEGIES.items():
+        s = build_strategy(StrategyConfig(name=name), num_clients=4, seed=0)
+        assert type(s) is cls and s.name == name
+    for baseline in ("centralized", "local"):
+        assert type(build_strategy(StrategyConfig(name=baseline), 4, 0)) is FedAvg
+    with pytest.raises(ValueError, match="fedavg.*scaffold"):
+        build_strategy(StrategyConfig(name="fedsgd"), 4, 0)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+def test_sampling_counts() -> None:
+    def count(fraction: float, min_clients: int, n: int = 10) -> int:
+        cfg = StrategyConfig(fraction=fraction, min_clients=min_clients)
+        return len(FedAvg(cfg, n, seed=0).sample_clients(0))
+
+    assert count(0.3, 1) == 3  # 0.3 * 10 = 3.0000000000000004 must not become 4
+    assert count(0.25, 1) == 3  # ceil(2.5)
+    assert count(0.1, 5) == 5  # min_clients wins
+    assert count(0.1, 20) == 10  # capped at N
+    assert FedAvg(StrategyConfig(fraction=1.0), 6, seed=3).sample_clients(7) == list(range(6))
+
+
+def test_sampling_reproducible_by_seed_and_round() -> None:
+    cfg = StrategyConfig(fraction=0.3)
+    a, b = FedAvg(cfg, 10, seed=5), FedProx(cfg, 10, seed=5)
+    picks = [a.sample_clients(r) for r in range(8)]
+    # A fresh strategy asked in another order (as after a resume) gives the same clients.
+    assert [b.sample_clients(r) for r in reversed(range(8))][::-1] == picks
+    for p in picks:
+        assert p == sorted(set(p)) and len(p) == 3 and all(0 <= i < 10 for i in p)
+    assert len({tuple(p) for p in picks}) > 1  # rounds differ
+    assert FedAvg(cfg, 10, seed=6).sample_clients(0) != picks[0] or \
+        FedAvg(cfg, 10, seed=6).sample_clients(1) != picks[1]
+
+
+# -- FedAvg ------------------------------------------------------------------------------------
+
+def test_fedavg_per_group_weights() -> None:
+    glob = {V: t(0.0, 0.0), L: t(0.0, 0.0), G: t(0.0, 0.0), A: t(5.0, 5.0)}
+    und_client = upd(0, {V: t(1.0, 2.0), L: t(1.0, 1.0)}, und=10)
+    # generation-only: it sends vision tensors too, but its vision weight is 0 -> left out
+    gen_client = upd(1, {V: t(100.0, 100.0), L: t(5.0, 5.0), G: t(4.0, 8.0)}, gen=30)
+    assert FedAvg(StrategyConfig(), 2, 0).client_weight(gen_client, "vision") == 0.0
+    new = FedAvg(StrategyConfig(), 2, 0).aggregate(0, glob, [und_client, gen_client])
+    assert torch.equal(new[V], t(1.0, 2.0))
+    assert torch.equal(new[L], t(4.0, 4.0))  # (10 * 1 + 30 * 5) / 40
+    assert torch.equal(new[G], t(4.0, 8.0))
+    assert new[A] is glob[A]  # nobody trained the alignment tokens: unchanged
+    assert list(new) == list(glob)
+
+
+def test_fedavg_one_client_is_exact() -> None:
+    g = torch.Generator().manual_seed(0)
+    glob = {k: torch.randn(2, 3, generator=g) for k in (V, L, G, A)}
+    mine = {k: torch.randn(2, 3, generator=g) for k in (V, L, G, A)}
+    new = FedAvg(StrategyConfig(), 1, 0).aggregate(0, glob, [upd(0, mine, und=3, gen=4)])
+    assert all(torch.equal(new[k], mine[k]) for k in mine)
+
+
+def test_layout_mismatch_is_an_error() -> None:
+    glob = {V: t(0.0), "base_model.model.aligner.fc1.lora_A.weight": t(0.0)}
+    with pytest.raises(ValueError, match="1 of the 2"):
+        FedAvg(StrategyConfig(), 1, 0).aggregate(0, glob, [upd(0, {V: t(1.0)}, und=1)])
+    with pytest.raises(ValueError, match="unknown"):
+        FedAvg(StrategyConfig(), 1, 0).aggregate(0, {V: t(0.0)}, [upd(0, {L: t(1.0)}, und=1)])
+
+
+# -- FedUMM ------------------------------------------------------------------------------------
+
+def test_fedumm_quality_weights_by_hand() -> None:
+    s = FedUMM(StrategyConfig(name="fedumm"), 2, 0)
+    glob = {L: t(0.0, 0.0)}
+    a = upd(0, {L: t(0.0, 2.0)}, und=10, quality={UNDERSTANDING: 0.9})
+    b = upd(1, {L: t(4.0, 4.0)}, und=30, quality={UNDERSTANDING: 0.3})
+    assert s.client_weight(a, "language") == pytest.approx(9.0)
+    assert s.client_weight(b, "language") == pytest.approx(9.0)
+    new = s.aggregate(0, glob, [a, b])
+    assert close(new[L], 2.0, 3.0)  # weights 9/18, 9/18 (FedAvg would give 3.0, 3.5)
+    # a group fed by both modalities sums n_m * q_m; a missing quality counts as 0
+    c = upd(2, {}, und=10, gen=20, quality={UNDERSTANDING: 0.5, GENERATION: 1.0})
+    assert s.client_weight(c, "language") == pytest.approx(25.0)
+    assert s.client_weight(upd(3, {}, und=10), "vision") == 0.0
+    with pytest.raises(ValueError, match="quality"):
+        s.client_weight(upd(4, {}, und=1, quality={UNDERSTANDING: 1.5}), "vision")
+
+
+def test_fedumm_all_zero_quality_falls_back_to_fedavg() -> None:
+    s = FedUMM(StrategyConfig(name="fedumm"), 2, 0)
+    glob = {L: t(0.0, 0.0), V: t(1.0, 1.0)}
+    a = upd(0, {L: t(0.0, 2.0), V: t(3.0, 3.0)}, und=10, quality={UNDERSTANDING: 0.0})
+    b = upd(1, {L: t(4.0, 4.0), V: t(7.0, 7.0)}, und=30)
+    new = s.aggregate(0, glob, [a, b])
+    assert close(new[L], 3.0, 3.5)  # (10 * 0 + 30 * 4) / 40, (10 * 2 + 30 * 4) / 40
+    assert close(new[V], 6.0, 6.0)
+
+
+# -- FedProx -----------------------------------------------------------------------------------
+
+def test_fedprox_config() -> None:
+    assert FedProx(StrategyConfig(mu=0.25), 3, 0).client_config(0) == {"prox_mu": 0.25}
+    assert FedAvg(StrategyConfig(mu=0.25), 3, 0).client_config(0) == {}
+    glob = {L: t(0.0, 0.0)}
+    ups = [upd(0, {L: t(1.0, 3.0)}, und=1), upd(1, {L: t(3.0, 1.0)}, und=3)]
+    prox = FedProx(StrategyConfig(mu=0.25), 2, 0).aggregate(0, glob, ups)
+    avg = FedAvg(StrategyConfig(), 2, 0).aggregate(0, glob, ups)
+    assert torch.equal(prox[L], avg[L])
+
+
+# -- FedOpt family: two rounds by hand ---------------------------------------------------------
+
+def two_rounds(strategy, x0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor):
+    """Round 1 moves the client to x0 + d1, round 2 to x1 + d2 (pseudo-gradients d1, d2)."""
+    x1 = strategy.aggregate(0, {L: x0}, [upd(0, {L: x0 + d1}, und=10)])[L]
+    x2 = strategy.aggregate(1, {L: x1}, [upd(0, {L: x1 + d2}, und=10)])[L]
+    return x1, x2
+
+
+def test_fedavgm_by_hand() -> None:
+    s = FedAvgM(StrategyConfig(momentum=0.5, server_lr=2.0), 1, 0)
+    x1, x2 = two_rounds(s, t(1.0, -1.0), t(1.0, 1.0), t(0.0, 2.0))
+    assert close(x1, 3.0, 1.0)  # m = (1, 1); x = (1, -1) + 2 m
+    assert close(x2, 4.0, 6.0)  # m = 0.5 (1, 1) + (0, 2) = (0.5, 2.5); x = (3, 1) + 2 m
+    assert close(s.buffers["m"][L], 0.5, 2.5)
+
+
+ADAPTIVE = StrategyConfig(beta1=0.5, beta2=0.75, tau=1.0, server_lr=1.0)
+
+
+def test_fedadam_by_hand() -> None:
+    x1, x2 = two_rounds(FedAdam(ADAPTIVE, 1, 0), t(0.0, 0.0), t(2.0, -4.0), t(0.0, 4.0))
+    # m = 0.5 d1 = (1, -2); v = 0.25 d1^2 = (1, 4) (v starts at 0); x1 = m / (sqrt(v) + 1)
+    assert close(x1, 0.5, -2.0 / 3.0)
+    # m = 0.5 (1, -2) + 0.5 (0, 4) = (0.5, 1); v = 0.75 (1, 4) + 0.25 (0, 16) = (0.75, 7)
+    assert close(x2, 0.5 + 0.5 / (math.sqrt(0.75) + 1), -2 / 3 + 1 / (math.sqrt(7) + 1))
+
+
+def test_fedyogi_by_hand() -> None:
+    s = FedYogi(ADAPTIVE, 1, 0)
+    x1, x2 = two_rounds(s, t(0.0, 0.0), t(2.0, -4.0), t(0.0, 4.0))
+    # v = 0 - 0.25 d1^2 sign(0 - d1^2) = (1, 4): the first step equals FedAdam's
+    assert close(x1, 0.5, -2.0 / 3.0)
+    # v = (1, 4) - 0.25 (0, 16) sign((1, 4) - (0, 16)) = (1 - 0, 4 + 4) = (1, 8)
+    assert close(s.buffers["v"][L], 1.0, 8.0)
+    assert close(x2, 0.5 + 0.5 / 2.0, -2 / 3 + 1 / (math.sqrt(8) + 1))
+
+
+def test_fedadagrad_by_hand() -> None:
+    s = FedAdagrad(ADAPTIVE, 1, 0)
+    x1, x2 = two_rounds(s, t(0.0, 0.0), t(2.0, -4.0), t(0.0, 4.0))
+    # m = (1, -2); v = 0 + d1^2 = (4, 16); x1 = (1 / 3, -2 / 5)
+    assert close(x1, 1 / 3, -0.4)
+    # m = (0.5, 1); v = (4, 32)
+    assert close(s.buffers["v"][L], 4.0, 32.0)
+    assert close(x2, 1 / 3 + 0.5 / 3, -0.4 + 1 / (math.sqrt(32) + 1))
+
+
+def test_fedopt_leaves_untrained_groups_and_their_buffers_alone() -> None:
+    s = FedAdam(ADAPTIVE, 1, 0)
+    glob = {L: t(0.0, 0.0), G: t(1.0, 2.0)}
+    new = s.aggregate(0, glob, [upd(0, {L: t(2.0, -4.0), G: t(9.0, 9.0)}, und=10)])
+    assert new[G] is glob[G]  # the generation head has no understanding samples: weight 0
+    assert set(s.buffers["m"]) == {L}
+
+
+# -- SCAFFOLD ----------------------------------------------------------------------------------
+
+def test_scaffold_server_and_control_update_by_hand() -> None:
+    s = Scaffold(StrategyConfig(name="scaffold", server_lr=0.5), num_clients=4, seed=0)
+    glob = {V: t(1.0, 1.0), L: t(0.0, 0.0)}
+    with pytest.raises(RuntimeError, match="init_state"):
+        s.client_config(0)
+    s.init_state(glob)
+    c0 = s.client_config(0)["server_control"]
+    assert torch.equal(c0[V], t(0.0, 0.0)) and torch.equal(c0[L], t(0.0, 0.0))
+    ups = [upd(0, {L: t(4.0, 0.0)}, und=10, control_delta={L: t(1.0, 2.0)}),
+           upd(1, {L: t(0.0, 4.0)}, und=30, control_delta={L: t(3.0, -2.0)})]
+    new = s.aggregate(0, glob, ups)
+    # weighted mean of y_k - x = (1, 3); x = 0 + 0.5 (1, 3)
+    assert close(new[L], 0.5, 1.5)
+    assert new[V] is glob[V]
+    # c = 0 + |S|/N * mean(delta c) = 2/4 * (2, 0)
+    c1 = s.client_config(1)["server_control"]
+    assert close(c1[L], 1.0, 0.0) and close(c1[V], 0.0, 0.0)
+    s.aggregate(1, new, [upd(2, {L: t(0.0, 0.0)}, und=1, control_delta={L: t(2.0, 2.0)})])
+    assert close(s.client_config(2)["server_control"][L], 1.5, 0.5)  # (1, 0) + 1/4 (2, 2)
+    c1[L] += 100.0  # the config is a copy: a client cannot change the server's c
+    assert close(s.control[L], 1.5, 0.5)
+    with pytest.raises(ValueError, match="control_delta"):
+        s.aggregate(2, new, [upd(0, {L: t(0.0, 0.0)}, und=1)])
+
+
+def test_scaffold_client_control_update_by_hand() -> None:
+    # c_i+ = c_i - c + (x - y) / (K eta) = (1, 0) - (0.5, 0.5) + ((2, 0) - (1, 2)) / (4 * 0.5)
+    new, delta = client_control_update(
+        c_local={L: t(1.0, 0.0)}, c_server={L: t(0.5, 0.5)}, x={L: t(2.0, 0.0)},
+        y={L: t(1.0, 2.0)}, num_steps=4, lr=0.5)
+    assert close(new[L], 1.0, -1.5)
+    assert close(delta[L], 0.0, -1.5)
+
+
+# -- properties of every strategy --------------------------------------------------------------
+
+def make_round(seed: int) -> tuple[dict, list[ClientUpdate]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {V: (2, 2), L: (2, 2), G: (3,), A: (2, 2)}
+    dtypes = {V: torch.float32, L: torch.float32, G: torch.bfloat16, A: torch.float32}
+
+    def rand(k):
+        return torch.randn(shapes[k], generator=g).to(dtypes[k])
+
+    glob = {k: rand(k) for k in shapes}
+    ups = [
+        upd(0, {k: rand(k) for k in (V, L, A)}, und=10, quality={UNDERSTANDING: 0.8},
+            control_delta={k: rand(k) for k in (V, L, A)}),
+        upd(1, {k: rand(k) for k in (L, G)}, gen=20, quality={GENERATION: 0.5},
+            control_delta={k: rand(k) for k in (L, G)}),
+        upd(2, {k: rand(k) for k in (V, L, G, A)}, und=5, gen=5,
+            quality={UNDERSTANDING: 0.2, GENERATION: 0.9},
+            control_delta={k: rand(k) for k in (V, L, G, A)}),
+    ]
+    return glob, ups
+
+
+def clone_update(u: ClientUpdate) -> ClientUpdate:
+    return upd(u.client_id, {k: v.clone() for k, v in u.tensors.items()},
+               quality=dict(u.quality), **{"und": u.num_samples[UNDERSTANDING],
+                                           "gen": u.num_samples[GENERATION]},
+               control_delta={k: v.clone() for k, v in u.extra["control_delta"].items()})
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_aggregate_keeps_layout_and_inputs(name: str) -> None:
+    s = build_strategy(StrategyConfig(name=name), num_clients=5, seed=0)
+    glob, ups = make_round(0)
+    glob0 = {k: v.clone() for k, v in glob.items()}
+    ups0 = [clone_update(u) for u in ups]
+    for rnd in range(2):
+        new = s.aggregate(rnd, glob, ups)
+        assert list(new) == list(glob)
+        for k in glob:
+            assert new[k].dtype == glob[k].dtype and new[k].shape == glob[k].shape
+            assert torch.isfinite(new[k].float()).all()
+        for k in glob:
+            assert torch.equal(glob[k], glob0[k])
+        for u, u0 in zip(ups, ups0, strict=True):
+            assert all(torch.equal(u.tensors[k], u0.tensors[k]) for k in u.tensors)
+            d, d0 = u.extra["control_delta"], u0.extra["control_delta"]
+            assert all(torch.equal(d[k], d0[k]) for k in d)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_state_dict_round_trip(name: str) -> None:
+    cfg = StrategyConfig(name=name)
+    original = build_strategy(cfg, num_clients=5, seed=0)
+    glob, ups = make_round(1)
+    mid = original.aggregate(0, glob, ups)
+    buf = io.BytesIO()
+    torch.save(original.state_dict(), buf)
+    buf.seek(0)
+    restored = build_strategy(cfg, num_clients=5, seed=0)
+    restored.load_state_dict(torch.load(buf))
+    _, ups2 = make_round(2)
+    a, b = original.aggregate(1, mid, ups2), restored.aggregate(1, mid, ups2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert original.client_config(2).keys() == restored.client_config(2).keys()
+    other = "fedavg" if name != "fedavg" else "fedadam"
+    with pytest.raises(ValueError, match="state_dict"):
+        build_strategy(StrategyConfig(name=other), 5, 0).load_state_dict(original.state_dict())

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedumm.config import config_from_dict
+from fedumm.fl.client import ClientTrainer
+from fedumm.runtime.local import run_experiment
+
+
+def _adapters(run):
+    return load_file(str(run / "adapters" / "adapter_model.safetensors"))
+
+
+def _same(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+def test_resume_after_a_crash_mid_round_matches_an_uninterrupted_run(
+        tmp_path, tiny_overrides, monkeypatch, strategy):
+    overrides = [*tiny_overrides, "rounds=3", f"strategy.name={strategy}"]
+    run_experiment(config_from_dict({"name": "r"}, overrides), tmp_path / "full", progress=False)
+
+    real_train, calls = ClientTrainer.train, {"n": 0}
+
+    def crashing_train(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # round 1 (0-based), second client: the middle of a round
+            raise KeyboardInterrupt("simulated kill")
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientTrainer, "train", crashing_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config_from_dict({"name": "r"}, overrides), tmp_path / "cut",
+                       progress=False)
+    monkeypatch.setattr(ClientTrainer, "train", real_train)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    run_experiment(None, tmp_path / "cut", resume=True, progress=False)
+    assert _same(_adapters(tmp_path / "full"), _adapters(tmp_path / "cut"))
+    rounds = [line for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+              if '"type": "round"' in line]
+    assert len(rounds) == 3  # the half-finished round was not logged twice
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_overrides):
+    overrides = [*tiny_overrides, "rounds=4", "train.max_steps=6"]
+    run_experiment(config_from_dict({"name": "k"}, overrides), tmp_path / "full", progress=False)
+    cfg_path = tmp_path / "k.yaml"
+    config_from_dict({"name": "k"}, overrides).save(cfg_path)
+    cmd = [sys.executable, "-m", "fedumm.cli", "run", str(cfg_path), "--out",
+           str(tmp_path / "cut"), "--quiet"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = tmp_path / "cut" / "checkpoint" / "state.pt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (tmp_path / "cut" / "summary.json").exists():
+        pytest.skip("the run finished before it could be killed")
+    run_experiment(None, tmp_path / "cut", resume=True, progress=False)
+    assert _same(_adapters(tmp_path / "full"), _adapters(tmp_path / "cut"))
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    from fedumm.runtime.run_dir import RunDirError
+
+    with pytest.raises(RunDirError, match="not a run directory"):
+        run_experiment(None, tmp_path / "nothing", resume=True, progress=False)
