@@ -5,19 +5,21 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedumm-installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test install clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# Each demo writes a new run directory (a finished run is never overwritten).
+DEMO_OUT ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+
 demo: $(STAMP)
-	$(BIN)/fedumm data preview --out runs/preview
+	$(BIN)/fedumm run configs/quickstart.yaml --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -125,7 +125,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     _threads()
     backbone = load_for_eval(args.checkpoint)
-    data = generate_shapes(args.split, args.scenes, seed=args.seed, role="test")
+    data = generate_shapes(args.split, args.scenes, seed=args.seed, role="test",
+                           image_size=backbone.config.image_size)
     res = evaluate_backbone(backbone, data, max_vqa=args.max_vqa, max_gen=args.max_gen,
                             seed=args.seed)
     res.pop("vqa_by_question_type", None)
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=20.0)
     p.add_argument("--quiet", action="store_true")

@@ -176,6 +176,16 @@ def _q_binding(rng, objs, spec) -> QA | None:
     return f"is the {o.shape} {color}?", "yes" if yes else "no", "is the", "yes/no"
 
 
+CAPTION_QUESTION = "describe the image ."
+
+
+def describe_scene(objs: list[SceneObject]) -> str:
+    """A caption listing every object (colour, shape, position) in raster order of its cell;
+    an auxiliary pretraining target that supervises attribute binding densely."""
+    ordered = sorted(objs, key=lambda o: (o.row, o.col))
+    return " , ".join(f"{o.color} {o.shape} {o.position}" for o in ordered) + " ."
+
+
 QUESTION_FAMILIES: dict[str, Callable[..., QA | None]] = {
     "existence": _q_existence, "counting": _q_counting, "color": _q_color,
     "shape_at": _q_shape_at, "spatial": _q_spatial, "binding": _q_binding,

@@ -29,6 +29,11 @@ def partition_heatmap(summary: dict, out: str | Path, title: str = "") -> Path:
     tv = summary["heterogeneity"].get("tv_mean", float("nan"))
     ax.set_title(f"{title}  samples per client and label (tv_mean={tv:.3f})".strip())
     fig.colorbar(im, ax=ax, label="samples")
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Tight layout, write a PNG (creating folders), close the figure."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -37,7 +42,8 @@ def partition_heatmap(summary: dict, out: str | Path, title: str = "") -> Path:
     return out
 
 
-def image_grid(images, titles, out: str | Path, cols: int = 6, scale: float = 2.2) -> Path:
+def image_grid(images, titles, out: str | Path, cols: int = 6, scale: float = 2.2,
+               title: str = "") -> Path:
     """A PNG grid of images with wrapped titles (e.g. generated samples and their prompts)."""
     import textwrap
 
@@ -49,12 +55,9 @@ def image_grid(images, titles, out: str | Path, cols: int = 6, scale: float = 2.
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, img, title in zip(axes.flat, images, titles, strict=False):
+    for ax, img, text in zip(axes.flat, images, titles, strict=False):
         ax.imshow(img, interpolation="nearest")
-        ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=7)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+        ax.set_title("\n".join(textwrap.wrap(text, 28)), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return save_figure(fig, out)

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
+from fedumm.experiments.plots import save_figure  # noqa: E402
+
 
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -37,10 +39,7 @@ def plot_accuracy(metrics: list[dict], out: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_bytes(metrics: list[dict], full_model_bytes: int, out: Path) -> Path:
@@ -60,10 +59,7 @@ def plot_bytes(metrics: list[dict], full_model_bytes: int, out: Path) -> Path:
     ax.set_ylabel("cumulative upload (MiB, log)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def write_run_report(run_dir: str | Path) -> Path:

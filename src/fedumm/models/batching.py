@@ -97,6 +97,14 @@ class SampleEncoder:
             batch["probe"] = prep.probe[rows]
         return batch
 
+    def qa_batch(self, images: np.ndarray, questions: Sequence[str],
+                 answers: Sequence[str]) -> dict:
+        """Tensors for free-form (question, answer) pairs, e.g. pretraining captions."""
+        batch = self.question_batch(images, questions)
+        batch["a_ids"], batch["a_mask"] = _pad(
+            [self.tok.encode(a) + [self.tok.eos_id] for a in answers], left=False)
+        return batch
+
     def question_batch(self, images: np.ndarray, questions: Sequence[str]) -> dict:
         q_ids, q_mask = _pad([self.tok.encode(q) + [self.tok.sep_id] for q in questions], True)
         return {"images": torch.from_numpy(np.ascontiguousarray(images)), "q_ids": q_ids,

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from fedumm.data.dataset import generate_shapes
+from fedumm.data.world import CAPTION_QUESTION, describe_scene
 from fedumm.models.backbone import Backbone
 from fedumm.models.text_tokenizer import TextTokenizer
 from fedumm.models.umm import ReferenceUMM, UMMConfig
@@ -29,7 +30,7 @@ from fedumm.models.vq import PatchCodebook
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    steps: int = 1500
+    steps: int = 1300
     batch_size: int = 32
     lr: float = 2e-3
     warmup: int = 100
@@ -40,6 +41,7 @@ class PretrainConfig:
     image_codes: int = 1024
     probe_weight: float = 0.5
     prompt_dropout: float = 0.1
+    caption_batch: int = 16  # scene captions per step: dense supervision of attribute binding
     max_minutes: float = 20.0
 
 
@@ -77,6 +79,8 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True,
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     n_vqa, n_gen = len(data.vqa), len(data.gen)
+    n_scenes = cfg.train_scenes  # the first images are the VQA scenes
+    captions = [describe_scene(objs) for objs in data.scenes[:n_scenes]]
     log = []
     bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -89,8 +93,15 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True,
                                       ub["a_mask"], probe=ub["probe"],
                                       probe_weight=cfg.probe_weight)
         lg = model.generation_loss(gb["p_ids"], gb["p_mask"], gb["codes"])
+        loss = lu + lg
+        if cfg.caption_batch:
+            rows = rng.integers(0, n_scenes, cfg.caption_batch)
+            cb = bb.encoder.qa_batch(data.images[rows], [CAPTION_QUESTION] * len(rows),
+                                     [captions[r] for r in rows])
+            loss = loss + model.understanding_loss(cb["images"], cb["q_ids"], cb["q_mask"],
+                                                   cb["a_ids"], cb["a_mask"])
         opt.zero_grad(set_to_none=True)
-        (lu + lg).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         if step % 10 == 0 or step == cfg.steps - 1:

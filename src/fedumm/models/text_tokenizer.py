@@ -21,7 +21,7 @@ SPECIALS = (PAD, UNK, BOS, EOS, SEP, BOI, EOI)
 
 _TEMPLATE_WORDS = (
     "is there a an the what color shape how many are objects object in of photo and "
-    "left right above below top bottom center yes no"
+    "left right above below top bottom center yes no describe image"
 )
 
 

@@ -1,0 +1,32 @@
+"""Copy a pretrained checkpoint into the package as the shipped base, with its hashes.
+
+    python -m fedumm.models.ship CHECKPOINT_DIR
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from fedumm.models.backbone import CODEBOOK, CONFIG, SHIPPED_BASE, TOKENIZER, WEIGHTS, Backbone
+
+FILES = (WEIGHTS, CONFIG, TOKENIZER, CODEBOOK, "pretrain_log.jsonl")
+
+
+def ship(src: str | Path, dst: Path = SHIPPED_BASE) -> dict[str, str]:
+    src = Path(src)
+    Backbone.load(src)  # refuse anything that does not load or match its fingerprint
+    dst.mkdir(parents=True, exist_ok=True)
+    sums = {}
+    for name in FILES:
+        shutil.copyfile(src / name, dst / name)
+        sums[name] = hashlib.sha256((dst / name).read_bytes()).hexdigest()
+    (dst / "SHA256SUMS.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+    return sums
+
+
+if __name__ == "__main__":
+    print(json.dumps(ship(sys.argv[1]), indent=2))

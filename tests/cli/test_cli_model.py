@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from fedumm.cli import main
+from fedumm.data.dataset import generate_shapes
+from fedumm.data.export import export_official
+
+
+def test_run_then_evaluate_the_run_directory(tmp_path, capsys, micro_checkpoint, tiny_overrides):
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides, "--out", str(tmp_path / "r"),
+                 "--quiet", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert main(["evaluate", str(tmp_path / "r"), "--split", "downstream", "--scenes", "6",
+                 "--max-vqa", "6", "--max-gen", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"vqa_accuracy", "geneval_overall"} <= set(res)
+    assert summary["clients"] == 2
+
+
+def test_resume_flag_refuses_a_config(tmp_path, capsys):
+    assert main(["run", "configs/quickstart.yaml", "--resume", str(tmp_path)]) == 2
+    assert "--resume DIR continues a run" in capsys.readouterr().err
+
+
+def test_generate_writes_a_grid(tmp_path, capsys, micro_checkpoint):
+    out = tmp_path / "g.png"
+    assert main(["generate", str(micro_checkpoint), "a photo of a red circle", "--out",
+                 str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_vqa_and_geneval_commands_on_exported_files(tmp_path, capsys):
+    data = generate_shapes("downstream", 10, seed=0)
+    paths = export_official(data, tmp_path, "shapes_val")
+    results = [{"question_id": r.question_id, "answer": r.multiple_choice_answer}
+               for r in data.vqa]
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    q = paths["vqa"] / "v2_OpenEnded_mscoco_shapes_val_questions.json"
+    a = paths["vqa"] / "v2_mscoco_shapes_val_annotations.json"
+    assert main(["eval", "vqa", "--questions", str(q), "--annotations", str(a), "--results",
+                 str(tmp_path / "res.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] > 90.0  # noise 0.1: a few disagree
+    gdir = paths["geneval"]
+    assert main(["eval", "geneval", "--metadata", str(gdir / "evaluation_metadata.jsonl"),
+                 "--images", str(gdir / "targets"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] >= 0.95
+    # a blank image for every prompt scores zero
+    for png in (gdir / "targets").glob("*/samples/*.png"):
+        Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(png)
+    assert main(["eval", "geneval", "--metadata", str(gdir / "evaluation_metadata.jsonl"),
+                 "--images", str(gdir / "targets"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] == 0.0

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import hashlib
+import json
+
+from fedumm.models.backbone import SHIPPED_BASE, Backbone
+
+
+def test_shipped_base_matches_its_recorded_hashes_and_loads():
+    sums = json.loads((SHIPPED_BASE / "SHA256SUMS.json").read_text())
+    assert set(sums) >= {"model.safetensors", "config.json", "tokenizer.json",
+                         "codebook.safetensors"}
+    for name, digest in sums.items():
+        assert hashlib.sha256((SHIPPED_BASE / name).read_bytes()).hexdigest() == digest, name
+    total = sum((SHIPPED_BASE / n).stat().st_size for n in sums)
+    assert total <= 15 * 2**20
+    bb = Backbone.load("base")  # also checks the weights against the recorded fingerprint
+    info = json.loads((SHIPPED_BASE / "config.json").read_text())
+    assert bb.fingerprint() == info["fingerprint"]
+    assert info["pretrain"]["seed"] == 0 and info["steps_done"] == info["pretrain"]["steps"]
