@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="downstream", choices=["base", "downstream"])
     p.add_argument("--role", default="val", choices=["train", "val", "test"])
     p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_export)
 
@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=1300)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=20.0)
     p.add_argument("--quiet", action="store_true")

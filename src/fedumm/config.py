@@ -36,7 +36,8 @@ class DataConfig:
 
     dataset: str = field(default="shapes", metadata=_choices("shapes", "vqa_v2"))
     split: str = field(default="downstream", metadata=_choices("base", "downstream"))
-    image_size: int = field(default=32, metadata=_range(16, 256))
+    # 48 px: a 3x3 layout of 16 px cells, which the reference model's tokens align with
+    image_size: int = field(default=48, metadata=_range(16, 256))
     max_objects: int = field(default=4, metadata=_range(1, 9))
     train_scenes: int = field(default=1200, metadata=_range(1))
     val_scenes: int = field(default=200, metadata=_range(1))

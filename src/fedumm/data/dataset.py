@@ -89,7 +89,7 @@ def generate_shapes(
     *,
     seed: int = 0,
     role: str = "train",
-    image_size: int = 32,
+    image_size: int = 48,
     max_objects: int = 4,
     questions_per_image: int = 2,
     generation_fraction: float = 0.5,

@@ -70,9 +70,11 @@ def plural(shape: str) -> str:
 
 def place_objects(
     rng: np.random.Generator, size: int, specs: list[tuple[str, str]],
-    cells: list[tuple[int, int]] | None = None,
+    cells: list[tuple[int, int]] | None = None, jitter: bool = True,
 ) -> list[SceneObject]:
-    """Place (shape, colour) objects in distinct grid cells with a random size and jitter."""
+    """Place (shape, colour) objects in distinct grid cells with a random size and (for scenes
+    to be understood) a random offset inside the cell; generation targets are drawn centred, a
+    canonical rendering of the prompt."""
     cell = size / GRID
     if cells is None:
         picks = rng.choice(GRID * GRID, size=len(specs), replace=False)
@@ -81,7 +83,7 @@ def place_objects(
     for (shape, color), (row, col) in zip(specs, cells, strict=True):
         size_name = ("small", "large")[int(rng.integers(2))]
         radius = SIZES[size_name] * cell
-        slack = max(0.0, cell / 2 - radius - 0.5)
+        slack = max(0.0, cell / 2 - radius - 0.5) if jitter else 0.0
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
         objects.append(SceneObject(shape, color, size_name, row, col, cx, cy, radius))
@@ -257,7 +259,8 @@ def sample_prompt(rng: np.random.Generator, spec: SplitSpec, size: int, tag: str
         specs = [(s1, c1), (s2, c2)]
     else:
         raise ValueError(f"unknown GenEval tag {tag!r}")
-    return GenEvalRecord(tag, prompt, inc, exc), place_objects(rng, size, specs, cells)
+    return GenEvalRecord(tag, prompt, inc, exc), place_objects(rng, size, specs, cells,
+                                                               jitter=False)
 
 
 def _relation_cells(rng: np.random.Generator, rel: str) -> list[tuple[int, int]]:

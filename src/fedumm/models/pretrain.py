@@ -30,15 +30,17 @@ from fedumm.models.vq import PatchCodebook
 @dataclass
 class PretrainConfig:
     seed: int = 0
-    steps: int = 1300
-    batch_size: int = 32
+    steps: int = 1800
+    batch_size: int = 32  # generation samples per step
+    vqa_batch: int = 48  # VQA samples per step (short sequences: cheap)
+    und_weight: float = 2.0  # VQA loss weight: answers are one token, images nine
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     train_scenes: int = 8000
-    image_size: int = 32
-    image_codes: int = 1024
+    image_size: int = 48
+    image_codes: int = 256
     probe_weight: float = 0.5
     prompt_dropout: float = 0.1
     caption_batch: int = 16  # scene captions per step: dense supervision of attribute binding
@@ -55,9 +57,10 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 def build_backbone(cfg: PretrainConfig, train_images: np.ndarray) -> Backbone:
     torch.manual_seed(cfg.seed)
     tok = TextTokenizer.default()
-    codebook = PatchCodebook.fit(train_images, 4, cfg.image_codes, seed=cfg.seed)
-    model = ReferenceUMM(UMMConfig(image_size=cfg.image_size, text_vocab=tok.vocab_size,
-                                   image_codes=cfg.image_codes))
+    mcfg = UMMConfig(image_size=cfg.image_size, text_vocab=tok.vocab_size,
+                     image_codes=cfg.image_codes)
+    codebook = PatchCodebook.fit(train_images, mcfg.gen_patch, cfg.image_codes, seed=cfg.seed)
+    model = ReferenceUMM(mcfg)
     return Backbone(model, tok, codebook)
 
 
@@ -68,8 +71,13 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True,
     t0 = time.time()
     data = generate_shapes("base", cfg.train_scenes, seed=cfg.seed, role="train",
                            image_size=cfg.image_size, annotator_noise=0.0)
-    targets = np.stack([data.image(i) for i in data.gen_image])
-    bb = build_backbone(cfg, targets[:4000])
+    # The image tokenizer is generic (like a VQGAN trained on broad data): its codebook sees
+    # renders of every shape, while the model itself only learns the base split's concepts.
+    broad = generate_shapes("downstream", 1000, seed=cfg.seed, role="train",
+                            image_size=cfg.image_size)
+    targets = np.stack([data.image(i) for i in data.gen_image[:3000]]
+                       + [broad.image(i) for i in broad.gen_image])
+    bb = build_backbone(cfg, targets)
     prep = bb.encoder.prepare(data, with_probe=True)
     model = bb.model
     model.train()
@@ -86,14 +94,14 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True,
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        ub = bb.encoder.understanding_batch(prep, rng.integers(0, n_vqa, cfg.batch_size))
+        ub = bb.encoder.understanding_batch(prep, rng.integers(0, n_vqa, cfg.vqa_batch))
         gi = rng.integers(0, n_gen, cfg.batch_size)
         gb = bb.encoder.generation_batch(prep, gi, rng.random(cfg.batch_size) < cfg.prompt_dropout)
         lu = model.understanding_loss(ub["images"], ub["q_ids"], ub["q_mask"], ub["a_ids"],
                                       ub["a_mask"], probe=ub["probe"],
                                       probe_weight=cfg.probe_weight)
         lg = model.generation_loss(gb["p_ids"], gb["p_mask"], gb["codes"])
-        loss = lu + lg
+        loss = cfg.und_weight * lu + lg
         if cfg.caption_batch:
             rows = rng.integers(0, n_scenes, cfg.caption_batch)
             cb = bb.encoder.qa_batch(data.images[rows], [CAPTION_QUESTION] * len(rows),

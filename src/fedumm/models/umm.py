@@ -29,8 +29,8 @@ from transformers.models.siglip.modeling_siglip import SiglipEncoder
 
 @dataclass
 class UMMConfig:
-    image_size: int = 32
-    vision_patch: int = 4
+    image_size: int = 48
+    vision_patch: int = 8
     vision_hidden: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
@@ -40,8 +40,8 @@ class UMMConfig:
     heads: int = 5
     intermediate: int = 448
     text_vocab: int = 78
-    image_codes: int = 1024
-    gen_patch: int = 4
+    image_codes: int = 256
+    gen_patch: int = 16
     alignment_tokens: int = 4
     probe_classes: int = 18  # 7 shape classes (incl. none) + 11 colour classes (incl. none)
     max_positions: int = 256
@@ -67,9 +67,11 @@ class VisionEmbeddings(nn.Module):
 
     def __init__(self, cfg: UMMConfig) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 64, kernel_size=3, padding=1)
-        self.patch_embedding = nn.Conv2d(64, cfg.vision_hidden, cfg.vision_patch,
-                                         stride=cfg.vision_patch)
+        # a stride-2 convolution first (cheap on a CPU, unlike a full-resolution one), then the
+        # patch projection over the remaining vision_patch / 2 pixels
+        self.stem = nn.Conv2d(3, 32, kernel_size=4, stride=2, padding=1)
+        half = cfg.vision_patch // 2
+        self.patch_embedding = nn.Conv2d(32, cfg.vision_hidden, half, stride=half)
         self.position_embedding = nn.Embedding(cfg.vision_grid**2, cfg.vision_hidden)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
