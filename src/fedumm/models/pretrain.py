@@ -32,8 +32,8 @@ class PretrainConfig:
     seed: int = 0
     steps: int = 1800
     batch_size: int = 32  # generation samples per step
-    vqa_batch: int = 48  # VQA samples per step (short sequences: cheap)
-    und_weight: float = 2.0  # VQA loss weight: answers are one token, images nine
+    vqa_batch: int = 32  # VQA samples per step
+    und_weight: float = 1.0  # weight of the VQA loss against the generation loss
     lr: float = 2e-3
     warmup: int = 100
     weight_decay: float = 0.01
