@@ -33,6 +33,6 @@ def test_preview_and_export_round_trip_through_the_official_readers(tmp_path, ca
     assert (tmp_path / "preview_base.png").is_file()
     assert main(["data", "export", "--out", str(tmp_path / "x"), "--scenes", "12"]) == 0
     vqa = load_vqa_v2(tmp_path / "x" / "vqa", "shapes_downstream_val")
-    assert len(vqa) == 24 and vqa.image(vqa.records[0].image_id).shape == (32, 32, 3)
+    assert len(vqa) == 24 and vqa.image(vqa.records[0].image_id).shape == (48, 48, 3)
     gen = load_geneval_metadata(tmp_path / "x" / "geneval" / "evaluation_metadata.jsonl")
     assert len(gen) == 24

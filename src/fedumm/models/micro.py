@@ -19,7 +19,8 @@ MICRO_IMAGE_SIZE = 16
 
 def micro_config(vocab: int) -> UMMConfig:
     return UMMConfig(
-        image_size=MICRO_IMAGE_SIZE, vision_patch=4, vision_hidden=32, vision_layers=1,
+        image_size=MICRO_IMAGE_SIZE, vision_patch=4, gen_patch=4, vision_hidden=32,
+        vision_layers=1,
         vision_heads=2, vision_intermediate=64, hidden=32, layers=1, heads=2, intermediate=64,
         text_vocab=vocab, image_codes=32, alignment_tokens=2,
     )
