@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedumm.experiments.plots import save_figure  # noqa: E402
 
@@ -34,6 +35,7 @@ def plot_accuracy(metrics: list[dict], out: Path, title: str) -> Path:
         ax2.set_ylabel("GenEval overall (0-1)")
         ax2.set_ylim(0, 1)
         ax2.legend(loc="lower right", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (0 = frozen base)")
     ax.set_ylabel("VQA accuracy (%)")
     ax.set_title(title, fontsize=10)
