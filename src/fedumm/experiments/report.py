@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedumm.experiments.plots import save_figure  # noqa: E402
+from fedumm.runtime.run_dir import RunDirectory  # noqa: E402
 
 
 def _fmt_bytes(n: float) -> str:
@@ -67,7 +68,7 @@ def plot_bytes(metrics: list[dict], full_model_bytes: int, out: Path) -> Path:
 def write_run_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    metrics = RunDirectory(run_dir).metrics()
     acc_png = plot_accuracy(metrics, run_dir / "accuracy.png",
                             f"{summary['strategy']}, K={summary['clients']}")
     comm = summary["communication"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-UNDERSTANDING, GENERATION = "understanding", "generation"
+from fedumm.data.scenarios import GENERATION, UNDERSTANDING
 
 # The samples that train each adapter group: the vision tower only sees understanding samples,
 # the generation head only generation samples; the decoder and alignment tokens see both.

@@ -12,11 +12,11 @@ def load_for_eval(name: str | Path) -> Backbone:
     the run's global adapters (``adapters/``, PEFT format) merged in."""
     path = Path(name)
     if (path / "adapters" / "adapter_config.json").is_file():
-        import yaml
         from peft import PeftModel
 
-        cfg = yaml.safe_load((path / "config.yaml").read_text())
-        backbone = Backbone.load(cfg.get("model", "base"))
+        from fedumm.config import load_config
+
+        backbone = Backbone.load(load_config(path / "config.yaml").model)
         peft = PeftModel.from_pretrained(backbone.model, str(path / "adapters"))
         backbone.model = peft.merge_and_unload()
         backbone.model.eval()

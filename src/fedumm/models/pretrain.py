@@ -64,8 +64,7 @@ def build_backbone(cfg: PretrainConfig, train_images: np.ndarray) -> Backbone:
     return Backbone(model, tok, codebook)
 
 
-def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True,
-             save_every: int = 0) -> Path:
+def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Path:
     """Train from scratch and save a checkpoint folder at ``out``; returns its path."""
     out = Path(out)
     t0 = time.time()
@@ -117,10 +116,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True,
                    "lr": lr_at(step, cfg), "elapsed_s": round(time.time() - t0, 1)}
             log.append(rec)
             bar.set_postfix(und=f"{rec['und_loss']:.3f}", gen=f"{rec['gen_loss']:.3f}")
-        if save_every and step and step % save_every == 0:  # evaluate progress mid-way
-            bb.meta = {"pretrain": asdict(cfg), "steps_done": step + 1, "split": "base"}
-            bb.save(out / "partial")
-            model.train()
         if (time.time() - t0) / 60 > cfg.max_minutes:
             tqdm.write(f"pretrain: time budget of {cfg.max_minutes} min reached at step {step}")
             break

@@ -32,6 +32,18 @@ from fedumm.runtime.run_dir import RunDirectory, RunDirError
 CONTROL = "control/"  # prefix of SCAFFOLD control variates inside a payload
 
 
+def _pack(state: dict, control: dict) -> dict:
+    """One wire payload: adapter tensors plus (SCAFFOLD) control variates under a prefix."""
+    return {**state, **{CONTROL + n: v for n, v in control.items()}}
+
+
+def _unpack(payload: dict) -> tuple[dict, dict]:
+    """Inverse of :func:`_pack`: (adapter tensors, control variates)."""
+    state = {n: v for n, v in payload.items() if not n.startswith(CONTROL)}
+    control = {n[len(CONTROL):]: v for n, v in payload.items() if n.startswith(CONTROL)}
+    return state, control
+
+
 def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -45,6 +57,7 @@ class LocalRuntime:
         self.progress = progress
         torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
         self.backbone = Backbone.load(cfg.model)
+        self.fingerprint = self.backbone.fingerprint()  # frozen: hash it once
         if cfg.data.image_size != self.backbone.config.image_size:
             raise ValueError(f"data.image_size={cfg.data.image_size} but the model "
                              f"{cfg.model!r} takes {self.backbone.config.image_size} px images")
@@ -105,7 +118,7 @@ class LocalRuntime:
         if resume and ckpt is None:
             d.truncate_metrics(-1)  # interrupted before the first round finished
         if ckpt is not None:
-            if ckpt["fingerprint"] != self.backbone.fingerprint():
+            if ckpt["fingerprint"] != self.fingerprint:
                 raise RunDirError("the backbone differs from the one this run started with")
             start = ckpt["round"] + 1
             self.strategy.load_state_dict(ckpt["strategy"])
@@ -132,28 +145,23 @@ class LocalRuntime:
             for k in selected:
                 bar.set_postfix_str(f"round {rnd + 1}/{cfg.rounds} client {k}{last_eval}")
                 state = states[k] if self.mode == "local" else states[0]
-                down = dict(state)
-                if "server_control" in ccfg:
-                    down.update({CONTROL + n: v for n, v in ccfg["server_control"].items()})
-                received, nbytes = codec.roundtrip(down, cfg.codec)
+                received, nbytes = codec.roundtrip(
+                    _pack(state, ccfg.get("server_control", {})), cfg.codec)
                 if self.mode != "local":
                     acc["download"].append(nbytes)
+                recv_state, recv_control = _unpack(received)
                 recv_cfg = dict(ccfg)
                 if "server_control" in ccfg:
-                    recv_cfg["server_control"] = {n[len(CONTROL):]: v for n, v in
-                                                  received.items() if n.startswith(CONTROL)}
-                recv_state = {n: v for n, v in received.items() if not n.startswith(CONTROL)}
+                    recv_cfg["server_control"] = recv_control
                 t = time.perf_counter()
                 upd, client_states[k] = self.trainer.train(
                     self.clients[k], recv_state, rnd, recv_cfg, client_states.get(k))
                 acc["client_train_s"] += time.perf_counter() - t
-                up = dict(upd.tensors)
-                up.update({CONTROL + n: v for n, v in upd.extra.get("control_delta", {}).items()})
-                sent, upd.upload_bytes = codec.roundtrip(up, cfg.codec)
-                upd.tensors = {n: v for n, v in sent.items() if not n.startswith(CONTROL)}
+                sent, upd.upload_bytes = codec.roundtrip(
+                    _pack(upd.tensors, upd.extra.get("control_delta", {})), cfg.codec)
+                upd.tensors, sent_control = _unpack(sent)
                 if "control_delta" in upd.extra:
-                    upd.extra["control_delta"] = {n[len(CONTROL):]: v for n, v in sent.items()
-                                                  if n.startswith(CONTROL)}
+                    upd.extra["control_delta"] = sent_control
                 if self.mode != "local":
                     acc["upload"].append(upd.upload_bytes)
                 updates.append(upd)
@@ -181,7 +189,7 @@ class LocalRuntime:
             d.save_checkpoint({"round": rnd, "states": states, "strategy":
                                self.strategy.state_dict(), "client_states": client_states,
                                "counters": {**acc, "wall_before_s": acc["wall_now_s"]},
-                               "fingerprint": self.backbone.fingerprint()})
+                               "fingerprint": self.fingerprint})
         bar.close()
         t = time.perf_counter()
         final_res = self._evaluate_states(states if self.mode == "local" else states[:1], True)
@@ -222,7 +230,7 @@ class LocalRuntime:
                      "eval_s": round(acc["eval_s"], 2)},
             "memory": {"peak_rss_bytes": peak_rss_bytes()},
             "adapters": self.adapters.num_parameters(),
-            "fingerprint": self.backbone.fingerprint(),
+            "fingerprint": self.fingerprint,
         }
 
 
