@@ -108,6 +108,45 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    import yaml
+
+    from fedumm.experiments.sweep import run_sweep
+    from fedumm.experiments.sweep_report import write_sweep_report
+
+    _threads()
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    out = Path(args.out or f"runs/sweep_{path.stem}")
+    result = run_sweep(raw, out, grid=args.grid, baselines=args.baseline,
+                       overrides=list(args.overrides), progress=not args.quiet)
+    report = write_sweep_report(out)
+    failed = sum(r["status"] != "done" for r in result["cells"])
+    print(f"sweep: {out} ({len(result['cells'])} cells, {failed} failed, "
+          f"{result['wall_s']} s this time, {result['cells_wall_s']} s in all cells)")
+    print(f"  table: {out / 'sweep.csv'}  report: {report}")
+    return 1 if failed else 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedumm.experiments.report import write_run_report
+    from fedumm.experiments.sweep import SWEEP_JSON
+    from fedumm.experiments.sweep_report import write_sweep_report
+
+    src = Path(args.dir)
+    if (src / SWEEP_JSON).is_file():
+        path = write_sweep_report(src, args.out)
+    elif (src / "summary.json").is_file():
+        path = write_run_report(src, args.out)
+    else:
+        raise FileNotFoundError(f"{src} holds neither a sweep (sweep.json) nor a finished run "
+                                "(summary.json)")
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from fedumm.models.pretrain import PretrainConfig, pretrain
 
@@ -218,6 +257,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print summary.json")
     p.set_defaults(func=_cmd_run)
 
+    p = sub.add_parser("sweep", help="run a grid of experiments (resumable) and report it")
+    p.add_argument("config", help="YAML config; its sweep: section gives the default grid")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value for every cell")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis (repeatable); replaces the config's axis of the same key")
+    p.add_argument("--baseline", action="append", default=[], metavar="'KEY=V ...'",
+                   help="an extra cell (repeatable), e.g. 'strategy.name=centralized clients=1';"
+                   " replaces the config's baselines")
+    p.add_argument("--out", help="sweep directory (default runs/sweep_<config name>)")
+    p.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="write report.md with plots for a run or a sweep")
+    p.add_argument("dir", help="a run directory or a sweep directory")
+    p.add_argument("--out", help="folder for report.md and PNGs (default: DIR)")
+    p.set_defaults(func=_cmd_report)
+
     p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.add_argument("--steps", type=int, default=1800)
@@ -261,7 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options too: `fedumm run CFG --out D clients=8`
+    if extra:
+        if not hasattr(args, "overrides") or any("=" not in x or x.startswith("-")
+                                                 for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RunDirError) as exc:

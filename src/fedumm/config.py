@@ -131,6 +131,16 @@ class EvalConfig:
 
 
 @dataclass
+class SweepConfig:
+    """The grid ``fedumm sweep`` runs for this config (``fedumm run`` ignores it)."""
+
+    # axes as on the command line: "clients=2,4,8,16", "partition.alpha=0.1,0.5,1.0"
+    grid: list[str] = field(default_factory=list)
+    # extra cells run once each, e.g. "strategy.name=centralized clients=1"
+    baselines: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     """A whole experiment. Top-level keys are the ones users override most."""
 
@@ -148,6 +158,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ from fedumm.experiments.plots import save_figure  # noqa: E402
 from fedumm.runtime.run_dir import RunDirectory  # noqa: E402
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -65,14 +65,17 @@ def plot_bytes(metrics: list[dict], full_model_bytes: int, out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def write_run_report(run_dir: str | Path) -> Path:
+def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """``report.md`` + plots of a finished run, into ``out`` (default: the run directory)."""
     run_dir = Path(run_dir)
+    dest = Path(out) if out else run_dir
+    dest.mkdir(parents=True, exist_ok=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     metrics = RunDirectory(run_dir).metrics()
-    acc_png = plot_accuracy(metrics, run_dir / "accuracy.png",
+    acc_png = plot_accuracy(metrics, dest / "accuracy.png",
                             f"{summary['strategy']}, K={summary['clients']}")
     comm = summary["communication"]
-    bytes_png = plot_bytes(metrics, comm["full_model_bytes"], run_dir / "bytes.png")
+    bytes_png = plot_bytes(metrics, comm["full_model_bytes"], dest / "bytes.png")
     fin, base, t = summary["final"], summary.get("base", {}), summary["time"]
     lines = [
         f"# Run report: {summary['name']}",
@@ -85,12 +88,12 @@ def write_run_report(run_dir: str | Path) -> Path:
         f"| VQA accuracy, frozen base | {base.get('vqa_accuracy', 'n/a')} |",
         f"| VQA accuracy, final | {fin.get('vqa_accuracy', 'n/a')} |",
         f"| GenEval overall, final | {fin.get('geneval_overall', 'n/a')} |",
-        f"| upload per client per round | {_fmt_bytes(comm['upload_bytes_per_client_round'])} |",
-        f"| full model (same dtype) | {_fmt_bytes(comm['full_model_bytes'])} |",
+        f"| upload per client per round | {fmt_bytes(comm['upload_bytes_per_client_round'])} |",
+        f"| full model (same dtype) | {fmt_bytes(comm['full_model_bytes'])} |",
         f"| reduction vs full fine-tuning | {comm.get('reduction_vs_full')}x |",
-        f"| total bytes (up + down) | {_fmt_bytes(comm['total_bytes'])} |",
+        f"| total bytes (up + down) | {fmt_bytes(comm['total_bytes'])} |",
         f"| wall time / client training | {t['wall_s']} s / {t['client_train_s']} s |",
-        f"| peak RSS | {_fmt_bytes(summary['memory']['peak_rss_bytes'])} |",
+        f"| peak RSS | {fmt_bytes(summary['memory']['peak_rss_bytes'])} |",
         "",
     ]
     if fin.get("vqa_by_family"):
@@ -104,6 +107,6 @@ def write_run_report(run_dir: str | Path) -> Path:
         lines += [f"| {k} | {v} |" for k, v in fin["geneval_by_task"].items()]
         lines.append("")
     lines += [f"![accuracy]({acc_png.name})", "", f"![bytes]({bytes_png.name})", ""]
-    out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    path = dest / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -66,11 +66,13 @@ class LocalRuntime:
         self.prep = self.backbone.encoder.prepare(self.train_data)
         self.mode = cfg.strategy.name if cfg.strategy.name in ("centralized", "local") else "fl"
         n = self.train_data.num_samples
+        self.partition_summary: dict[str, Any] | None = None
         if self.mode == "centralized":  # one client holding all training data
             parts, missing = [np.arange(n)], np.zeros(n, dtype=np.int8)
         else:
             split = split_clients(self.train_data, cfg.partition, cfg.clients, cfg.seed)
             parts, missing = split.parts, split.missing
+            self.partition_summary = split.summary()
         self.clients = [make_client_data(k, self.prep, p, missing, cfg.train.val_fraction,
                                          cfg.seed) for k, p in enumerate(parts)]
         self.adapters = LoraAdapters(self.backbone, cfg.lora.r, cfg.lora.alpha, cfg.lora.groups,
@@ -114,6 +116,8 @@ class LocalRuntime:
     def run(self, resume: bool = False) -> dict[str, Any]:
         cfg, d = self.cfg, self.dir
         t_start = time.perf_counter()
+        if self.partition_summary is not None:  # who holds what: the report's heat map
+            d.write_json(d.PARTITION, self.partition_summary)
         ckpt = d.load_checkpoint() if resume else None
         if resume and ckpt is None:
             d.truncate_metrics(-1)  # interrupted before the first round finished

@@ -27,8 +27,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 class RunDirectory:
-    CONFIG, METRICS, SUMMARY, CHECKPOINT, ADAPTERS, REPORT = (
-        "config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "adapters", "report.md")
+    CONFIG, METRICS, SUMMARY, CHECKPOINT, ADAPTERS, REPORT, PARTITION = (
+        "config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "adapters", "report.md",
+        "partition.json")
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -88,6 +89,9 @@ class RunDirectory:
             return None
         return torch.load(self.checkpoint_file, weights_only=False)
 
+    def write_json(self, name: str, obj: dict[str, Any]) -> None:
+        _atomic_write_bytes(self.path / name,
+                            (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.path / self.SUMMARY,
-                            (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        self.write_json(self.SUMMARY, summary)

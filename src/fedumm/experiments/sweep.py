@@ -1,0 +1,226 @@
+"""Grids of runs: any config key can be an axis; cells run one after another and resume.
+
+    fedumm sweep configs/paper_table1.yaml --grid clients=2,4 --grid partition.alpha=0.1,1.0
+
+A sweep directory holds one run directory per cell plus ``sweep.json`` / ``sweep.csv`` (one row
+per cell: its axis values and the figures of its ``summary.json``), rewritten after every cell
+so an interrupted sweep loses nothing. On re-run a finished cell is skipped, an interrupted one
+resumes, and a failed one is tried again; a failing cell is recorded and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedumm.config import (
+    Config,
+    ConfigError,
+    SweepConfig,
+    config_from_dict,
+    load_config,
+    parse_override,
+)
+from fedumm.runtime.run_dir import RunDirectory, _atomic_write_bytes
+
+SWEEP_JSON, SWEEP_CSV = "sweep.json", "sweep.csv"
+# summary.json figures copied into every row (dotted); per-client lists stay in the run dir
+ROW_PREFIXES = ("final.", "base.", "communication.", "time.", "memory.")
+
+
+@dataclass
+class Cell:
+    """One run of a sweep: a name (its folder) and the overrides that make its config."""
+
+    name: str
+    values: dict[str, Any]  # axis (or baseline) key -> value
+    baseline: bool = False
+
+    def overrides(self) -> list[str]:
+        return [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
+                for k, v in self.values.items()]
+
+
+def parse_axis(text: str) -> tuple[str, list[Any]]:
+    """``"partition.alpha=0.1,0.5"`` -> ("partition.alpha", [0.1, 0.5]); values read as YAML."""
+    parts, _ = parse_override(text)
+    raw = text.split("=", 1)[1]
+    values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
+    if not values:
+        raise ConfigError(f"grid axis {text!r}: no values; expected key=v1,v2,...")
+    if len(set(map(str, values))) != len(values):
+        raise ConfigError(f"grid axis {text!r}: a value is repeated")
+    return ".".join(parts), values
+
+
+def parse_baseline(text: str) -> dict[str, Any]:
+    """``"strategy.name=centralized clients=1"`` -> {"strategy.name": "centralized", ...}."""
+    out: dict[str, Any] = {}
+    for item in text.split():
+        parts, value = parse_override(item)
+        out[".".join(parts)] = value
+    if not out:
+        raise ConfigError(f"baseline {text!r}: expected key=value [key=value ...]")
+    return out
+
+
+def _slug(values: dict[str, Any]) -> str:
+    text = "_".join(f"{k}-{v}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9._=-]+", "-", text) or "default"
+
+
+def expand_grid(axes: list[tuple[str, list[Any]]],
+                baselines: list[dict[str, Any]] | None = None) -> list[Cell]:
+    """Every combination of the axes (first axis slowest), then one cell per baseline."""
+    keys = [k for k, _ in axes]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"grid: an axis is given twice ({keys})")
+    cells = [Cell(_slug(dict(zip(keys, combo, strict=True))),
+                  dict(zip(keys, combo, strict=True)))
+             for combo in itertools.product(*[v for _, v in axes])]
+    for b in baselines or []:
+        cells.append(Cell("baseline_" + _slug(b), dict(b), baseline=True))
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise ConfigError("grid: two cells get the same folder name; make the values distinct")
+    return cells
+
+
+def merge_axes(base: list[str], extra: list[str]) -> list[tuple[str, list[Any]]]:
+    """The config's ``sweep.grid`` with command-line axes replacing (or adding) keys."""
+    merged: dict[str, list[Any]] = {}
+    for text in [*base, *extra]:
+        key, values = parse_axis(text)
+        merged[key] = values
+    return list(merged.items())
+
+
+def _flatten(d: dict[str, Any], prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + ".", lists))
+        elif lists or not isinstance(v, list):
+            out[key] = v
+    return out
+
+
+def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one run's summary.json that a sweep row carries."""
+    flat = _flatten(summary)
+    keep = {k: v for k, v in flat.items() if k.startswith(ROW_PREFIXES)}
+    keep.update({k: summary[k] for k in ("strategy", "rounds", "clients", "seed")
+                 if k in summary})
+    return keep
+
+
+def _write_tables(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    _atomic_write_bytes(out / SWEEP_JSON,
+                        (json.dumps({**meta, "cells": rows}, indent=2) + "\n").encode())
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write_bytes(out / SWEEP_CSV, buf.getvalue().encode())
+
+
+def _check_same_config(run: Path, cfg: Config) -> None:
+    """A cell folder from an earlier sweep must hold the same config, or results would mix."""
+    saved = _flatten(load_config(run / RunDirectory.CONFIG).to_dict(), lists=True)
+    now = _flatten(cfg.to_dict(), lists=True)
+    diff = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+    if diff:
+        raise ConfigError(f"{run} was run with another config (differs in {diff[:5]}); "
+                          "use a new --out for a changed sweep")
+
+
+RunFn = Callable[..., dict[str, Any]]
+
+
+def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = None,
+              baselines: list[str] | None = None, overrides: list[str] | None = None,
+              run_fn: RunFn | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every cell of a sweep into ``out``; returns the ``sweep.json`` content.
+
+    ``raw`` is the YAML mapping of the base config (its ``sweep`` section gives the default
+    grid and baselines); ``grid`` / ``baselines`` add to or replace them; ``overrides`` apply
+    to every cell. Every cell's config is validated before the first run starts.
+    """
+    if run_fn is None:
+        from fedumm.runtime.local import run_experiment as run_fn
+    base = config_from_dict(raw, overrides)
+    axes = merge_axes(base.sweep.grid, grid or [])
+    base_lines = baselines if baselines else base.sweep.baselines
+    cells = expand_grid(axes, [parse_baseline(b) for b in base_lines])
+    configs = {}
+    for cell in cells:
+        try:
+            cfg = config_from_dict(raw, [*(overrides or []), *cell.overrides()])
+        except ConfigError as exc:
+            raise ConfigError(f"sweep cell {cell.name}: {exc}") from exc
+        cfg.name = f"{base.name}/{cell.name}"
+        cfg.sweep = SweepConfig()  # a cell is a plain run; the grid lives in sweep.json
+        configs[cell.name] = cfg
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"name": base.name, "axes": [[k, v] for k, v in axes],
+            "baselines": [c.values for c in cells if c.baseline]}
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for i, cell in enumerate(cells):
+        cfg, run = configs[cell.name], out / cell.name
+        d = RunDirectory(run)
+        row: dict[str, Any] = {"cell": cell.name, "baseline": cell.baseline, **cell.values}
+        head = f"[{i + 1}/{len(cells)}] {cell.name}"
+        if (run / RunDirectory.CONFIG).is_file():
+            _check_same_config(run, cfg)
+        if d.is_finished():
+            summary = json.loads((run / RunDirectory.SUMMARY).read_text())
+            row.update(status="done", reused=True, **summary_row(summary))
+            log(f"{head}: finished earlier, skipped")
+        else:
+            resume = d.checkpoint_file.is_file()
+            log(f"{head}: {'resuming' if resume else 'running'}")
+            try:
+                summary = run_fn(None if resume else cfg, run, resume=resume, progress=progress)
+            except Exception as exc:  # a failed cell is recorded; the sweep goes on
+                (run / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                (run / "error.txt").write_text(traceback.format_exc())
+                row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                log(f"{head}: FAILED ({row['error']}); details in {run / 'error.txt'}")
+            else:
+                (run / "error.txt").unlink(missing_ok=True)
+                row.update(status="done", reused=False, **summary_row(summary))
+                log(f"{head}: VQA {row.get('final.vqa_accuracy')} | GenEval "
+                    f"{row.get('final.geneval_overall')} | {row.get('time.wall_s')} s")
+        rows.append(row)
+        _write_tables(out, {**meta, "wall_s": round(time.perf_counter() - t0, 2)}, rows)
+    done = [r for r in rows if r["status"] == "done"]
+    result = {**meta, "wall_s": round(time.perf_counter() - t0, 2),
+              "cells_wall_s": round(sum(r.get("time.wall_s", 0.0) for r in done), 2),
+              "cells": rows}
+    _write_tables(out, {k: v for k, v in result.items() if k != "cells"}, rows)
+    return result
+
+
+def load_sweep(path: str | Path) -> dict[str, Any]:
+    p = Path(path) / SWEEP_JSON
+    if not p.is_file():
+        raise FileNotFoundError(f"{path} is not a sweep directory (no {SWEEP_JSON})")
+    return json.loads(p.read_text())
