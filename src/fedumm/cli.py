@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fedumm.config import ConfigError, load_config
-from fedumm.runtime.run_dir import RunDirError
+from fedumm.runtime.run_dir import RunDirError, RunFailedError
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
@@ -93,7 +93,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ValueError("give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR")
         cfg = load_config(args.config, list(args.overrides))
         out = args.out or f"runs/{cfg.name}"
-        summary = run_experiment(cfg, out, progress=not args.quiet)
+        if cfg.runtime == "local":
+            summary = run_experiment(cfg, out, progress=not args.quiet)
+        else:
+            from fedumm.runtime.flare.runner import run_flare
+
+            summary = run_flare(cfg, out)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -144,6 +149,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{src} holds neither a sweep (sweep.json) nor a finished run "
                                 "(summary.json)")
     print(f"report: {path}")
+    return 0
+
+
+def _cmd_export_flare_job(args: argparse.Namespace) -> int:
+    from fedumm.runtime.flare.runner import export_flare_job
+
+    cfg = load_config(args.config, list(args.overrides))
+    sites: dict[str, list[str]] = {}
+    for item in args.site:
+        site, sep, override = item.partition(":")
+        if not sep or "=" not in override:
+            raise ValueError(f"--site {item!r}: expected SITE:key=value, e.g. "
+                             "site-1:data.root=/data/vqa")
+        sites.setdefault(site, []).append(override)
+    path = export_flare_job(cfg, args.out, sites)
+    print(f"FLARE job: {path}  (submit: nvflare job submit -j {path})")
     return 0
 
 
@@ -248,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_export)
 
-    p = sub.add_parser("run", help="run a federated experiment (local runtime)")
+    p = sub.add_parser("run", help="run a federated experiment (runtime=local | flare-sim | "
+                       "flare-poc)")
     p.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.add_argument("--out", help="run directory (default runs/<name>)")
@@ -256,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--json", action="store_true", help="print summary.json")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("export-flare-job",
+                       help="write an NVIDIA FLARE job folder for a real deployment")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--out", required=True, help="folder to write the job into")
+    p.add_argument("--site", action="append", default=[], metavar="SITE:KEY=VALUE",
+                   help="an override for one site (repeatable), e.g. site-2:data.root=/data")
+    p.set_defaults(func=_cmd_export_flare_job)
 
     p = sub.add_parser("sweep", help="run a grid of experiments (resumable) and report it")
     p.add_argument("config", help="YAML config; its sweep: section gives the default grid")
@@ -327,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError, KeyError, RunDirError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, KeyError, RunDirError,
+            RunFailedError) as exc:
         print(f"fedumm: error: {exc}", file=sys.stderr)
         return 2
 

@@ -145,7 +145,7 @@ class Config:
     """A whole experiment. Top-level keys are the ones users override most."""
 
     name: str = "experiment"
-    runtime: str = field(default="local", metadata=_choices("local"))
+    runtime: str = field(default="local", metadata=_choices("local", "flare-sim", "flare-poc"))
     seed: int = field(default=0, metadata=_range(0))
     clients: int = field(default=4, metadata=_range(1, 1000))
     rounds: int = field(default=5, metadata=_range(1))

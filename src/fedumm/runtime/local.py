@@ -10,42 +10,30 @@ through the wire codec, so the bytes counted are the bytes that would be sent.
 from __future__ import annotations
 
 import os
-import resource
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from fedumm.config import Config
-from fedumm.data.clients import build_dataset, split_clients
-from fedumm.eval.model_eval import evaluate_backbone
+from fedumm.data.clients import build_dataset
 from fedumm.fl import codec
-from fedumm.fl.client import ClientTrainer, make_client_data
+from fedumm.fl.client import ClientTrainer
 from fedumm.fl.strategies import build_strategy
-from fedumm.models.backbone import Backbone
-from fedumm.models.lora import LoraAdapters
+from fedumm.runtime.experiment import (
+    build_adapters,
+    client_datasets,
+    evaluate_states,
+    load_backbone,
+    make_summary,
+    pack,
+    peak_rss_bytes,
+    run_mode,
+    unpack,
+)
 from fedumm.runtime.run_dir import RunDirectory, RunDirError
-
-CONTROL = "control/"  # prefix of SCAFFOLD control variates inside a payload
-
-
-def _pack(state: dict, control: dict) -> dict:
-    """One wire payload: adapter tensors plus (SCAFFOLD) control variates under a prefix."""
-    return {**state, **{CONTROL + n: v for n, v in control.items()}}
-
-
-def _unpack(payload: dict) -> tuple[dict, dict]:
-    """Inverse of :func:`_pack`: (adapter tensors, control variates)."""
-    state = {n: v for n, v in payload.items() if not n.startswith(CONTROL)}
-    control = {n[len(CONTROL):]: v for n, v in payload.items() if n.startswith(CONTROL)}
-    return state, control
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 class LocalRuntime:
@@ -56,27 +44,12 @@ class LocalRuntime:
         self.dir = RunDirectory(out)
         self.progress = progress
         torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-        self.backbone = Backbone.load(cfg.model)
+        self.backbone = load_backbone(cfg)
         self.fingerprint = self.backbone.fingerprint()  # frozen: hash it once
-        if cfg.data.image_size != self.backbone.config.image_size:
-            raise ValueError(f"data.image_size={cfg.data.image_size} but the model "
-                             f"{cfg.model!r} takes {self.backbone.config.image_size} px images")
-        self.train_data = build_dataset(cfg.data, "train")
         self.val_data = build_dataset(cfg.data, "val")
-        self.prep = self.backbone.encoder.prepare(self.train_data)
-        self.mode = cfg.strategy.name if cfg.strategy.name in ("centralized", "local") else "fl"
-        n = self.train_data.num_samples
-        self.partition_summary: dict[str, Any] | None = None
-        if self.mode == "centralized":  # one client holding all training data
-            parts, missing = [np.arange(n)], np.zeros(n, dtype=np.int8)
-        else:
-            split = split_clients(self.train_data, cfg.partition, cfg.clients, cfg.seed)
-            parts, missing = split.parts, split.missing
-            self.partition_summary = split.summary()
-        self.clients = [make_client_data(k, self.prep, p, missing, cfg.train.val_fraction,
-                                         cfg.seed) for k, p in enumerate(parts)]
-        self.adapters = LoraAdapters(self.backbone, cfg.lora.r, cfg.lora.alpha, cfg.lora.groups,
-                                     cfg.lora.dropout, seed=cfg.seed)
+        self.mode = run_mode(cfg)
+        self.clients, self.partition_summary = client_datasets(cfg, self.backbone)
+        self.adapters = build_adapters(cfg, self.backbone)
         self.trainer = ClientTrainer(self.adapters, cfg.train, cfg.local_epochs, cfg.seed)
         self.strategy = build_strategy(cfg.strategy, len(self.clients), cfg.seed)
         self.initial_state = self.adapters.state()
@@ -89,28 +62,8 @@ class LocalRuntime:
             return self.strategy.sample_clients(rnd)
         return list(range(len(self.clients)))
 
-    def evaluate(self, state: dict[str, torch.Tensor], with_gen: bool) -> dict[str, Any]:
-        self.adapters.load_state(state)
-        ev = self.cfg.eval
-        return evaluate_backbone(self.backbone, self.val_data, max_vqa=ev.max_vqa,
-                                 max_gen=ev.max_gen if with_gen else 0, seed=self.cfg.seed)
-
     def _evaluate_states(self, states: list[dict], with_gen: bool) -> dict[str, Any]:
-        """One state, or the mean over clients' own states (the ``local`` baseline)."""
-        results = [self.evaluate(s, with_gen) for s in states]
-        if len(results) == 1:
-            return results[0]
-        out = dict(results[0])
-        for key in ("vqa_accuracy", "geneval_overall"):
-            if key in out:
-                out[key] = round(float(np.mean([r[key] for r in results])), 4)
-        for key in ("vqa_by_answer_type", "geneval_by_task"):
-            if key in out:
-                out[key] = {k: round(float(np.mean([r[key][k] for r in results])), 4)
-                            for k in out[key]}
-        out["per_client"] = [{k: r.get(k) for k in ("vqa_accuracy", "geneval_overall")}
-                             for r in results]
-        return out
+        return evaluate_states(self.cfg, self.adapters, self.val_data, states, with_gen)
 
     # ------------------------------------------------------------------ the run
     def run(self, resume: bool = False) -> dict[str, Any]:
@@ -150,10 +103,10 @@ class LocalRuntime:
                 bar.set_postfix_str(f"round {rnd + 1}/{cfg.rounds} client {k}{last_eval}")
                 state = states[k] if self.mode == "local" else states[0]
                 received, nbytes = codec.roundtrip(
-                    _pack(state, ccfg.get("server_control", {})), cfg.codec)
+                    pack(state, ccfg.get("server_control", {})), cfg.codec)
                 if self.mode != "local":
                     acc["download"].append(nbytes)
-                recv_state, recv_control = _unpack(received)
+                recv_state, recv_control = unpack(received)
                 recv_cfg = dict(ccfg)
                 if "server_control" in ccfg:
                     recv_cfg["server_control"] = recv_control
@@ -162,8 +115,8 @@ class LocalRuntime:
                     self.clients[k], recv_state, rnd, recv_cfg, client_states.get(k))
                 acc["client_train_s"] += time.perf_counter() - t
                 sent, upd.upload_bytes = codec.roundtrip(
-                    _pack(upd.tensors, upd.extra.get("control_delta", {})), cfg.codec)
-                upd.tensors, sent_control = _unpack(sent)
+                    pack(upd.tensors, upd.extra.get("control_delta", {})), cfg.codec)
+                upd.tensors, sent_control = unpack(sent)
                 if "control_delta" in upd.extra:
                     upd.extra["control_delta"] = sent_control
                 if self.mode != "local":
@@ -210,32 +163,8 @@ class LocalRuntime:
         return summary
 
     def _summary(self, final: dict, acc: dict, wall: float) -> dict[str, Any]:
-        cfg = self.cfg
-        full = len(codec.encode(self.backbone.base_state(), cfg.codec))
-        up, down = acc["upload"], acc["download"]
-        per_up = float(np.mean(up)) if up else 0.0
-        base = next((m for m in self.dir.metrics() if m.get("round") == -1), None)
-        return {
-            "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds,
-            "clients": len(self.clients), "seed": cfg.seed,
-            "final": {k: final[k] for k in ("vqa_accuracy", "vqa_by_answer_type",
-                                            "vqa_by_family", "geneval_overall",
-                                            "geneval_by_task", "per_client") if k in final},
-            "base": {k: base[k] for k in ("vqa_accuracy", "vqa_by_family") if base and k in base},
-            "communication": {
-                "upload_bytes_per_client_round": per_up,
-                "download_bytes_per_client_round": float(np.mean(down)) if down else 0.0,
-                "full_model_bytes": full,
-                "total_bytes": int(sum(up) + sum(down)),
-                "reduction_vs_full": round(full / per_up, 2) if per_up else None,
-                "codec": cfg.codec,
-            },
-            "time": {"wall_s": round(wall, 2), "client_train_s": round(acc["client_train_s"], 2),
-                     "eval_s": round(acc["eval_s"], 2)},
-            "memory": {"peak_rss_bytes": peak_rss_bytes()},
-            "adapters": self.adapters.num_parameters(),
-            "fingerprint": self.fingerprint,
-        }
+        return make_summary(self.cfg, self.dir, self.backbone, self.adapters, self.fingerprint,
+                            len(self.clients), final, acc, wall)
 
 
 def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False,

@@ -20,6 +20,10 @@ class RunDirError(RuntimeError):
     """The run directory cannot be used as asked (finished run, or resume without a run)."""
 
 
+class RunFailedError(RuntimeError):
+    """A run ended without a result (e.g. a federated site failed); says where and why."""
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)

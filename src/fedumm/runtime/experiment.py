@@ -1,0 +1,136 @@
+"""The pieces of an experiment that every runtime builds the same way from a config.
+
+The local runtime uses all of them in one process; under NVIDIA FLARE the server side
+(evaluation, summary) and the client side (client data, trainer) run in different processes
+but call these same functions, which is what makes the two runtimes give the same adapters.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedumm.config import Config
+from fedumm.data.clients import build_dataset, split_clients
+from fedumm.data.dataset import MultimodalDataset
+from fedumm.eval.model_eval import evaluate_backbone
+from fedumm.fl import codec
+from fedumm.fl.client import ClientData, make_client_data
+from fedumm.models.backbone import Backbone
+from fedumm.models.lora import LoraAdapters
+from fedumm.runtime.run_dir import RunDirectory
+
+CONTROL = "control/"  # prefix of SCAFFOLD control variates inside a payload
+
+
+def pack(state: dict, control: dict) -> dict:
+    """One wire payload: adapter tensors plus (SCAFFOLD) control variates under a prefix."""
+    return {**state, **{CONTROL + n: v for n, v in control.items()}}
+
+
+def unpack(payload: dict) -> tuple[dict, dict]:
+    """Inverse of :func:`pack`: (adapter tensors, control variates)."""
+    state = {n: v for n, v in payload.items() if not n.startswith(CONTROL)}
+    control = {n[len(CONTROL):]: v for n, v in payload.items() if n.startswith(CONTROL)}
+    return state, control
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def run_mode(cfg: Config) -> str:
+    """``fl``, or the ``centralized`` / ``local`` baselines."""
+    return cfg.strategy.name if cfg.strategy.name in ("centralized", "local") else "fl"
+
+
+def load_backbone(cfg: Config) -> Backbone:
+    backbone = Backbone.load(cfg.model)
+    if cfg.data.image_size != backbone.config.image_size:
+        raise ValueError(f"data.image_size={cfg.data.image_size} but the model "
+                         f"{cfg.model!r} takes {backbone.config.image_size} px images")
+    return backbone
+
+
+def build_adapters(cfg: Config, backbone: Backbone) -> LoraAdapters:
+    """LoRA adapters on the frozen backbone, initialised from ``cfg.seed`` (same everywhere)."""
+    return LoraAdapters(backbone, cfg.lora.r, cfg.lora.alpha, cfg.lora.groups, cfg.lora.dropout,
+                        seed=cfg.seed)
+
+
+def num_clients(cfg: Config) -> int:
+    return 1 if run_mode(cfg) == "centralized" else cfg.clients
+
+
+def client_datasets(cfg: Config, backbone: Backbone
+                    ) -> tuple[list[ClientData], dict[str, Any] | None]:
+    """Every client's training data and the partition summary (None when centralized)."""
+    train = build_dataset(cfg.data, "train")
+    prep = backbone.encoder.prepare(train)
+    n = train.num_samples
+    if run_mode(cfg) == "centralized":  # one client holding all training data
+        parts, missing, summary = [np.arange(n)], np.zeros(n, dtype=np.int8), None
+    else:
+        split = split_clients(train, cfg.partition, cfg.clients, cfg.seed)
+        parts, missing, summary = split.parts, split.missing, split.summary()
+    clients = [make_client_data(k, prep, p, missing, cfg.train.val_fraction, cfg.seed)
+               for k, p in enumerate(parts)]
+    return clients, summary
+
+
+def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: MultimodalDataset,
+                    states: list[dict[str, torch.Tensor]], with_gen: bool) -> dict[str, Any]:
+    """Evaluate one state, or the mean over clients' own states (the ``local`` baseline)."""
+    ev = cfg.eval
+    results = []
+    for s in states:
+        adapters.load_state(s)
+        results.append(evaluate_backbone(adapters.backbone, val_data, max_vqa=ev.max_vqa,
+                                         max_gen=ev.max_gen if with_gen else 0, seed=cfg.seed))
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    for key in ("vqa_accuracy", "geneval_overall"):
+        if key in out:
+            out[key] = round(float(np.mean([r[key] for r in results])), 4)
+    for key in ("vqa_by_answer_type", "geneval_by_task"):
+        if key in out:
+            out[key] = {k: round(float(np.mean([r[key][k] for r in results])), 4)
+                        for k in out[key]}
+    out["per_client"] = [{k: r.get(k) for k in ("vqa_accuracy", "geneval_overall")}
+                         for r in results]
+    return out
+
+
+def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
+                 fingerprint: str, clients: int, final: dict, acc: dict, wall: float,
+                 peak_rss: int | None = None) -> dict[str, Any]:
+    """``summary.json`` (the DESIGN.md contract) from the counters a runtime kept."""
+    full = len(codec.encode(backbone.base_state(), cfg.codec))
+    up, down = acc["upload"], acc["download"]
+    per_up = float(np.mean(up)) if up else 0.0
+    base = next((m for m in run_dir.metrics() if m.get("round") == -1), None)
+    return {
+        "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds,
+        "clients": clients, "seed": cfg.seed, "runtime": cfg.runtime,
+        "final": {k: final[k] for k in ("vqa_accuracy", "vqa_by_answer_type", "vqa_by_family",
+                                        "geneval_overall", "geneval_by_task", "per_client")
+                  if k in final},
+        "base": {k: base[k] for k in ("vqa_accuracy", "vqa_by_family") if base and k in base},
+        "communication": {
+            "upload_bytes_per_client_round": per_up,
+            "download_bytes_per_client_round": float(np.mean(down)) if down else 0.0,
+            "full_model_bytes": full,
+            "total_bytes": int(sum(up) + sum(down)),
+            "reduction_vs_full": round(full / per_up, 2) if per_up else None,
+            "codec": cfg.codec,
+        },
+        "time": {"wall_s": round(wall, 2), "client_train_s": round(acc["client_train_s"], 2),
+                 "eval_s": round(acc["eval_s"], 2)},
+        "memory": {"peak_rss_bytes": peak_rss if peak_rss is not None else peak_rss_bytes()},
+        "adapters": adapters.num_parameters(),
+        "fingerprint": fingerprint,
+    }

@@ -1,0 +1,150 @@
+"""Run a fedumm job on NVIDIA FLARE: its simulator, or a POC deployment on 127.0.0.1.
+
+Both write the same run directory as the local runtime (the server-side controller does it).
+FLARE's own workspace lives under the run directory (``flare/``), never in ``~/.nvflare``.
+FLARE can end "successfully" after a site failed, so success is checked here: no site error
+file and a ``summary.json`` written by the controller; otherwise :class:`FlareRunError` carries
+the failing site's message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedumm.config import Config
+from fedumm.runtime.experiment import num_clients
+from fedumm.runtime.flare.client import ERRORS_DIR
+from fedumm.runtime.flare.job import JOB_NAME, build_job
+from fedumm.runtime.run_dir import RunDirectory, RunDirError, RunFailedError
+
+FLARE_DIR = "flare"  # FLARE's workspace inside the run directory
+
+
+class FlareRunError(RunFailedError):
+    """A FLARE run ended without a result; the message names the failing site."""
+
+
+def _site_env(threads: int) -> dict[str, str]:
+    # one OpenMP thread per site process: K processes on a few cores must not oversubscribe
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def _check_result(d: RunDirectory, flare_dir: Path) -> dict[str, Any]:
+    errors = sorted((d.path / ERRORS_DIR).glob("*.txt"))
+    if errors:
+        last = errors[0].read_text().strip().splitlines()
+        raise FlareRunError(f"{errors[0].stem} failed: {last[-1] if last else '?'} "
+                            f"(traceback: {errors[0]}; FLARE logs under {flare_dir})")
+    if not d.is_finished():
+        logs = sorted(str(p) for p in flare_dir.rglob("log.txt"))[:3]
+        raise FlareRunError(f"the FLARE job ended without a global model (no summary.json); "
+                            f"see the logs {logs}")
+    return json.loads((d.path / d.SUMMARY).read_text())
+
+
+def _nvflare() -> str:
+    exe = Path(sys.executable).with_name("nvflare")
+    return str(exe) if exe.is_file() else "nvflare"
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the simulator and every process it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
+                  site_overrides: dict[str, list[str]] | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The job in FLARE's simulator (``nvflare simulator`` on the exported job folder): one
+    process per site, threads == sites. A site failure stops the whole process group."""
+    d = RunDirectory(out)
+    d.create(cfg)
+    flare_dir = (d.path / FLARE_DIR).resolve()
+    build_job(cfg, run_dir=str(d.path.resolve()), site_overrides=site_overrides).export_job(
+        str(flare_dir / "jobs"))
+    k = num_clients(cfg)
+    cmd = [_nvflare(), "simulator", str(flare_dir / "jobs" / JOB_NAME), "-w",
+           str(flare_dir / "workspace"), "-n", str(k), "-t", str(k), "-l", "concise"]
+    env = {**os.environ, **_site_env(cfg.train.threads or 1)}
+    t0 = time.perf_counter()
+    with open(flare_dir / "simulator.log", "wb") as out_log:
+        proc = subprocess.Popen(cmd, stdout=out_log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if any((d.path / ERRORS_DIR).glob("*.txt")):
+                    log("a site failed; stopping the FLARE simulator")
+                    break
+                time.sleep(poll_s)
+        finally:
+            _stop_group(proc)
+    summary = _check_result(d, flare_dir)
+    summary["time"]["flare_wall_s"] = round(time.perf_counter() - t0, 2)
+    d.write_summary(summary)
+    return summary
+
+
+def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Provision a POC deployment on 127.0.0.1 under the run directory, start it, submit the
+    job, wait, and stop everything (also on failure)."""
+    from nvflare.recipe.poc_env import PocEnv
+
+    d = RunDirectory(out)
+    d.create(cfg)
+    flare_dir = (d.path / FLARE_DIR).resolve()
+    old = {n: os.environ.get(n) for n in ("NVFLARE_POC_WORKSPACE", *_site_env(1))}
+    os.environ["NVFLARE_POC_WORKSPACE"] = str(flare_dir / "poc")
+    os.environ.update(_site_env(cfg.train.threads or 1))
+    env = PocEnv(num_clients=num_clients(cfg))
+    t0 = time.perf_counter()
+    try:
+        job = build_job(cfg, run_dir=str(d.path.resolve()))
+        job_id = env.deploy(job)
+        status = env.get_job_result(job_id, timeout=timeout_s)
+        if status is None:
+            env.abort_job(job_id)
+            raise FlareRunError(f"the POC job {job_id} did not finish in {timeout_s} s")
+    finally:
+        env.stop(clean_up=False)
+        for n, v in old.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+    summary = _check_result(d, flare_dir)
+    summary["time"]["flare_wall_s"] = round(time.perf_counter() - t0, 2)
+    d.write_summary(summary)
+    return summary
+
+
+def export_flare_job(cfg: Config, out: str | Path,
+                     site_overrides: dict[str, list[str]] | None = None) -> Path:
+    """A job folder for ``nvflare job submit`` on a real deployment (sites site-1..site-K)."""
+    out = Path(out)
+    if (out / JOB_NAME).exists():
+        raise RunDirError(f"{out / JOB_NAME} exists; choose another --out or delete it")
+    build_job(cfg, site_overrides=site_overrides).export_job(str(out))
+    return out / JOB_NAME
+
+
+def run_flare(cfg: Config, out: str | Path) -> dict[str, Any]:
+    """``runtime=flare-sim`` or ``runtime=flare-poc``."""
+    if cfg.runtime == "flare-sim":
+        return run_flare_sim(cfg, out)
+    if cfg.runtime == "flare-poc":
+        return run_flare_poc(cfg, out)
+    raise ValueError(f"runtime={cfg.runtime!r} is not a FLARE runtime")
