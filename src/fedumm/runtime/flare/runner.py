@@ -9,6 +9,7 @@ the failing site's message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,8 +56,21 @@ def _nvflare() -> str:
     return str(exe) if exe.is_file() else "nvflare"
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the simulator and every process it started (its own process group)."""
+def _pids_mentioning(text: str) -> list[int]:
+    """Processes whose command line names ``text`` (Linux /proc; empty elsewhere)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return [p for p in pids if p != os.getpid()]
+
+
+def _stop_all(proc: subprocess.Popen, workspace: Path) -> None:
+    """Stop the simulator, its process group, and any worker it started in a session of its
+    own (they all name the workspace on their command line): nothing is left behind."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -64,6 +78,14 @@ def _stop_group(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _pids_mentioning(str(workspace))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 10
+        while pids and time.monotonic() < deadline and _pids_mentioning(str(workspace)):
+            time.sleep(0.2)
 
 
 def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
@@ -91,7 +113,7 @@ def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
                     break
                 time.sleep(poll_s)
         finally:
-            _stop_group(proc)
+            _stop_all(proc, flare_dir)
     summary = _check_result(d, flare_dir)
     summary["time"]["flare_wall_s"] = round(time.perf_counter() - t0, 2)
     d.write_summary(summary)

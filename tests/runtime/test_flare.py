@@ -1,0 +1,115 @@
+"""The NVIDIA FLARE runtime against the local runtime (same config, same seed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from fedumm.cli import main
+from fedumm.config import ConfigError, config_from_dict
+from fedumm.runtime.flare.job import build_job
+from fedumm.runtime.flare.runner import FlareRunError, export_flare_job, run_flare_sim
+from fedumm.runtime.local import run_experiment
+from fedumm.runtime.run_dir import RunDirectory, RunDirError
+
+
+def _cfg(overrides, *extra):
+    return config_from_dict({"name": "tiny"}, [*overrides, *extra])
+
+
+def _adapters(run: Path) -> dict:
+    return load_file(str(run / "adapters" / "adapter_model.safetensors"))
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+@pytest.mark.parametrize("extra", [["strategy.name=fedavg"],
+                                   ["strategy.name=fedumm", "codec=bfloat16"]],
+                         ids=["fedavg", "fedumm-bf16"])
+def test_flare_simulator_gives_the_local_runtimes_adapters(tmp_path, tiny_overrides, extra):
+    cfg = _cfg(tiny_overrides, *extra)
+    local = run_experiment(cfg, tmp_path / "local", progress=False)
+    flare = run_flare_sim(_cfg(tiny_overrides, *extra, "runtime=flare-sim"), tmp_path / "flare",
+                          log=lambda s: None)
+    a, b = _adapters(tmp_path / "local"), _adapters(tmp_path / "flare")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert flare["communication"] == local["communication"]  # bytes counted the same way
+    assert flare["final"]["vqa_accuracy"] == local["final"]["vqa_accuracy"]
+    assert set(flare) >= set(local) and flare["runtime"] == "flare-sim"
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "partition.json"):
+        assert (tmp_path / "local" / name).is_file()
+    for name in ("config.yaml", "metrics.jsonl", "report.md", "summary.json"):
+        assert (tmp_path / "flare" / name).is_file(), name
+    rounds = [m for m in RunDirectory(tmp_path / "flare").metrics() if m["type"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert not _processes_mentioning(str(tmp_path))
+
+
+def test_a_failing_site_fails_the_run_with_its_message(tmp_path, tiny_overrides):
+    cfg = _cfg(tiny_overrides, "runtime=flare-sim")
+    with pytest.raises(FlareRunError, match=r"site-2 failed: .*no_such_checkpoint"):
+        run_flare_sim(cfg, tmp_path / "run", site_overrides={
+            "site-2": ["model=/no_such_checkpoint"]}, log=lambda s: None)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert not _processes_mentioning(str(tmp_path))
+
+
+def test_exported_job_passes_flares_job_validation(tmp_path, tiny_overrides):
+    from nvflare.apis.utils.job_utils import load_job_def_bytes
+    from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
+
+    cfg = _cfg(tiny_overrides, "clients=3")
+    job = export_flare_job(cfg, tmp_path, {"site-2": ["data.root=/data/site2"]})
+    ok, err, meta = JobMetaValidator().validate(job.name, load_job_def_bytes(
+        str(tmp_path), job.name))
+    assert ok, err
+    assert meta["min_clients"] == 3
+    assert sorted(s for v in meta["deploy_map"].values() for s in v) == [
+        "server", "site-1", "site-2", "site-3"]
+    for site in ("site-1", "site-2", "site-3"):
+        custom = job / f"app_{site}" / "custom"
+        assert {p.name for p in custom.iterdir()} == {"fedumm_client.py", "fedumm_config.yaml"}
+        client = json.loads((job / f"app_{site}" / "config" / "config_fed_client.json")
+                            .read_text())
+        args = client["executors"][0]["executor"]["args"]
+        assert args["params_exchange_format"] == "pytorch"
+        assert ("data.root=/data/site2" in args["task_script_args"]) == (site == "site-2")
+        assert "/" not in args["task_script_path"]  # relative: works on remote hosts
+    server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
+    assert server["workflows"][0]["args"]["config"] == {**cfg.to_dict()}
+    with pytest.raises(RunDirError, match="exists"):
+        export_flare_job(cfg, tmp_path)
+
+
+def test_job_builder_rejects_what_flare_cannot_run(tiny_overrides):
+    with pytest.raises(ConfigError, match="local runtime"):
+        build_job(_cfg(tiny_overrides, "strategy.name=local"))
+    with pytest.raises(ConfigError, match="site-9"):
+        build_job(_cfg(tiny_overrides), site_overrides={"site-9": ["seed=1"]})
+    with pytest.raises(ConfigError, match="partition.alpha"):
+        build_job(_cfg(tiny_overrides), site_overrides={"site-1": ["partition.alpha=-1"]})
+
+
+def test_export_command(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "job"
+    assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(out),
+                 "--site", "site-1:data.root=/d1", "clients=2"]) == 0
+    assert "nvflare job submit" in capsys.readouterr().out
+    assert (out / "fedumm" / "meta.json").is_file()
+    assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(tmp_path / "x"),
+                 "--site", "site-1=data.root"]) == 2
+    assert "SITE:key=value" in capsys.readouterr().err
