@@ -113,3 +113,19 @@ def test_export_command(tmp_path, tiny_overrides, capsys):
     assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(tmp_path / "x"),
                  "--site", "site-1=data.root"]) == 2
     assert "SITE:key=value" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_poc_deployment_on_loopback_runs_and_leaves_nothing_behind(tmp_path, tiny_overrides):
+    from fedumm.runtime.flare.runner import run_flare_poc
+
+    home_flare = Path.home() / ".nvflare"
+    existed = home_flare.exists()
+    cfg = _cfg(tiny_overrides, "runtime=flare-poc")
+    summary = run_flare_poc(cfg, tmp_path / "poc", timeout_s=300)
+    local = run_experiment(_cfg(tiny_overrides), tmp_path / "local", progress=False)
+    a, b = _adapters(tmp_path / "local"), _adapters(tmp_path / "poc")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert summary["communication"] == local["communication"]
+    assert not _processes_mentioning(str(tmp_path))
+    assert home_flare.exists() == existed  # the POC workspace lived under the run directory

@@ -78,6 +78,10 @@ def _stop_all(proc: subprocess.Popen, workspace: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    _kill_leftovers(workspace)
+
+
+def _kill_leftovers(workspace: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = _pids_mentioning(str(workspace))
         for pid in pids:
@@ -120,28 +124,61 @@ def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
     return summary
 
 
+ALLOW_PREFIX = "fedumm.runtime.flare."  # what a site's class_allow_list must admit
+
+
+def allow_fedumm_components(prod_dir: Path) -> int:
+    """Add fedumm's FLARE components to every site's ``class_allow_list`` (provisioned kits
+    enforce one); a real deployment does the same in each site's ``local/resources.json``."""
+    changed = 0
+    for f in sorted(prod_dir.rglob("local/resources.json*")):
+        if f.name not in ("resources.json", "resources.json.default"):
+            continue
+        res = json.loads(f.read_text())
+        allow = res.get("class_allow_list")
+        if isinstance(allow, list) and ALLOW_PREFIX not in allow:
+            allow.append(ALLOW_PREFIX)
+            f.write_text(json.dumps(res, indent=2))
+            changed += 1
+    return changed
+
+
 def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Provision a POC deployment on 127.0.0.1 under the run directory, start it, submit the
-    job, wait, and stop everything (also on failure)."""
-    from nvflare.recipe.poc_env import PocEnv
+    """Provision a POC deployment on 127.0.0.1 under the run directory (not ``~/.nvflare``),
+    start it, submit the job, wait, and stop every process it started (also on failure)."""
+    from nvflare.recipe.poc_env import SERVICE_START_TIMEOUT, PocEnv
+    from nvflare.tool.poc.poc_commands import _start_poc, prepare_poc_provision
 
     d = RunDirectory(out)
     d.create(cfg)
     flare_dir = (d.path / FLARE_DIR).resolve()
+    poc = flare_dir / "poc"
     old = {n: os.environ.get(n) for n in ("NVFLARE_POC_WORKSPACE", *_site_env(1))}
-    os.environ["NVFLARE_POC_WORKSPACE"] = str(flare_dir / "poc")
+    os.environ["NVFLARE_POC_WORKSPACE"] = str(poc)
     os.environ.update(_site_env(cfg.train.threads or 1))
-    env = PocEnv(num_clients=num_clients(cfg))
+    k = num_clients(cfg)
+    env = PocEnv(num_clients=k)
     t0 = time.perf_counter()
+    flare_dir.mkdir(parents=True, exist_ok=True)
     try:
-        job = build_job(cfg, run_dir=str(d.path.resolve()))
-        job_id = env.deploy(job)
-        status = env.get_job_result(job_id, timeout=timeout_s)
-        if status is None:
-            env.abort_job(job_id)
-            raise FlareRunError(f"the POC job {job_id} did not finish in {timeout_s} s")
+        with open(flare_dir / "poc_admin.log", "w") as admin_log, \
+                contextlib.redirect_stdout(admin_log):
+            prepare_poc_provision(clients=[], number_of_clients=k, workspace=str(poc),
+                                  docker_image=None)
+            allow_fedumm_components(poc)
+            _start_poc(poc_workspace=str(poc), gpu_ids=[], excluded=[env.username],
+                       services_list=[])
+            time.sleep(SERVICE_START_TIMEOUT)
+            job_id = env._get_session_manager().submit_job(
+                build_job(cfg, run_dir=str(d.path.resolve())))
+            status = env.get_job_result(job_id, timeout=timeout_s)
+            if status is None:
+                env.abort_job(job_id)
+                raise FlareRunError(f"the POC job {job_id} did not finish in {timeout_s} s")
     finally:
-        env.stop(clean_up=False)
+        with contextlib.suppress(Exception):
+            env.stop(clean_up=False)
+        _kill_leftovers(poc)
         for n, v in old.items():
             if v is None:
                 os.environ.pop(n, None)
