@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,29 @@ def test_a_changed_config_does_not_reuse_old_cells(tmp_path):
     run_sweep(RAW, tmp_path, run_fn=FakeRun(), log=lambda s: None)
     with pytest.raises(ConfigError, match="rounds"):
         run_sweep(RAW, tmp_path, overrides=["rounds=9"], run_fn=FakeRun(), log=lambda s: None)
+
+
+def test_paper_table1_config_is_the_papers_grid():
+    import yaml
+
+    from fedumm.config import config_from_dict
+
+    for name, rounds in (("paper_table1", 5), ("paper_table1_full", 100)):
+        raw = yaml.safe_load(Path(f"configs/{name}.yaml").read_text())
+        cfg = config_from_dict(raw)
+        assert (cfg.lora.r, cfg.lora.alpha, cfg.local_epochs, cfg.rounds) == (16, 32, 5, rounds)
+        cells = expand_grid(merge_axes(cfg.sweep.grid, []),
+                            [parse_baseline(b) for b in cfg.sweep.baselines])
+        assert sorted((c.values["clients"], c.values["partition.alpha"])
+                      for c in cells if not c.baseline) == [
+            (k, a) for k in (2, 4, 8, 16) for a in (0.1, 0.5, 1.0)]
+        assert [c.values for c in cells if c.baseline] == [
+            {"strategy.name": "centralized", "clients": 1}]
+
+
+def test_sweep_command_reports_a_bad_axis(tmp_path, capsys):
+    from fedumm.cli import main
+
+    assert main(["sweep", "configs/quickstart.yaml", "--grid", "clients=0,2",
+                 "--out", str(tmp_path)]) == 2
+    assert "clients" in capsys.readouterr().err
