@@ -36,9 +36,13 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("extra", [["strategy.name=fedavg"],
-                                   ["strategy.name=fedumm", "codec=bfloat16"]],
-                         ids=["fedavg", "fedumm-bf16"])
+@pytest.mark.parametrize("extra", [
+    pytest.param(["strategy.name=fedavg"], id="fedavg"),
+    pytest.param(["strategy.name=fedumm", "codec=bfloat16"], id="fedumm-bf16"),
+    pytest.param(["strategy.name=scaffold"], id="scaffold", marks=pytest.mark.slow),
+    pytest.param(["strategy.name=fedadam", "strategy.fraction=0.5"], id="fedadam-sampled",
+                 marks=pytest.mark.slow),
+])
 def test_flare_simulator_gives_the_local_runtimes_adapters(tmp_path, tiny_overrides, extra):
     cfg = _cfg(tiny_overrides, *extra)
     local = run_experiment(cfg, tmp_path / "local", progress=False)
