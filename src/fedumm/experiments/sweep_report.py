@@ -180,7 +180,9 @@ def plot_convergence(sweep: dict, root: Path, out: Path) -> Path | None:
         ax.set_xlabel("round (0 = frozen base)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("VQA accuracy (%)")
-    axes[0][-1].legend(fontsize=7)
+    with_lines = [ax for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if with_lines:
+        with_lines[-1].legend(fontsize=7)
     return save_figure(fig, out)
 
 
@@ -188,6 +190,10 @@ def _curve(run: Path) -> tuple[list[int], list[float]]:
     evals = [m for m in RunDirectory(run).metrics()
              if m.get("type") == "eval" and "vqa_accuracy" in m]
     return [m["round"] + 1 for m in evals], [m["vqa_accuracy"] for m in evals]
+
+
+def _cells_wall(rows: list[dict]) -> float:
+    return float(sum(r.get("time.wall_s", 0.0) for r in rows if r["status"] == "done"))
 
 
 def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -201,7 +207,7 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> 
              f"{len(rows)} cells ({len(failed)} failed); axes: "
              + ", ".join(f"`{k}` = {v}" for k, v in sweep["axes"])
              + (f"; baselines: {sweep['baselines']}" if sweep.get("baselines") else "")
-             + f". Time in the cells' runs: {sweep.get('cells_wall_s', 'n/a')} s.", "",
+             + f". Time in the cells' runs: {_cells_wall(rows) / 60:.1f} min.", "",
              "## Table 1: VQA accuracy (official metric, %)", ""]
     lines += table1(sweep)
     png = plot_table1(sweep, out / "table1.png")
