@@ -93,12 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ValueError("give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR")
         cfg = load_config(args.config, list(args.overrides))
         out = args.out or f"runs/{cfg.name}"
-        if cfg.runtime == "local":
-            summary = run_experiment(cfg, out, progress=not args.quiet)
-        else:
-            from fedumm.runtime.flare.runner import run_flare
-
-            summary = run_flare(cfg, out)
+        summary = run_experiment(cfg, out, progress=not args.quiet)
     if args.json:
         print(json.dumps(summary))
         return 0

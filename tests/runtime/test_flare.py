@@ -133,3 +133,10 @@ def test_poc_deployment_on_loopback_runs_and_leaves_nothing_behind(tmp_path, tin
     assert summary["communication"] == local["communication"]
     assert not _processes_mentioning(str(tmp_path))
     assert home_flare.exists() == existed  # the POC workspace lived under the run directory
+
+
+def test_flare_runs_do_not_resume_on_the_local_runtime(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    RunDirectory(run).create(_cfg(tiny_overrides, "runtime=flare-sim"))
+    with pytest.raises(RunDirError, match="only local runs resume"):
+        run_experiment(None, run, resume=True)

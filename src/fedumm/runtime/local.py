@@ -167,12 +167,20 @@ class LocalRuntime:
                             len(self.clients), final, acc, wall)
 
 
-def run_experiment(cfg: Config, out: str | Path, *, resume: bool = False,
+def run_experiment(cfg: Config | None, out: str | Path, *, resume: bool = False,
                    progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the experiment ``cfg`` into the run directory ``out``."""
+    """Run (or resume) the experiment ``cfg`` into the run directory ``out`` on the runtime
+    the config names (``local`` here; ``flare-sim`` / ``flare-poc`` via NVIDIA FLARE)."""
     d = RunDirectory(out)
     if resume:
         cfg = d.load_config()
+        if cfg.runtime != "local":
+            raise RunDirError(f"{out} ran on runtime={cfg.runtime}; only local runs resume "
+                              "(start a new run directory)")
+    elif cfg.runtime != "local":
+        from fedumm.runtime.flare.runner import run_flare
+
+        return run_flare(cfg, out)
     else:
         d.create(cfg)
     return LocalRuntime(cfg, out, progress=progress).run(resume=resume)
