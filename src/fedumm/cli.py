@@ -109,16 +109,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    import yaml
-
+    from fedumm.config import read_yaml
     from fedumm.experiments.sweep import run_sweep
     from fedumm.experiments.sweep_report import write_sweep_report
 
     _threads()
     path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path)
     out = Path(args.out or f"runs/sweep_{path.stem}")
     result = run_sweep(raw, out, grid=args.grid, baselines=args.baseline,
                        overrides=list(args.overrides), progress=not args.quiet)

@@ -32,7 +32,7 @@ from fedumm.config import (
     load_config,
     parse_override,
 )
-from fedumm.runtime.run_dir import RunDirectory, _atomic_write_bytes
+from fedumm.runtime.run_dir import RunDirectory, atomic_write_bytes
 
 SWEEP_JSON, SWEEP_CSV = "sweep.json", "sweep.csv"
 # summary.json figures copied into every row (dotted); per-client lists stay in the run dir
@@ -127,7 +127,7 @@ def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_tables(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    _atomic_write_bytes(out / SWEEP_JSON,
+    atomic_write_bytes(out / SWEEP_JSON,
                         (json.dumps({**meta, "cells": rows}, indent=2) + "\n").encode())
     columns: list[str] = []
     for row in rows:
@@ -136,7 +136,7 @@ def _write_tables(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -
     writer = csv.DictWriter(buf, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_bytes(out / SWEEP_CSV, buf.getvalue().encode())
+    atomic_write_bytes(out / SWEEP_CSV, buf.getvalue().encode())
 
 
 def _check_same_config(run: Path, cfg: Config) -> None:
@@ -200,7 +200,7 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
             try:
                 summary = run_fn(None if resume else cfg, run, resume=resume, progress=progress)
             except Exception as exc:  # a failed cell is recorded; the sweep goes on
-                (run / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                run.mkdir(parents=True, exist_ok=True)
                 (run / "error.txt").write_text(traceback.format_exc())
                 row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
                 log(f"{head}: FAILED ({row['error']}); details in {run / 'error.txt'}")
@@ -210,13 +210,14 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
                 log(f"{head}: VQA {row.get('final.vqa_accuracy')} | GenEval "
                     f"{row.get('final.geneval_overall')} | {row.get('time.wall_s')} s")
         rows.append(row)
-        _write_tables(out, {**meta, "wall_s": round(time.perf_counter() - t0, 2)}, rows)
-    done = [r for r in rows if r["status"] == "done"]
-    result = {**meta, "wall_s": round(time.perf_counter() - t0, 2),
-              "cells_wall_s": round(sum(r.get("time.wall_s", 0.0) for r in done), 2),
-              "cells": rows}
-    _write_tables(out, {k: v for k, v in result.items() if k != "cells"}, rows)
-    return result
+        meta.update(wall_s=round(time.perf_counter() - t0, 2), cells_wall_s=cells_wall_s(rows))
+        _write_tables(out, meta, rows)
+    return {**meta, "cells": rows}
+
+
+def cells_wall_s(rows: list[dict[str, Any]]) -> float:
+    """Seconds the finished cells' runs took (reused cells included): the sweep's cost."""
+    return round(sum(r.get("time.wall_s", 0.0) for r in rows if r["status"] == "done"), 2)
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 from fedumm.experiments.plots import partition_heatmap, save_figure  # noqa: E402
 from fedumm.experiments.report import fmt_bytes  # noqa: E402
-from fedumm.experiments.sweep import load_sweep  # noqa: E402
+from fedumm.experiments.sweep import cells_wall_s, load_sweep  # noqa: E402
 from fedumm.runtime.run_dir import RunDirectory  # noqa: E402
 
 GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -192,10 +192,6 @@ def _curve(run: Path) -> tuple[list[int], list[float]]:
     return [m["round"] + 1 for m in evals], [m["vqa_accuracy"] for m in evals]
 
 
-def _cells_wall(rows: list[dict]) -> float:
-    return float(sum(r.get("time.wall_s", 0.0) for r in rows if r["status"] == "done"))
-
-
 def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir
@@ -207,7 +203,7 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> 
              f"{len(rows)} cells ({len(failed)} failed); axes: "
              + ", ".join(f"`{k}` = {v}" for k, v in sweep["axes"])
              + (f"; baselines: {sweep['baselines']}" if sweep.get("baselines") else "")
-             + f". Time in the cells' runs: {_cells_wall(rows) / 60:.1f} min.", "",
+             + f". Time in the cells' runs: {cells_wall_s(rows) / 60:.1f} min.", "",
              "## Table 1: VQA accuracy (official metric, %)", ""]
     lines += table1(sweep)
     png = plot_table1(sweep, out / "table1.png")

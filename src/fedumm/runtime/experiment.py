@@ -19,6 +19,7 @@ from fedumm.data.dataset import MultimodalDataset
 from fedumm.eval.model_eval import evaluate_backbone
 from fedumm.fl import codec
 from fedumm.fl.client import ClientData, make_client_data
+from fedumm.fl.updates import ClientUpdate
 from fedumm.models.backbone import Backbone
 from fedumm.models.lora import LoraAdapters
 from fedumm.runtime.run_dir import RunDirectory
@@ -134,3 +135,40 @@ def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapter
         "adapters": adapters.num_parameters(),
         "fingerprint": fingerprint,
     }
+
+
+def round_record(rnd: int, selected: list[int], updates: list[ClientUpdate],
+                 count_upload: bool = True) -> dict[str, Any]:
+    """The ``metrics.jsonl`` record of one round (the same under every runtime)."""
+    return {"type": "round", "round": rnd, "clients": selected,
+            "train_loss": {u.client_id: u.metrics for u in updates},
+            "quality": {u.client_id: u.quality for u in updates},
+            "steps": sum(u.num_steps for u in updates),
+            "upload_bytes": sum(u.upload_bytes for u in updates) if count_upload else 0,
+            "peak_rss_bytes": peak_rss_bytes()}
+
+
+def mid_run_eval(cfg: Config, rnd: int) -> bool | None:
+    """After round ``rnd``: None if no evaluation is due, else whether to include generation.
+    The last round is evaluated (with generation) by :func:`finish_run`."""
+    ev = cfg.eval
+    if not ev.every or (rnd + 1) % ev.every or rnd == cfg.rounds - 1:
+        return None
+    return bool(ev.gen_every) and (rnd + 1) % ev.gen_every == 0
+
+
+def finish_run(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
+               fingerprint: str, clients: int, state: dict[str, torch.Tensor], final: dict,
+               acc: dict, wall: float) -> dict[str, Any]:
+    """Log the final evaluation, export the global adapters (PEFT), write summary.json and
+    report.md. Only adapters are persisted."""
+    run_dir.log({"type": "eval", "round": cfg.rounds - 1, **final})
+    adapters.load_state(state)
+    adapters.export(run_dir.path / run_dir.ADAPTERS)
+    summary = make_summary(cfg, run_dir, backbone, adapters, fingerprint, clients, final, acc,
+                           wall)
+    run_dir.write_summary(summary)
+    from fedumm.experiments.report import write_run_report
+
+    write_run_report(run_dir.path)
+    return summary

@@ -26,10 +26,11 @@ from fedumm.runtime.experiment import (
     build_adapters,
     client_datasets,
     evaluate_states,
+    finish_run,
     load_backbone,
-    make_summary,
+    mid_run_eval,
     pack,
-    peak_rss_bytes,
+    round_record,
     run_mode,
     unpack,
 )
@@ -128,16 +129,10 @@ class LocalRuntime:
                     states[upd.client_id] = {**states[upd.client_id], **upd.tensors}
             else:
                 states[0] = self.strategy.aggregate(rnd, states[0], updates)
-            d.log({"type": "round", "round": rnd, "clients": selected,
-                   "train_loss": {u.client_id: u.metrics for u in updates},
-                   "quality": {u.client_id: u.quality for u in updates},
-                   "steps": sum(u.num_steps for u in updates),
-                   "upload_bytes": sum(u.upload_bytes for u in updates) if self.mode != "local"
-                   else 0, "peak_rss_bytes": peak_rss_bytes()})
-            final = rnd == cfg.rounds - 1
-            if cfg.eval.every and (rnd + 1) % cfg.eval.every == 0 and not final:
+            d.log(round_record(rnd, selected, updates, count_upload=self.mode != "local"))
+            gen = mid_run_eval(cfg, rnd)
+            if gen is not None:
                 t = time.perf_counter()
-                gen = bool(cfg.eval.gen_every) and (rnd + 1) % cfg.eval.gen_every == 0
                 res = self._evaluate_states(states if self.mode == "local" else states[:1], gen)
                 acc["eval_s"] += time.perf_counter() - t
                 d.log({"type": "eval", "round": rnd, **res})
@@ -151,20 +146,9 @@ class LocalRuntime:
         t = time.perf_counter()
         final_res = self._evaluate_states(states if self.mode == "local" else states[:1], True)
         acc["eval_s"] += time.perf_counter() - t
-        d.log({"type": "eval", "round": cfg.rounds - 1, **final_res})
-        self.adapters.load_state(states[0])
-        self.adapters.export(d.path / d.ADAPTERS)
-        wall = acc["wall_before_s"] + time.perf_counter() - t_start
-        summary = self._summary(final_res, acc, wall)
-        d.write_summary(summary)
-        from fedumm.experiments.report import write_run_report
-
-        write_run_report(d.path)
-        return summary
-
-    def _summary(self, final: dict, acc: dict, wall: float) -> dict[str, Any]:
-        return make_summary(self.cfg, self.dir, self.backbone, self.adapters, self.fingerprint,
-                            len(self.clients), final, acc, wall)
+        return finish_run(cfg, d, self.backbone, self.adapters, self.fingerprint,
+                          len(self.clients), states[0], final_res, acc,
+                          acc["wall_before_s"] + time.perf_counter() - t_start)
 
 
 def run_experiment(cfg: Config | None, out: str | Path, *, resume: bool = False,

@@ -24,7 +24,7 @@ class RunFailedError(RuntimeError):
     """A run ended without a result (e.g. a federated site failed); says where and why."""
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
@@ -78,7 +78,7 @@ class RunDirectory:
     def truncate_metrics(self, last_round: int) -> None:
         """Drop records of rounds after ``last_round`` (written before an interruption)."""
         keep = [m for m in self.metrics() if m.get("round", -1) <= last_round]
-        _atomic_write_bytes(self.path / self.METRICS,
+        atomic_write_bytes(self.path / self.METRICS,
                             "".join(json.dumps(m) + "\n" for m in keep).encode())
 
     # ---------------------------------------------------------------- checkpoint
@@ -94,7 +94,7 @@ class RunDirectory:
         return torch.load(self.checkpoint_file, weights_only=False)
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.path / name,
+        atomic_write_bytes(self.path / name,
                             (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:

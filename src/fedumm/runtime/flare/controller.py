@@ -28,11 +28,12 @@ from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import (
     build_adapters,
     evaluate_states,
+    finish_run,
     load_backbone,
-    make_summary,
+    mid_run_eval,
     num_clients,
     pack,
-    peak_rss_bytes,
+    round_record,
     run_mode,
     unpack,
 )
@@ -56,10 +57,7 @@ class FedUMMController(ModelController):
         self.run_dir = run_dir
 
     def run(self) -> None:
-        cfg = config_from_dict(self.config)
-        if run_mode(cfg) == "local":
-            raise ValueError("strategy.name=local keeps one model per client; it runs only on "
-                             "the local runtime")
+        cfg = config_from_dict(self.config)  # build_job refused strategy.name=local
         torch.set_num_threads(cfg.train.threads or 1)
         d = RunDirectory(self.run_dir or Path(self.get_run_dir()) / RUN_SUBDIR)
         if not (d.path / d.CONFIG).is_file():
@@ -103,36 +101,24 @@ class FedUMMController(ModelController):
                              key=lambda u: u.client_id)  # the local runtime's order
             acc["upload"] += [u.upload_bytes for u in updates]
             state = strategy.aggregate(rnd, state, updates)
-            d.log({"type": "round", "round": rnd, "clients": selected,
-                   "train_loss": {u.client_id: u.metrics for u in updates},
-                   "quality": {u.client_id: u.quality for u in updates},
-                   "steps": sum(u.num_steps for u in updates),
-                   "upload_bytes": sum(u.upload_bytes for u in updates),
-                   "peak_rss_bytes": peak_rss_bytes()})
-            if cfg.eval.every and (rnd + 1) % cfg.eval.every == 0 and rnd < cfg.rounds - 1:
+            d.log(round_record(rnd, selected, updates))
+            gen = mid_run_eval(cfg, rnd)
+            if gen is not None:
                 t = time.perf_counter()
-                gen = bool(cfg.eval.gen_every) and (rnd + 1) % cfg.eval.gen_every == 0
                 d.log({"type": "eval", "round": rnd,
                        **evaluate_states(cfg, adapters, val_data, [state], gen)})
                 acc["eval_s"] += time.perf_counter() - t
         t = time.perf_counter()
         final = evaluate_states(cfg, adapters, val_data, [state], True)
         acc["eval_s"] += time.perf_counter() - t
-        d.log({"type": "eval", "round": cfg.rounds - 1, **final})
-        adapters.load_state(state)
-        adapters.export(d.path / d.ADAPTERS)  # only adapters are persisted
-        wall = time.perf_counter() - t_start
-        d.write_summary(make_summary(cfg, d, backbone, adapters, fingerprint, k_total, final,
-                                     acc, wall))
-        from fedumm.experiments.report import write_run_report
-
-        write_run_report(d.path)
+        finish_run(cfg, d, backbone, adapters, fingerprint, k_total, state, final, acc,
+                   time.perf_counter() - t_start)
         self.info(f"fedumm run directory: {d.path}")
 
     @staticmethod
     def _update(result: FLModel, wire_dtype: str) -> ClientUpdate:
         meta = result.meta
-        params = {n: v for n, v in result.params.items()}
+        params = result.params
         upload = len(codec.encode(params, wire_dtype))
         tensors, control = unpack({n: v.to(torch.float32) for n, v in params.items()})
         extra = {"control_delta": control} if meta.get("has_control") else {}

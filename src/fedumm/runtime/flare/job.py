@@ -27,11 +27,13 @@ JOB_NAME = "fedumm"
 CLIENT_SCRIPT = Path(__file__).with_name("fedumm_client.py")
 
 
-def build_job(cfg: Config, *, run_dir: str = "",
+def build_job(cfg: Config, *, run_dir: str = "", staging: Path | None = None,
               site_overrides: dict[str, list[str]] | None = None,
               task_request_interval: float = 0.1) -> FedJob:
     """The FLARE job for ``cfg``. ``run_dir``: where the server writes the run directory and
-    sites report failures (empty for a real deployment: the server's job workspace)."""
+    sites report failures (empty for a real deployment: the server's job workspace).
+    ``staging``: a folder for the files the job copies into ``custom/`` when it is exported
+    (they must exist until then; a new temporary folder when omitted)."""
     if run_mode(cfg) == "local":
         raise ConfigError("strategy.name=local runs only on the local runtime")
     k_total = num_clients(cfg)
@@ -45,7 +47,8 @@ def build_job(cfg: Config, *, run_dir: str = "",
     job.set_app_packages(["fedumm"])  # installed on every site: reference it, don't copy it
     job.to_server(FedUMMController(config=cfg.to_dict(), run_dir=run_dir), id="fedumm_controller")
     job.to_server({"server": {"task_request_interval": task_request_interval}})
-    tmp = Path(tempfile.mkdtemp(prefix="fedumm_job_"))
+    tmp = Path(staging) if staging else Path(tempfile.mkdtemp(prefix="fedumm_job_"))
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg.save(tmp / CONFIG_FILE)
     shutil.copy(CLIENT_SCRIPT, tmp / CLIENT_SCRIPT.name)
     for site in sites:

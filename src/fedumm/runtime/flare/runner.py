@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -100,8 +101,8 @@ def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
     d = RunDirectory(out)
     d.create(cfg)
     flare_dir = (d.path / FLARE_DIR).resolve()
-    build_job(cfg, run_dir=str(d.path.resolve()), site_overrides=site_overrides).export_job(
-        str(flare_dir / "jobs"))
+    build_job(cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging",
+              site_overrides=site_overrides).export_job(str(flare_dir / "jobs"))
     k = num_clients(cfg)
     cmd = [_nvflare(), "simulator", str(flare_dir / "jobs" / JOB_NAME), "-w",
            str(flare_dir / "workspace"), "-n", str(k), "-t", str(k), "-l", "concise"]
@@ -170,7 +171,7 @@ def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> di
                        services_list=[])
             time.sleep(SERVICE_START_TIMEOUT)
             job_id = env._get_session_manager().submit_job(
-                build_job(cfg, run_dir=str(d.path.resolve())))
+                build_job(cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging"))
             status = env.get_job_result(job_id, timeout=timeout_s)
             if status is None:
                 env.abort_job(job_id)
@@ -196,7 +197,8 @@ def export_flare_job(cfg: Config, out: str | Path,
     out = Path(out)
     if (out / JOB_NAME).exists():
         raise RunDirError(f"{out / JOB_NAME} exists; choose another --out or delete it")
-    build_job(cfg, site_overrides=site_overrides).export_job(str(out))
+    with tempfile.TemporaryDirectory(prefix="fedumm_job_") as staging:
+        build_job(cfg, staging=Path(staging), site_overrides=site_overrides).export_job(str(out))
     return out / JOB_NAME
 
 
