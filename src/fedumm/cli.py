@@ -164,7 +164,8 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from fedumm.models.pretrain import PretrainConfig, pretrain
 
     _threads()
-    cfg = PretrainConfig(seed=args.seed, steps=args.steps, max_minutes=args.max_minutes)
+    given = {"seed": args.seed, "steps": args.steps, "max_minutes": args.max_minutes}
+    cfg = PretrainConfig(**{k: v for k, v in given.items() if v is not None})
     out = pretrain(cfg, args.out, progress=not args.quiet)
     print(f"checkpoint: {out}")
     return 0
@@ -299,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: the recipe's, PretrainConfig.steps)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=20.0)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop early past this wall time (default: PretrainConfig.max_minutes)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fedumm.data.dataset import generate_shapes
 from fedumm.models.backbone import Backbone, state_fingerprint
@@ -100,3 +101,22 @@ def test_fingerprint_depends_on_every_byte():
 def test_missing_checkpoint_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         Backbone.load(tmp_path)
+
+
+def test_grounding_loss_reads_the_image_tokens_of_the_prefix(backbone, data):
+    """The grounding term equals a BCE computed from the prefix alone, whose image tokens sit
+    just before the final SEP (hidden states of a causal decoder ignore what follows)."""
+    model, enc = backbone.model, backbone.encoder
+    ub = enc.understanding_batch(enc.prepare(data), list(range(6)))
+    n = model.config.image_tokens
+    ground = (torch.arange(6 * n).reshape(6, n) % 3 == 0).float()
+    args = (ub["images"], ub["q_ids"], ub["q_mask"], ub["a_ids"], ub["a_mask"])
+    with torch.no_grad():
+        plain = model.understanding_loss(*args)
+        with_ground = model.understanding_loss(*args, ground=ground, ground_weight=0.5)
+        embeds, mask, _ = model._understanding_prefix(*args[:3])
+        hidden = model._decode(embeds, mask)[0][:, -1 - n:-1]
+        bce = F.binary_cross_entropy_with_logits(model.ground_head(hidden).squeeze(-1), ground)
+    assert torch.allclose(with_ground - plain, 0.5 * bce, atol=1e-6)
+    with pytest.raises(ValueError, match="cells"):
+        model.understanding_loss(*args, ground=ground[:, :-1])

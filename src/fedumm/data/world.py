@@ -178,6 +178,47 @@ def _q_binding(rng, objs, spec) -> QA | None:
     return f"is the {o.shape} {color}?", "yes" if yes else "no", "is the", "yes/no"
 
 
+def grounding_labels(question: str, objs: list[SceneObject]) -> np.ndarray:
+    """(GRID*GRID,) float32: 1 on the grid cells holding the objects a question refers to.
+
+    The pretraining signal that teaches the decoder to *find* what a question names before it
+    answers (as grounding data does for real UMMs): existence -> objects of that colour and
+    shape, counting -> objects of that shape (or colour), colour-of -> the shape, shape-at ->
+    the named cell, spatial -> both objects, binding -> the object of that colour (or shape).
+    Parses the templates of :data:`QUESTION_FAMILIES`; anything else raises ValueError.
+    """
+    words = question.rstrip("?").split()
+    out = np.zeros(GRID * GRID, dtype=np.float32)
+
+    def mark(keep: Callable[[SceneObject], bool]) -> np.ndarray:
+        for o in objs:
+            if keep(o):
+                out[o.row * GRID + o.col] = 1.0
+        return out
+
+    singular = {plural(s): s for s in SHAPES}
+    if question.startswith("is there a"):  # is there a {color} {shape}?
+        color, shape = words[3], words[4]
+        return mark(lambda o: o.color == color and o.shape == shape)
+    if question.startswith("how many"):  # how many {shapes} / {color} objects are there?
+        if words[3] == "objects":
+            return mark(lambda o: o.color == words[2])
+        return mark(lambda o: o.shape == singular[words[2]])
+    if question.startswith("what color is the"):  # what color is the {shape}?
+        return mark(lambda o: o.shape == words[4])
+    if question.startswith("what shape is in the"):  # what shape is in the {position}?
+        where = " ".join(words[5:])
+        return mark(lambda o: o.position == where)
+    if question.startswith("what shape is the"):  # what shape is the {color} object?
+        return mark(lambda o: o.color == words[4])
+    if question.startswith("is the") and len(words) == 4:  # is the {shape} {color}?
+        return mark(lambda o: o.shape == words[2])
+    if question.startswith("is the"):  # is the {c1} {s1} {rel} the {c2} {s2}?
+        named = {(words[2], words[3]), (words[-2], words[-1])}
+        return mark(lambda o: (o.color, o.shape) in named)
+    raise ValueError(f"not a ShapesWorld question template: {question!r}")
+
+
 CAPTION_QUESTION = "describe the image ."
 
 

@@ -10,6 +10,7 @@ import torch
 
 from fedumm.data.dataset import MultimodalDataset
 from fedumm.data.render import COLORS, SHAPES, object_id_map
+from fedumm.data.world import grounding_labels
 from fedumm.models.text_tokenizer import TextTokenizer
 from fedumm.models.vq import PatchCodebook
 
@@ -30,16 +31,17 @@ def _pad(seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def patch_labels(objects, size: int, patch: int) -> np.ndarray:
-    """(g*g, 2) per-patch (shape, colour) class of the object covering most of the patch
-    (0 = background; 1 + index otherwise). Used for the vision encoder's auxiliary loss."""
+def patch_labels(objects, size: int, patch: int, min_cover: float = 0.25) -> np.ndarray:
+    """(g*g, 2) per-patch (shape, colour) class of the object covering at least ``min_cover``
+    of the patch (0 = background; 1 + index otherwise). Used for the auxiliary losses: the
+    vision encoder's per patch, and per generated cell with ``min_cover=0`` (any pixel)."""
     ids = object_id_map(objects, size)
     g = size // patch
     blocks = ids.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
     out = np.zeros((g * g, 2), dtype=np.int64)
     for k, obj in enumerate(objects):
         cover = (blocks == k).sum(1)
-        sel = (cover * 4 >= patch * patch) & (cover > 0)
+        sel = (cover >= min_cover * patch * patch) & (cover > 0)
         out[sel] = (1 + _SHAPE_INDEX[obj.shape], 1 + _COLOR_INDEX[obj.color])
     return out
 
@@ -54,6 +56,8 @@ class PreparedData:
     prompts: list[list[int]]  # prompt tokens + BOI
     codes: torch.Tensor  # (num_gen, L) image codes of the generation targets
     probe: torch.Tensor | None  # (num_images, g*g, 2) or None without scenes
+    ground: torch.Tensor | None = None  # (num_vqa, cells) referred cells, or None
+    gen_cells: torch.Tensor | None = None  # (num_gen, L, 2) shape/colour per code cell, or None
 
 
 class SampleEncoder:
@@ -65,6 +69,9 @@ class SampleEncoder:
         self.vision_patch = vision_patch
 
     def prepare(self, data: MultimodalDataset, with_probe: bool = False) -> PreparedData:
+        """Tokenise and quantise ``data``; ``with_probe`` adds the pretraining labels (per-patch
+        attributes for the vision probe, referred cells for grounding, the attributes of each
+        generated cell) from its scenes."""
         t = self.tok
         questions = [t.encode(r.question) + [t.sep_id] for r in data.vqa]
         answers = [t.encode(r.multiple_choice_answer) + [t.eos_id] for r in data.vqa]
@@ -75,12 +82,21 @@ class SampleEncoder:
                                for i in range(0, len(targets), 512)])
         else:
             codes = torch.zeros(0, 1, dtype=torch.long)
-        probe = None
+        probe = ground = gen_cells = None
         if with_probe and data.scenes:
             size = data.images.shape[1]
             probe = torch.from_numpy(np.stack(
                 [patch_labels(objs, size, self.vision_patch) for objs in data.scenes]))
-        return PreparedData(data, questions, answers, prompts, codes, probe)
+            if data.vqa:
+                ground = torch.from_numpy(np.stack(
+                    [grounding_labels(r.question, data.scenes[data._row[r.image_id]])
+                     for r in data.vqa]))
+            if data.gen:
+                patch = self.codebook.patch
+                gen_cells = torch.from_numpy(np.stack(
+                    [patch_labels(data.scenes[data._row[i]], size, patch, min_cover=0.0)
+                     for i in data.gen_image]))
+        return PreparedData(data, questions, answers, prompts, codes, probe, ground, gen_cells)
 
     def understanding_batch(self, prep: PreparedData, idx: Sequence[int],
                             image_present: Sequence[bool] | None = None) -> dict:
@@ -95,6 +111,8 @@ class SampleEncoder:
             batch["image_present"] = torch.tensor(list(image_present), dtype=torch.bool)
         if prep.probe is not None:
             batch["probe"] = prep.probe[rows]
+        if prep.ground is not None:
+            batch["ground"] = prep.ground[list(idx)]
         return batch
 
     def qa_batch(self, images: np.ndarray, questions: Sequence[str],
@@ -118,7 +136,10 @@ class SampleEncoder:
         seqs = [[self.tok.boi_id] if dr else prep.prompts[i] for i, dr in zip(idx, drop,
                                                                               strict=True)]
         p_ids, p_mask = _pad(seqs, left=True)
-        return {"p_ids": p_ids, "p_mask": p_mask, "codes": prep.codes[list(idx)]}
+        batch = {"p_ids": p_ids, "p_mask": p_mask, "codes": prep.codes[list(idx)]}
+        if prep.gen_cells is not None:
+            batch["cells"] = prep.gen_cells[list(idx)]
+        return batch
 
     def prompt_batch(self, prompts: Sequence[str]) -> dict:
         seqs = [self.tok.encode(p) + [self.tok.boi_id] for p in prompts]

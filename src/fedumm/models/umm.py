@@ -5,14 +5,22 @@ Layout (module names follow Janus / LLaVA-style UMMs, so LoRA targets look like 
 * ``vision_model``  SigLIP encoder layers over a convolutional patch stem -> (B, 64, Dv)
 * ``aligner``       2x2 patch merge + MLP into the decoder width -> (B, 16, D)
 * ``alignment``     learnable alignment tokens prepended to every decoder input -> (A, D)
+* ``image_pos``     a learned embedding per image token (grid cell), so words such as "top left"
+  can address a cell whatever the question's length
 * ``language_model`` a Llama decoder; ``lm_head`` reads text tokens out
 * ``gen_embed`` / ``gen_head`` embed and predict discrete image codes (a k-means patch codebook,
   see :mod:`fedumm.models.vq`), autoregressively in raster order, with classifier-free guidance
 * ``vision_probe``  auxiliary per-patch shape/colour head used only while pretraining
+* ``ground_head``   auxiliary per-image-token head used only while pretraining: does this cell
+  hold what the question names?
+* ``gen_probe``     auxiliary head used only while pretraining: the shape and colour of the cell
+  whose code comes next, a factorised target next to the code itself
 
 Sequences (padding sits in the middle and is masked; positions skip it):
 
-* understanding: ``[align][image][pad..][question][SEP] -> answer [EOS]``
+* understanding: ``[align][pad..][question][SEP][image][SEP] -> answer [EOS]``; the question
+  comes first so that every image token can check itself against it (grounding), and the
+  answer then only has to gather the cells that matched
 * generation:    ``[align][pad..][prompt][BOI] -> code_0 .. code_{L-1}``
 """
 
@@ -146,7 +154,11 @@ class ReferenceUMM(nn.Module):
         self.gen_pos = nn.Embedding(cfg.gen_tokens, cfg.hidden)  # which cell comes next
         self.gen_head = nn.Linear(cfg.hidden, cfg.image_codes)
         self.missing_image = nn.Parameter(torch.zeros(cfg.hidden))
+        self.image_pos = nn.Embedding(cfg.image_tokens, cfg.hidden)
+        nn.init.normal_(self.image_pos.weight, std=0.02)  # the scale of the text embeddings
         self.vision_probe = nn.Linear(cfg.vision_hidden, cfg.probe_classes)
+        self.ground_head = nn.Linear(cfg.hidden, 1)
+        self.gen_probe = nn.Linear(cfg.hidden, cfg.probe_classes)
 
     # ------------------------------------------------------------------ pieces
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,29 +179,44 @@ class ReferenceUMM(nn.Module):
         return out.last_hidden_state, positions
 
     def _understanding_prefix(self, images, q_ids, q_mask, image_present=None):
+        """``[align][question ending in SEP][image][SEP]``; ``q_ids`` is left-padded, so its
+        last column is every row's SEP, repeated after the image to read the answer from."""
         b = q_ids.shape[0]
         img_tok, feats = self.encode_image(images)
         if image_present is not None:  # missing-modality samples see a learned placeholder
             keep = image_present.to(img_tok.dtype)[:, None, None]
             img_tok = img_tok * keep + self.missing_image * (1 - keep)
-        embeds = torch.cat([self.alignment(b), img_tok, self._embed_text(q_ids)], dim=1)
-        ones = torch.ones(b, embeds.shape[1] - q_ids.shape[1], dtype=q_mask.dtype)
-        return embeds, torch.cat([ones, q_mask], dim=1), feats
+        img_tok = img_tok + self.image_pos.weight[None]
+        embeds = torch.cat([self.alignment(b), self._embed_text(q_ids), img_tok,
+                            self._embed_text(q_ids[:, -1:])], dim=1)
+        head = torch.ones(b, self.config.alignment_tokens, dtype=q_mask.dtype)
+        tail = torch.ones(b, img_tok.shape[1] + 1, dtype=q_mask.dtype)
+        return embeds, torch.cat([head, q_mask, tail], dim=1), feats
 
     # ------------------------------------------------------------------ losses
     def understanding_loss(self, images, q_ids, q_mask, a_ids, a_mask, image_present=None,
-                           probe=None, probe_weight: float = 0.5):
-        """Cross-entropy of the answer tokens (answer + EOS) given image and question; with
-        ``probe`` (B, 64, 2) labels, plus the vision encoder's auxiliary per-patch loss."""
+                           probe=None, probe_weight: float = 0.5, ground=None,
+                           ground_weight: float = 1.0):
+        """Cross-entropy of the answer tokens (answer + EOS) given image and question. Auxiliary
+        pretraining losses: ``probe`` (B, patches, 2) labels supervise the vision encoder per
+        patch; ``ground`` (B, image tokens) marks the cells the question refers to, predicted
+        from the decoder's hidden state at each image token."""
         prefix, mask, feats = self._understanding_prefix(images, q_ids, q_mask, image_present)
         embeds = torch.cat([prefix, self._embed_text(a_ids)], dim=1)
         hidden, _ = self._decode(embeds, torch.cat([mask, a_mask], dim=1))
-        start = prefix.shape[1] - 1  # the SEP position predicts the first answer token
+        start = prefix.shape[1] - 1  # the final SEP predicts the first answer token
         logits = self.lm_head(hidden[:, start:start + a_ids.shape[1]])
         labels = a_ids.masked_fill(a_mask == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         if probe is not None:
             loss = loss + probe_weight * self._probe_loss(feats, probe)
+        if ground is not None:
+            if ground.shape[1] != self.config.image_tokens:
+                raise ValueError(f"ground labels have {ground.shape[1]} cells, the model "
+                                 f"{self.config.image_tokens} image tokens")
+            cells = hidden[:, start - self.config.image_tokens:start]
+            pred = self.ground_head(cells).squeeze(-1)
+            loss = loss + ground_weight * F.binary_cross_entropy_with_logits(pred, ground.float())
         return loss
 
     def _generation_prefix(self, p_ids, p_mask):
@@ -199,20 +226,29 @@ class ReferenceUMM(nn.Module):
         ones = torch.ones(b, self.config.alignment_tokens, dtype=p_mask.dtype)
         return embeds, torch.cat([ones, p_mask], dim=1)
 
-    def _gen_logits(self, p_ids, p_mask, codes):
-        """Teacher-forced logits (B, L, codes) for every image code given the prompt."""
+    def _gen_hidden(self, p_ids, p_mask, codes):
+        """Teacher-forced hidden states (B, L, D) of the positions predicting each code."""
         prefix, mask = self._generation_prefix(p_ids, p_mask)
         n = codes.shape[1]
         code_in = self.gen_embed(codes[:, :-1]) + self.gen_pos.weight[1:n][None]
         embeds = torch.cat([prefix, code_in], dim=1)
         full = torch.cat([mask, torch.ones_like(codes[:, :-1])], dim=1)
         hidden, _ = self._decode(embeds, full)
-        return self.gen_head(hidden[:, prefix.shape[1] - 1:])
+        return hidden[:, prefix.shape[1] - 1:]
 
-    def generation_loss(self, p_ids, p_mask, codes):
-        """Cross-entropy of the image codes (B, L) given the prompt (left-padded, ends in BOI)."""
-        logits = self._gen_logits(p_ids, p_mask, codes)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+    def _gen_logits(self, p_ids, p_mask, codes):
+        """Teacher-forced logits (B, L, codes) for every image code given the prompt."""
+        return self.gen_head(self._gen_hidden(p_ids, p_mask, codes))
+
+    def generation_loss(self, p_ids, p_mask, codes, cells=None, cell_weight: float = 0.5):
+        """Cross-entropy of the image codes (B, L) given the prompt (left-padded, ends in BOI);
+        with ``cells`` (B, L, 2) shape/colour labels, plus the factorised pretraining loss."""
+        hidden = self._gen_hidden(p_ids, p_mask, codes)
+        logits = self.gen_head(hidden)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+        if cells is not None:
+            loss = loss + cell_weight * self._attribute_loss(self.gen_probe(hidden), cells)
+        return loss
 
     @torch.no_grad()
     def generation_accuracy(self, p_ids, p_mask, codes) -> float:
@@ -220,8 +256,12 @@ class ReferenceUMM(nn.Module):
         pred = self._gen_logits(p_ids, p_mask, codes).argmax(-1)
         return float((pred == codes).float().mean())
 
-    def _probe_loss(self, feats: torch.Tensor, probe: torch.Tensor, num_shapes: int = 7):
-        logits = self.vision_probe(feats)  # (B, 64, 7 + 11)
+    def _probe_loss(self, feats: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+        return self._attribute_loss(self.vision_probe(feats), probe)
+
+    @staticmethod
+    def _attribute_loss(logits: torch.Tensor, probe: torch.Tensor, num_shapes: int = 7):
+        """Shape + colour cross-entropy of (B, N, 7 + 11) logits against (B, N, 2) labels."""
         ls = F.cross_entropy(logits[..., :num_shapes].reshape(-1, num_shapes),
                              probe[..., 0].reshape(-1))
         nc = logits.shape[-1] - num_shapes
