@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from common import OUT, run_config, save
 
-from fedumm.config import TrainConfig
+from fedumm.config import TrainConfig, load_config
+from fedumm.data.clients import build_dataset
 from fedumm.data.dataset import generate_shapes
 from fedumm.eval.model_eval import evaluate_backbone
 from fedumm.fl.client import ClientTrainer, make_client_data
@@ -56,8 +57,10 @@ def main() -> None:
                               "finetuned_vqa": s["final"]["vqa_accuracy"],
                               "finetuned_geneval": s["final"]["geneval_overall"],
                               "finetune_wall_s": s["time"]["wall_s"]}
-        down = generate_shapes("downstream", 150, seed=0, role="val")
-        base_down = evaluate_backbone(bb, down, max_vqa=0, max_gen=s["final"].get("num_gen", 120))
+        # the frozen base on the run's own held-out prompts, as many as the run scored
+        cfg = load_config("configs/centralized_ft.yaml")
+        base_down = evaluate_backbone(bb, build_dataset(cfg.data, "val"), max_vqa=0,
+                                      max_gen=cfg.eval.max_gen)
         rows["downstream"]["frozen_base_geneval"] = base_down.get("geneval_overall")
     for k, v in rows.items():
         print(f"{k}: {v}")
