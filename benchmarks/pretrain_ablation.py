@@ -1,7 +1,7 @@
 """Why the pretraining recipe has a grounding loss: the same short pretraining with and without
 it, VQA accuracy per family on held-out base-split questions.
 
-    .venv/bin/python benchmarks/pretrain_ablation.py --steps 600
+    .venv/bin/python benchmarks/pretrain_ablation.py --steps 1300
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fedumm.models.pretrain import PretrainConfig, pretrain
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1300)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     test = generate_shapes("base", 300, seed=1, role="test")
