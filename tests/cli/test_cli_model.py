@@ -54,3 +54,18 @@ def test_eval_vqa_and_geneval_commands_on_exported_files(tmp_path, capsys):
     assert main(["eval", "geneval", "--metadata", str(gdir / "evaluation_metadata.jsonl"),
                  "--images", str(gdir / "targets"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["overall"] == 0.0
+
+
+def test_pretrain_uses_the_recipe_defaults_unless_told(monkeypatch, tmp_path):
+    import fedumm.models.pretrain as pretrain_mod
+
+    seen = []
+    monkeypatch.setattr(pretrain_mod, "pretrain", lambda cfg, out, progress: seen.append(cfg)
+                        or out)
+    assert main(["pretrain", "--out", str(tmp_path), "--quiet"]) == 0
+    assert main(["pretrain", "--out", str(tmp_path), "--steps", "7", "--seed", "3",
+                 "--max-minutes", "1.5", "--quiet"]) == 0
+    default = pretrain_mod.PretrainConfig()
+    assert (seen[0].steps, seen[0].max_minutes, seen[0].seed) == (default.steps,
+                                                                  default.max_minutes, 0)
+    assert (seen[1].steps, seen[1].max_minutes, seen[1].seed) == (7, 1.5, 3)
