@@ -20,7 +20,7 @@ def test_labels_explain_every_answer(split):
     data = generate_shapes(split, 150, seed=0, annotator_noise=0.0)
     seen = set()
     for r in data.vqa:
-        objs = data.scenes[data._row[r.image_id]]
+        objs = data.scene(r.image_id)
         labels = grounding_labels(r.question, objs)
         assert labels.shape == (GRID * GRID,) and set(labels.tolist()) <= {0.0, 1.0}
         hit = _cells(objs, labels)

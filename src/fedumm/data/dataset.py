@@ -51,6 +51,10 @@ class MultimodalDataset:
             raise KeyError(f"image id {image_id} is not in the {self.split} dataset")
         return self.images[self._row[image_id]]
 
+    def scene(self, image_id: int) -> list[SceneObject]:
+        """The objects drawn in an image (ShapesWorld data only)."""
+        return self.scenes[self._row[image_id]]
+
     def modality(self) -> list[str]:
         return [UNDERSTANDING] * len(self.vqa) + [GENERATION] * len(self.gen)
 

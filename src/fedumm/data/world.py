@@ -178,6 +178,9 @@ def _q_binding(rng, objs, spec) -> QA | None:
     return f"is the {o.shape} {color}?", "yes" if yes else "no", "is the", "yes/no"
 
 
+_SINGULAR = {plural(s): s for s in SHAPES}
+
+
 def grounding_labels(question: str, objs: list[SceneObject]) -> np.ndarray:
     """(GRID*GRID,) float32: 1 on the grid cells holding the objects a question refers to.
 
@@ -196,14 +199,13 @@ def grounding_labels(question: str, objs: list[SceneObject]) -> np.ndarray:
                 out[o.row * GRID + o.col] = 1.0
         return out
 
-    singular = {plural(s): s for s in SHAPES}
     if question.startswith("is there a"):  # is there a {color} {shape}?
         color, shape = words[3], words[4]
         return mark(lambda o: o.color == color and o.shape == shape)
     if question.startswith("how many"):  # how many {shapes} / {color} objects are there?
         if words[3] == "objects":
             return mark(lambda o: o.color == words[2])
-        return mark(lambda o: o.shape == singular[words[2]])
+        return mark(lambda o: o.shape == _SINGULAR[words[2]])
     if question.startswith("what color is the"):  # what color is the {shape}?
         return mark(lambda o: o.shape == words[4])
     if question.startswith("what shape is in the"):  # what shape is in the {position}?

@@ -89,12 +89,12 @@ class SampleEncoder:
                 [patch_labels(objs, size, self.vision_patch) for objs in data.scenes]))
             if data.vqa:
                 ground = torch.from_numpy(np.stack(
-                    [grounding_labels(r.question, data.scenes[data._row[r.image_id]])
+                    [grounding_labels(r.question, data.scene(r.image_id))
                      for r in data.vqa]))
             if data.gen:
                 patch = self.codebook.patch
                 gen_cells = torch.from_numpy(np.stack(
-                    [patch_labels(data.scenes[data._row[i]], size, patch, min_cover=0.0)
+                    [patch_labels(data.scene(i), size, patch, min_cover=0.0)
                      for i in data.gen_image]))
         return PreparedData(data, questions, answers, prompts, codes, probe, ground, gen_cells)
 

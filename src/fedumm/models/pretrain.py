@@ -92,9 +92,6 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Pat
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr,
                             betas=(0.9, cfg.adam_beta2))
-    if cfg.ground_weight and prep.ground.shape[1] != model.config.image_tokens:
-        raise ValueError(f"grounding needs one image token per grid cell: the model has "
-                         f"{model.config.image_tokens}, the scenes {prep.ground.shape[1]}")
     rng = np.random.default_rng(cfg.seed)
     n_vqa, n_gen = len(data.vqa), len(data.gen)
     n_scenes = cfg.train_scenes  # the first images are the VQA scenes

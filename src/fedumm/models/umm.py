@@ -236,10 +236,6 @@ class ReferenceUMM(nn.Module):
         hidden, _ = self._decode(embeds, full)
         return hidden[:, prefix.shape[1] - 1:]
 
-    def _gen_logits(self, p_ids, p_mask, codes):
-        """Teacher-forced logits (B, L, codes) for every image code given the prompt."""
-        return self.gen_head(self._gen_hidden(p_ids, p_mask, codes))
-
     def generation_loss(self, p_ids, p_mask, codes, cells=None, cell_weight: float = 0.5):
         """Cross-entropy of the image codes (B, L) given the prompt (left-padded, ends in BOI);
         with ``cells`` (B, L, 2) shape/colour labels, plus the factorised pretraining loss."""
@@ -253,7 +249,7 @@ class ReferenceUMM(nn.Module):
     @torch.no_grad()
     def generation_accuracy(self, p_ids, p_mask, codes) -> float:
         """Teacher-forced top-1 accuracy of the image codes: a cheap held-out quality."""
-        pred = self._gen_logits(p_ids, p_mask, codes).argmax(-1)
+        pred = self.gen_head(self._gen_hidden(p_ids, p_mask, codes)).argmax(-1)
         return float((pred == codes).float().mean())
 
     def _probe_loss(self, feats: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
