@@ -26,6 +26,29 @@ def test_train_and_val_roles_are_independent_draws():
     assert not np.array_equal(tr.images[:20], va.images[:20])
 
 
+def test_tag_weights_skew_the_prompt_mix_and_leave_the_default_stream_alone():
+    plain = generate_shapes("base", 40, seed=2)
+    # no weights (None or empty) draws exactly the same bytes as before the option existed
+    for same in (generate_shapes("base", 40, seed=2, tag_weights={}),
+                 generate_shapes("base", 40, seed=2, tag_weights=None)):
+        assert np.array_equal(plain.images, same.images) and plain.gen == same.gen
+    # colours x3 against three tags at 1: p(colors) = 3 / 6; 3000 prompts give +-0.03 (3 sd)
+    skewed = generate_shapes("base", 1500, seed=2, tag_weights={"colors": 3})
+    share = Counter(g.tag for g in skewed.gen)
+    assert abs(share["colors"] / len(skewed.gen) - 0.5) < 0.03
+    assert abs(share["counting"] / len(skewed.gen) - 1 / 6) < 0.03
+    # weight 0 removes a tag
+    none = generate_shapes("base", 200, seed=2, tag_weights={"counting": 0})
+    assert "counting" not in {g.tag for g in none.gen}
+
+
+@pytest.mark.parametrize("weights", [{"position": 2.0}, {"colors": -1.0},
+                                     {t: 0.0 for t in SPLITS["base"].tags}])
+def test_tag_weights_refuse_foreign_tags_and_bad_values(weights):
+    with pytest.raises(ValueError, match="tag_weights"):
+        generate_shapes("base", 5, seed=0, tag_weights=weights)
+
+
 @pytest.mark.parametrize("size", [32, 64])
 def test_vqa_answers_agree_with_the_scene(size):
     data = generate_shapes("downstream", 80, seed=1, image_size=size, annotator_noise=0.0)

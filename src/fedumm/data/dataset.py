@@ -98,17 +98,20 @@ def generate_shapes(
     questions_per_image: int = 2,
     generation_fraction: float = 0.5,
     annotator_noise: float = 0.1,
+    tag_weights: dict[str, float] | None = None,
 ) -> MultimodalDataset:
     """Generate a ShapesWorld dataset; a pure function of its arguments.
 
     ``role`` (train / val / test) picks an independent random stream, so held-out data never
-    repeats training draws for the same seed.
+    repeats training draws for the same seed. ``tag_weights`` (relative; 1 for a tag not named)
+    skews the mix of generation prompts; by default every tag of the split is equally likely.
     """
     spec = get_split(split)
     if role not in _ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {sorted(_ROLES)}")
     if not 0.0 <= generation_fraction < 1.0:
         raise ValueError(f"generation_fraction must be in [0, 1), got {generation_fraction}")
+    tag_p = _tag_probabilities(spec.tags, tag_weights)
     rng = np.random.default_rng([seed, 1 + list(SPLITS).index(split),
                                  _ROLES[role]])
     images, ids, domains, scenes, vqa = [], [], [], [], []
@@ -134,7 +137,7 @@ def generate_shapes(
     num_gen = round(len(vqa) * generation_fraction / (1.0 - generation_fraction))
     gen, gen_image = [], []
     for j in range(num_gen):
-        tag = str(rng.choice(spec.tags))
+        tag = str(rng.choice(spec.tags, p=tag_p))
         record, objs = sample_prompt(rng, spec, image_size, tag)
         image_id = num_scenes + j + 1
         images.append(render_scene(objs, image_size, "clean"))
@@ -145,6 +148,19 @@ def generate_shapes(
         gen_image.append(image_id)
     arr = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
     return MultimodalDataset(split, arr, ids, domains, vqa, gen, gen_image, scenes)
+
+
+def _tag_probabilities(tags: tuple[str, ...],
+                       weights: dict[str, float] | None) -> np.ndarray | None:
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(tags))
+    if unknown:
+        raise ValueError(f"tag_weights names tags {unknown} outside this split's {list(tags)}")
+    w = np.array([float(weights.get(t, 1.0)) for t in tags])
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"tag_weights must be >= 0 with a positive total, got {weights}")
+    return w / w.sum()
 
 
 def subset_samples(data: MultimodalDataset, indices: Sequence[int]) -> MultimodalDataset:
