@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 
 from fedumm.models.backbone import SHIPPED_BASE, Backbone
+from fedumm.models.pretrain import PretrainConfig
 
 
 def test_shipped_base_matches_its_recorded_hashes_and_loads():
@@ -18,3 +20,5 @@ def test_shipped_base_matches_its_recorded_hashes_and_loads():
     info = json.loads((SHIPPED_BASE / "config.json").read_text())
     assert bb.fingerprint() == info["fingerprint"]
     assert info["pretrain"]["seed"] == 0 and info["steps_done"] == info["pretrain"]["steps"]
+    # made by `fedumm pretrain` with today's recipe: a changed default needs a re-shipped base
+    assert info["pretrain"] == asdict(PretrainConfig())
