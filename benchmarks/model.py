@@ -38,27 +38,25 @@ def throughput(bb: Backbone, steps: int = 15) -> float:
     return upd.num_steps * 32 / (time.perf_counter() - t)
 
 
-def finetune_gain(seeds: list[int]) -> dict:
-    """Centralised LoRA fine-tuning from the shipped base, once per training seed (the data and
-    the held-out set stay fixed), against the frozen base on the same held-out samples."""
+def finetune_gain(bb: Backbone, seeds: list[int]) -> dict:
+    """Centralised LoRA fine-tuning from the shipped base ``bb``, once per training seed (the
+    data and the held-out set stay fixed), against the frozen base on the same samples."""
     cfg = load_config("configs/centralized_ft.yaml")
-    base_down = evaluate_backbone(Backbone.load("base"), build_dataset(cfg.data, "val"),
-                                  max_vqa=0, max_gen=cfg.eval.max_gen)
-    out: dict = {"frozen_base_geneval": base_down.get("geneval_overall"), "per_seed": {}}
-    for seed in seeds:
-        s = run_config("configs/centralized_ft.yaml", OUT / f"centralized_ft_s{seed}",
-                       [f"seed={seed}"])
-        out["frozen_base_vqa"] = s["base"]["vqa_accuracy"]
-        out["per_seed"][seed] = {"finetuned_vqa": s["final"]["vqa_accuracy"],
-                                 "finetuned_geneval": s["final"]["geneval_overall"],
-                                 "geneval_by_task": s["final"]["geneval_by_task"],
-                                 "finetune_wall_s": s["time"]["wall_s"]}
-    runs = out["per_seed"].values()
-    out["mean_vqa_gain"] = round(float(np.mean([r["finetuned_vqa"] for r in runs]))
-                                 - out["frozen_base_vqa"], 2)
-    out["mean_geneval_gain"] = round(float(np.mean([r["finetuned_geneval"] for r in runs]))
-                                     - out["frozen_base_geneval"], 4)
-    return out
+    base_down = evaluate_backbone(bb, build_dataset(cfg.data, "val"), max_vqa=0,
+                                  max_gen=cfg.eval.max_gen)
+    runs = {seed: run_config("configs/centralized_ft.yaml", OUT / f"centralized_ft_s{seed}",
+                             [f"seed={seed}"]) for seed in seeds}
+    frozen_vqa = next(iter(runs.values()))["base"]["vqa_accuracy"]
+    frozen_gen = base_down.get("geneval_overall")
+    per_seed = {seed: {"finetuned_vqa": s["final"]["vqa_accuracy"],
+                       "finetuned_geneval": s["final"]["geneval_overall"],
+                       "geneval_by_task": s["final"]["geneval_by_task"],
+                       "finetune_wall_s": s["time"]["wall_s"]} for seed, s in runs.items()}
+    mean = lambda key: float(np.mean([r[key] for r in per_seed.values()]))  # noqa: E731
+    return {"frozen_base_vqa": frozen_vqa, "frozen_base_geneval": frozen_gen,
+            "per_seed": per_seed,
+            "mean_vqa_gain": round(mean("finetuned_vqa") - frozen_vqa, 2),
+            "mean_geneval_gain": round(mean("finetuned_geneval") - frozen_gen, 4)}
 
 
 def main() -> None:
@@ -76,7 +74,7 @@ def main() -> None:
     rows["base_on_base"].pop("vqa_by_question_type", None)
     rows["eval_s"] = time.perf_counter() - t
     if not args.skip_finetune:
-        rows["downstream"] = finetune_gain([int(s) for s in args.seeds.split(",")])
+        rows["downstream"] = finetune_gain(bb, [int(s) for s in args.seeds.split(",")])
     for k, v in rows.items():
         print(f"{k}: {v}")
     print(f"saved {save('model', rows)}")
