@@ -16,21 +16,22 @@ import torch
 from common import OUT, run_config, save
 
 from fedumm.config import TrainConfig, load_config
-from fedumm.data.clients import build_dataset
 from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers import read_samples
+from fedumm.data.readers.shapes import shapes_samples
 from fedumm.eval.model_eval import evaluate_backbone
 from fedumm.fl.client import ClientTrainer, make_client_data
-from fedumm.models.backbone import Backbone
 from fedumm.models.lora import LoraAdapters
+from fedumm.models.reference import ReferenceBackbone as Backbone
 
 
 def throughput(bb: Backbone, steps: int = 15) -> float:
     """LoRA training samples/s at batch 32 (half VQA, half text-to-image samples)."""
     ad = LoraAdapters(bb, seed=0)
-    data = generate_shapes("downstream", 200, seed=0)
-    prep = bb.encoder.prepare(data)
-    n = data.num_samples
-    client = make_client_data(0, prep, np.arange(n), np.zeros(n, np.int8), 0.0, 0)
+    data = shapes_samples(generate_shapes("downstream", 200, seed=0))
+    bb.prepare(data)
+    n = len(data)
+    client = make_client_data(0, data, np.arange(n), np.zeros(n, np.int8), 0.0, 0)
     trainer = ClientTrainer(ad, TrainConfig(batch_size=32, max_steps=steps), 1, 0)
     trainer.train(client, ad.state(), 0)  # warm-up
     t = time.perf_counter()
@@ -42,7 +43,7 @@ def finetune_gain(bb: Backbone, seeds: list[int]) -> dict:
     """Centralised LoRA fine-tuning from the shipped base ``bb``, once per training seed (the
     data and the held-out set stay fixed), against the frozen base on the same samples."""
     cfg = load_config("configs/centralized_ft.yaml")
-    base_down = evaluate_backbone(bb, build_dataset(cfg.data, "val"), max_vqa=0,
+    base_down = evaluate_backbone(bb, read_samples(cfg.data, "val"), max_vqa=0,
                                   max_gen=cfg.eval.max_gen)
     runs = {seed: run_config("configs/centralized_ft.yaml", OUT / f"centralized_ft_s{seed}",
                              [f"seed={seed}"]) for seed in seeds}
@@ -68,7 +69,7 @@ def main() -> None:
     bb = Backbone.load("base")
     rows: dict = {"params": LoraAdapters(Backbone.load("base"), seed=0).num_parameters()}
     rows["lora_train_samples_per_s"] = throughput(Backbone.load("base"))
-    test = generate_shapes("base", 300, seed=1, role="test")
+    test = shapes_samples(generate_shapes("base", 300, seed=1, role="test"))
     t = time.perf_counter()
     rows["base_on_base"] = evaluate_backbone(bb, test, max_vqa=600, max_gen=240)
     rows["base_on_base"].pop("vqa_by_question_type", None)

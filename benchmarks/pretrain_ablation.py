@@ -15,9 +15,10 @@ import torch
 from common import OUT, save
 
 from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import shapes_samples
 from fedumm.eval.model_eval import evaluate_backbone
-from fedumm.models.backbone import Backbone
-from fedumm.models.pretrain import PretrainConfig, pretrain
+from fedumm.models.reference.backbone import ReferenceBackbone
+from fedumm.models.reference.pretrain import PretrainConfig, pretrain
 
 
 def main() -> None:
@@ -25,13 +26,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1300)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    test = generate_shapes("base", 300, seed=1, role="test")
+    test = shapes_samples(generate_shapes("base", 300, seed=1, role="test"))
     rows = {}
     for name, weight in (("with_grounding", 1.0), ("without_grounding", 0.0)):
         cfg = PretrainConfig(steps=args.steps, ground_weight=weight, max_minutes=60)
         t = time.perf_counter()
         ckpt = pretrain(cfg, Path(OUT) / f"ablation_{name}", progress=False)
-        res = evaluate_backbone(Backbone.load(ckpt), test, max_vqa=600, max_gen=120)
+        res = evaluate_backbone(ReferenceBackbone.load(ckpt), test, max_vqa=600, max_gen=120)
         rows[name] = {"wall_s": round(time.perf_counter() - t, 1),
                       "vqa_accuracy": res["vqa_accuracy"], "vqa_by_family": res["vqa_by_family"],
                       "geneval_overall": res["geneval_overall"]}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedumm.models.micro import MICRO_IMAGE_SIZE, micro_backbone
+from fedumm.models.reference.micro import MICRO_IMAGE_SIZE, micro_backbone
 
 torch.set_num_threads(1)
 
@@ -33,7 +33,7 @@ def micro_checkpoint(tmp_path_factory):
 @pytest.fixture()
 def tiny_overrides(micro_checkpoint):
     """A federated run that takes seconds: micro model, few samples, 2 steps per client."""
-    return [f"model={micro_checkpoint}", f"data.image_size={MICRO_IMAGE_SIZE}",
+    return [f"backbone.path={micro_checkpoint}", f"data.image_size={MICRO_IMAGE_SIZE}",
             "data.train_scenes=40", "data.val_scenes=6", "clients=2", "rounds=2",
             "train.max_steps=2", "train.batch_size=8", "eval.max_vqa=6", "eval.max_gen=3",
             "partition.alpha=1.0", "train.threads=1"]

@@ -12,7 +12,8 @@ from fedumm.runtime.run_dir import RunDirError, RunFailedError
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
-    from fedumm.data.clients import build_dataset, split_clients
+    from fedumm.data.clients import split_clients
+    from fedumm.data.readers import read_samples
 
     overrides = [f"clients={args.clients}", f"seed={args.seed}", f"data.dataset={args.dataset}",
                  f"data.split={args.split}"]
@@ -23,7 +24,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     if args.label is not None:
         overrides.append(f"partition.label={args.label}")
     cfg = load_config(args.config, overrides + list(args.overrides))
-    data = build_dataset(cfg.data)
+    data = read_samples(cfg.data)
     summary = split_clients(data, cfg.partition, cfg.clients, cfg.seed).summary()
     if args.json:
         print(json.dumps(summary))
@@ -31,7 +32,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     from fedumm.experiments.plots import partition_heatmap
 
     p = cfg.partition
-    print(f"{cfg.clients} clients, {data.num_samples} samples, method={p.method} "
+    print(f"{cfg.clients} clients, {len(data)} samples, method={p.method} "
           f"alpha={p.alpha} label={p.label} seed={cfg.seed}")
     print(f"{'client':>6} {'samples':>8} {'labels':>6}  top labels")
     for c in summary["clients"]:
@@ -160,8 +161,32 @@ def _cmd_export_flare_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backbone_info(args: argparse.Namespace) -> int:
+    from fedumm.models.info import backbone_info
+
+    overrides = list(args.overrides)
+    config = args.config
+    if config and "=" in config and not Path(config).is_file():  # only overrides were given
+        overrides, config = [config, *overrides], None
+    cfg = load_config(config, overrides)
+    info = backbone_info(cfg.backbone, cfg.lora.r, cfg.lora.groups)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    from fedumm.experiments.report import fmt_bytes
+
+    print(f"{info['kind']} {info['preset'] or info['path']}: {info['params_total']:,} "
+          f"parameters")
+    for g, n in info["adapter_params"].items():
+        print(f"  {g:<11} {n:>13,} adapter parameters (LoRA r={info['lora_r']})")
+    print(f"  per client-round in bfloat16: adapters "
+          f"{fmt_bytes(info['adapter_bytes_per_round']['bfloat16'])} vs full model "
+          f"{fmt_bytes(info['full_model_bytes']['bfloat16'])} ({info['full_over_adapter']}x)")
+    return 0
+
+
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from fedumm.models.pretrain import PretrainConfig, pretrain
+    from fedumm.models.reference.pretrain import PretrainConfig, pretrain
 
     _threads()
     given = {"seed": args.seed, "steps": args.steps, "max_minutes": args.max_minutes}
@@ -173,15 +198,16 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fedumm.data.dataset import generate_shapes
+    from fedumm.data.readers.shapes import shapes_samples
     from fedumm.eval.model_eval import evaluate_backbone
     from fedumm.models.loading import load_for_eval
 
     _threads()
     backbone = load_for_eval(args.checkpoint)
     data = generate_shapes(args.split, args.scenes, seed=args.seed, role="test",
-                           image_size=backbone.config.image_size)
-    res = evaluate_backbone(backbone, data, max_vqa=args.max_vqa, max_gen=args.max_gen,
-                            seed=args.seed)
+                           image_size=backbone.image_size)
+    res = evaluate_backbone(backbone, shapes_samples(data), max_vqa=args.max_vqa,
+                            max_gen=args.max_gen, seed=args.seed)
     res.pop("vqa_by_question_type", None)
     if args.json:
         print(json.dumps(res))
@@ -297,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="a run directory or a sweep directory")
     p.add_argument("--out", help="folder for report.md and PNGs (default: DIR)")
     p.set_defaults(func=_cmd_report)
+
+    bb = sub.add_parser("backbone", help="backbones: sizes and traffic").add_subparsers(
+        dest="backbone_command", required=True)
+    p = bb.add_parser("info", help="parameters, adapter and full-model bytes per client-round "
+                      "of a backbone, built on the meta device (no weights needed)")
+    p.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*",
+                   help="overrides, e.g. backbone.kind=janus backbone.preset=janus-pro-7b")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_backbone_info)
 
     p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
     p.add_argument("--out", required=True, help="checkpoint folder to write")

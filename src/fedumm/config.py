@@ -49,6 +49,33 @@ class DataConfig:
 
 
 @dataclass
+class BackboneConfig:
+    """The frozen foundation model: which kind, from where, on which device and dtype."""
+
+    kind: str = "reference"  # a registered backbone (fedumm.models.protocol.backbone_kinds)
+    # checkpoint folder; for the reference backbone "base" is the shipped foundation model
+    path: str = "base"
+    preset: str = ""  # an architecture at a named size with random weights (instead of path)
+    device: str = "auto"  # auto (cuda when present, else cpu), cpu, cuda, cuda:1, ...
+    dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16"))
+
+    def validate(self) -> None:
+        from fedumm.models.protocol import backbone_kinds
+
+        kinds = backbone_kinds()
+        if self.kind not in kinds:
+            raise ConfigError(f"backbone.kind: expected one of {kinds}, got {self.kind!r}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError) as exc:
+                raise ConfigError(f"backbone.device: expected auto, cpu, cuda or cuda:N, got "
+                                  f"{self.device!r}") from exc
+
+
+@dataclass
 class PartitionConfig:
     """How samples are split over clients (see ``fedumm.data.partition``)."""
 
@@ -150,8 +177,8 @@ class Config:
     clients: int = field(default=4, metadata=_range(1, 1000))
     rounds: int = field(default=5, metadata=_range(1))
     local_epochs: int = field(default=1, metadata=_range(1))
-    model: str = "base"  # checkpoint folder, or "base" for the shipped foundation model
     codec: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)

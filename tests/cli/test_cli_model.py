@@ -57,7 +57,7 @@ def test_eval_vqa_and_geneval_commands_on_exported_files(tmp_path, capsys):
 
 
 def test_pretrain_uses_the_recipe_defaults_unless_told(monkeypatch, tmp_path):
-    import fedumm.models.pretrain as pretrain_mod
+    import fedumm.models.reference.pretrain as pretrain_mod
 
     seen = []
     monkeypatch.setattr(pretrain_mod, "pretrain", lambda cfg, out, progress: seen.append(cfg)

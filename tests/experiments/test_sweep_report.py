@@ -11,10 +11,10 @@ from fedumm.experiments.sweep_report import write_sweep_report
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory, micro_checkpoint):
-    from fedumm.models.micro import MICRO_IMAGE_SIZE
+    from fedumm.models.reference.micro import MICRO_IMAGE_SIZE
 
     out = tmp_path_factory.mktemp("sweep")
-    overrides = [f"model={micro_checkpoint}", f"data.image_size={MICRO_IMAGE_SIZE}",
+    overrides = [f"backbone.path={micro_checkpoint}", f"data.image_size={MICRO_IMAGE_SIZE}",
                  "data.train_scenes=40", "data.val_scenes=6", "rounds=2", "train.max_steps=2",
                  "train.batch_size=8", "eval.max_vqa=6", "eval.max_gen=6", "train.threads=1"]
     raw = {"name": "tiny", "sweep": {"grid": ["clients=2", "partition.alpha=0.5,1.0"],

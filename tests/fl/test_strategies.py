@@ -23,6 +23,7 @@ from fedumm.fl.strategies import (
 )
 from fedumm.fl.strategies.scaffold import client_control_update
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
+from fedumm.models.reference import REFERENCE_GROUPS as REF
 
 V = "base_model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
 L = "base_model.model.language_model.layers.0.mlp.up_proj.lora_B.weight"
@@ -51,12 +52,12 @@ def close(a: torch.Tensor, *expected: float) -> bool:
 
 def test_build_strategy_names() -> None:
     for name, cls in STRATEGIES.items():
-        s = build_strategy(StrategyConfig(name=name), num_clients=4, seed=0)
+        s = build_strategy(StrategyConfig(name=name), num_clients=4, seed=0, groups=REF)
         assert type(s) is cls and s.name == name
     for baseline in ("centralized", "local"):
-        assert type(build_strategy(StrategyConfig(name=baseline), 4, 0)) is FedAvg
+        assert type(build_strategy(StrategyConfig(name=baseline), 4, 0, groups=REF)) is FedAvg
     with pytest.raises(ValueError, match="fedavg.*scaffold"):
-        build_strategy(StrategyConfig(name="fedsgd"), 4, 0)
+        build_strategy(StrategyConfig(name="fedsgd"), 4, 0, groups=REF)
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def test_build_strategy_names() -> None:
 def test_sampling_counts() -> None:
     def count(fraction: float, min_clients: int, n: int = 10) -> int:
         cfg = StrategyConfig(fraction=fraction, min_clients=min_clients)
-        return len(FedAvg(cfg, n, seed=0).sample_clients(0))
+        return len(FedAvg(cfg, n, seed=0, groups=REF).sample_clients(0))
 
     assert count(0.3, 1) == 3  # 0.3 * 10 = 3.0000000000000004 must not become 4
     assert count(0.25, 1) == 3  # ceil(2.5)
@@ -75,15 +76,15 @@ def test_sampling_counts() -> None:
 
 def test_sampling_reproducible_by_seed_and_round() -> None:
     cfg = StrategyConfig(fraction=0.3)
-    a, b = FedAvg(cfg, 10, seed=5), FedProx(cfg, 10, seed=5)
+    a, b = FedAvg(cfg, 10, seed=5, groups=REF), FedProx(cfg, 10, seed=5, groups=REF)
     picks = [a.sample_clients(r) for r in range(8)]
     # A fresh strategy asked in another order (as after a resume) gives the same clients.
     assert [b.sample_clients(r) for r in reversed(range(8))][::-1] == picks
     for p in picks:
         assert p == sorted(set(p)) and len(p) == 3 and all(0 <= i < 10 for i in p)
     assert len({tuple(p) for p in picks}) > 1  # rounds differ
-    assert FedAvg(cfg, 10, seed=6).sample_clients(0) != picks[0] or \
-        FedAvg(cfg, 10, seed=6).sample_clients(1) != picks[1]
+    assert FedAvg(cfg, 10, seed=6, groups=REF).sample_clients(0) != picks[0] or \
+        FedAvg(cfg, 10, seed=6, groups=REF).sample_clients(1) != picks[1]
 
 
 # -- FedAvg ------------------------------------------------------------------------------------
@@ -93,8 +94,8 @@ def test_fedavg_per_group_weights() -> None:
     und_client = upd(0, {V: t(1.0, 2.0), L: t(1.0, 1.0)}, und=10)
     # generation-only: it sends vision tensors too, but its vision weight is 0 -> left out
     gen_client = upd(1, {V: t(100.0, 100.0), L: t(5.0, 5.0), G: t(4.0, 8.0)}, gen=30)
-    assert FedAvg(StrategyConfig(), 2, 0).client_weight(gen_client, "vision") == 0.0
-    new = FedAvg(StrategyConfig(), 2, 0).aggregate(0, glob, [und_client, gen_client])
+    assert FedAvg(StrategyConfig(), 2, 0, groups=REF).client_weight(gen_client, "vision") == 0.0
+    new = FedAvg(StrategyConfig(), 2, 0, groups=REF).aggregate(0, glob, [und_client, gen_client])
     assert torch.equal(new[V], t(1.0, 2.0))
     assert torch.equal(new[L], t(4.0, 4.0))  # (10 * 1 + 30 * 5) / 40
     assert torch.equal(new[G], t(4.0, 8.0))
@@ -106,22 +107,26 @@ def test_fedavg_one_client_is_exact() -> None:
     g = torch.Generator().manual_seed(0)
     glob = {k: torch.randn(2, 3, generator=g) for k in (V, L, G, A)}
     mine = {k: torch.randn(2, 3, generator=g) for k in (V, L, G, A)}
-    new = FedAvg(StrategyConfig(), 1, 0).aggregate(0, glob, [upd(0, mine, und=3, gen=4)])
+    s = FedAvg(StrategyConfig(), 1, 0, groups=REF)
+    new = s.aggregate(0, glob, [upd(0, mine, und=3, gen=4)])
     assert all(torch.equal(new[k], mine[k]) for k in mine)
 
 
 def test_layout_mismatch_is_an_error() -> None:
     glob = {V: t(0.0), "base_model.model.aligner.fc1.lora_A.weight": t(0.0)}
+    s = FedAvg(StrategyConfig(), 1, 0, groups=REF)
     with pytest.raises(ValueError, match="1 of the 2"):
-        FedAvg(StrategyConfig(), 1, 0).aggregate(0, glob, [upd(0, {V: t(1.0)}, und=1)])
+        s.aggregate(0, glob, [upd(0, {V: t(1.0)}, und=1)])
     with pytest.raises(ValueError, match="unknown"):
-        FedAvg(StrategyConfig(), 1, 0).aggregate(0, {V: t(0.0)}, [upd(0, {L: t(1.0)}, und=1)])
+        s.aggregate(0, {V: t(0.0)}, [upd(0, {L: t(1.0)}, und=1)])
+    with pytest.raises(ValueError, match="adapter groups"):  # built without the layout
+        FedAvg(StrategyConfig(), 1, 0).aggregate(0, {V: t(0.0)}, [upd(0, {V: t(1.0)}, und=1)])
 
 
 # -- FedUMM ------------------------------------------------------------------------------------
 
 def test_fedumm_quality_weights_by_hand() -> None:
-    s = FedUMM(StrategyConfig(name="fedumm"), 2, 0)
+    s = FedUMM(StrategyConfig(name="fedumm"), 2, 0, groups=REF)
     glob = {L: t(0.0, 0.0)}
     a = upd(0, {L: t(0.0, 2.0)}, und=10, quality={UNDERSTANDING: 0.9})
     b = upd(1, {L: t(4.0, 4.0)}, und=30, quality={UNDERSTANDING: 0.3})
@@ -138,7 +143,7 @@ def test_fedumm_quality_weights_by_hand() -> None:
 
 
 def test_fedumm_all_zero_quality_falls_back_to_fedavg() -> None:
-    s = FedUMM(StrategyConfig(name="fedumm"), 2, 0)
+    s = FedUMM(StrategyConfig(name="fedumm"), 2, 0, groups=REF)
     glob = {L: t(0.0, 0.0), V: t(1.0, 1.0)}
     a = upd(0, {L: t(0.0, 2.0), V: t(3.0, 3.0)}, und=10, quality={UNDERSTANDING: 0.0})
     b = upd(1, {L: t(4.0, 4.0), V: t(7.0, 7.0)}, und=30)
@@ -150,12 +155,12 @@ def test_fedumm_all_zero_quality_falls_back_to_fedavg() -> None:
 # -- FedProx -----------------------------------------------------------------------------------
 
 def test_fedprox_config() -> None:
-    assert FedProx(StrategyConfig(mu=0.25), 3, 0).client_config(0) == {"prox_mu": 0.25}
-    assert FedAvg(StrategyConfig(mu=0.25), 3, 0).client_config(0) == {}
+    assert FedProx(StrategyConfig(mu=0.25), 3, 0, groups=REF).client_config(0) == {"prox_mu": 0.25}
+    assert FedAvg(StrategyConfig(mu=0.25), 3, 0, groups=REF).client_config(0) == {}
     glob = {L: t(0.0, 0.0)}
     ups = [upd(0, {L: t(1.0, 3.0)}, und=1), upd(1, {L: t(3.0, 1.0)}, und=3)]
-    prox = FedProx(StrategyConfig(mu=0.25), 2, 0).aggregate(0, glob, ups)
-    avg = FedAvg(StrategyConfig(), 2, 0).aggregate(0, glob, ups)
+    prox = FedProx(StrategyConfig(mu=0.25), 2, 0, groups=REF).aggregate(0, glob, ups)
+    avg = FedAvg(StrategyConfig(), 2, 0, groups=REF).aggregate(0, glob, ups)
     assert torch.equal(prox[L], avg[L])
 
 
@@ -169,7 +174,7 @@ def two_rounds(strategy, x0: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor):
 
 
 def test_fedavgm_by_hand() -> None:
-    s = FedAvgM(StrategyConfig(momentum=0.5, server_lr=2.0), 1, 0)
+    s = FedAvgM(StrategyConfig(momentum=0.5, server_lr=2.0), 1, 0, groups=REF)
     x1, x2 = two_rounds(s, t(1.0, -1.0), t(1.0, 1.0), t(0.0, 2.0))
     assert close(x1, 3.0, 1.0)  # m = (1, 1); x = (1, -1) + 2 m
     assert close(x2, 4.0, 6.0)  # m = 0.5 (1, 1) + (0, 2) = (0.5, 2.5); x = (3, 1) + 2 m
@@ -180,7 +185,7 @@ ADAPTIVE = StrategyConfig(beta1=0.5, beta2=0.75, tau=1.0, server_lr=1.0)
 
 
 def test_fedadam_by_hand() -> None:
-    x1, x2 = two_rounds(FedAdam(ADAPTIVE, 1, 0), t(0.0, 0.0), t(2.0, -4.0), t(0.0, 4.0))
+    x1, x2 = two_rounds(FedAdam(ADAPTIVE, 1, 0, groups=REF), t(0.0, 0.0), t(2.0, -4.0), t(0.0, 4.0))
     # m = 0.5 d1 = (1, -2); v = 0.25 d1^2 = (1, 4) (v starts at 0); x1 = m / (sqrt(v) + 1)
     assert close(x1, 0.5, -2.0 / 3.0)
     # m = 0.5 (1, -2) + 0.5 (0, 4) = (0.5, 1); v = 0.75 (1, 4) + 0.25 (0, 16) = (0.75, 7)
@@ -188,7 +193,7 @@ def test_fedadam_by_hand() -> None:
 
 
 def test_fedyogi_by_hand() -> None:
-    s = FedYogi(ADAPTIVE, 1, 0)
+    s = FedYogi(ADAPTIVE, 1, 0, groups=REF)
     x1, x2 = two_rounds(s, t(0.0, 0.0), t(2.0, -4.0), t(0.0, 4.0))
     # v = 0 - 0.25 d1^2 sign(0 - d1^2) = (1, 4): the first step equals FedAdam's
     assert close(x1, 0.5, -2.0 / 3.0)
@@ -198,7 +203,7 @@ def test_fedyogi_by_hand() -> None:
 
 
 def test_fedadagrad_by_hand() -> None:
-    s = FedAdagrad(ADAPTIVE, 1, 0)
+    s = FedAdagrad(ADAPTIVE, 1, 0, groups=REF)
     x1, x2 = two_rounds(s, t(0.0, 0.0), t(2.0, -4.0), t(0.0, 4.0))
     # m = (1, -2); v = 0 + d1^2 = (4, 16); x1 = (1 / 3, -2 / 5)
     assert close(x1, 1 / 3, -0.4)
@@ -208,7 +213,7 @@ def test_fedadagrad_by_hand() -> None:
 
 
 def test_fedopt_leaves_untrained_groups_and_their_buffers_alone() -> None:
-    s = FedAdam(ADAPTIVE, 1, 0)
+    s = FedAdam(ADAPTIVE, 1, 0, groups=REF)
     glob = {L: t(0.0, 0.0), G: t(1.0, 2.0)}
     new = s.aggregate(0, glob, [upd(0, {L: t(2.0, -4.0), G: t(9.0, 9.0)}, und=10)])
     assert new[G] is glob[G]  # the generation head has no understanding samples: weight 0
@@ -218,7 +223,7 @@ def test_fedopt_leaves_untrained_groups_and_their_buffers_alone() -> None:
 # -- SCAFFOLD ----------------------------------------------------------------------------------
 
 def test_scaffold_server_and_control_update_by_hand() -> None:
-    s = Scaffold(StrategyConfig(name="scaffold", server_lr=0.5), num_clients=4, seed=0)
+    s = Scaffold(StrategyConfig(name="scaffold", server_lr=0.5), num_clients=4, seed=0, groups=REF)
     glob = {V: t(1.0, 1.0), L: t(0.0, 0.0)}
     with pytest.raises(RuntimeError, match="init_state"):
         s.client_config(0)
@@ -283,7 +288,7 @@ def clone_update(u: ClientUpdate) -> ClientUpdate:
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_aggregate_keeps_layout_and_inputs(name: str) -> None:
-    s = build_strategy(StrategyConfig(name=name), num_clients=5, seed=0)
+    s = build_strategy(StrategyConfig(name=name), num_clients=5, seed=0, groups=REF)
     glob, ups = make_round(0)
     glob0 = {k: v.clone() for k, v in glob.items()}
     ups0 = [clone_update(u) for u in ups]
@@ -304,13 +309,13 @@ def test_aggregate_keeps_layout_and_inputs(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_state_dict_round_trip(name: str) -> None:
     cfg = StrategyConfig(name=name)
-    original = build_strategy(cfg, num_clients=5, seed=0)
+    original = build_strategy(cfg, num_clients=5, seed=0, groups=REF)
     glob, ups = make_round(1)
     mid = original.aggregate(0, glob, ups)
     buf = io.BytesIO()
     torch.save(original.state_dict(), buf)
     buf.seek(0)
-    restored = build_strategy(cfg, num_clients=5, seed=0)
+    restored = build_strategy(cfg, num_clients=5, seed=0, groups=REF)
     restored.load_state_dict(torch.load(buf))
     _, ups2 = make_round(2)
     a, b = original.aggregate(1, mid, ups2), restored.aggregate(1, mid, ups2)

@@ -6,9 +6,9 @@ import numpy as np
 
 from fedumm.data.dataset import generate_shapes
 from fedumm.data.render import BACKGROUND, COLORS
-from fedumm.models.batching import SampleEncoder
-from fedumm.models.text_tokenizer import TextTokenizer
-from fedumm.models.vq import PatchCodebook
+from fedumm.models.reference.pretrain_batches import SampleEncoder
+from fedumm.models.reference.text_tokenizer import TextTokenizer
+from fedumm.models.reference.vq import PatchCodebook
 
 COLOR_NAMES = list(COLORS)
 

@@ -4,9 +4,13 @@ import pytest
 import torch
 
 from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import shapes_samples
 from fedumm.fl import codec
-from fedumm.models.lora import GROUPS, LoraAdapters, group_of
-from fedumm.models.micro import MICRO_IMAGE_SIZE, micro_backbone
+from fedumm.models.lora import LoraAdapters
+from fedumm.models.reference import REFERENCE_GROUPS
+from fedumm.models.reference.micro import MICRO_IMAGE_SIZE, micro_backbone
+
+GROUPS = [g.name for g in REFERENCE_GROUPS]
 
 
 @pytest.fixture()
@@ -29,24 +33,21 @@ def test_only_selected_groups_train_and_the_backbone_stays_frozen(adapters):
     before_fp = bb.fingerprint()
     before = adapters.state()
     adapters.set_trainable(["language", "generation"])
-    assert {group_of(k) for k, p in adapters.params.items() if p.requires_grad} == {
+    assert {adapters.group_of(k) for k, p in adapters.params.items() if p.requires_grad} == {
         "language", "generation"}
     assert all(not p.requires_grad for n, p in adapters.model.named_parameters()
                if "lora_" not in n and "modules_to_save" not in n)
-    data = generate_shapes("base", 8, seed=0, image_size=MICRO_IMAGE_SIZE)
-    prep = bb.encoder.prepare(data)
-    ub = bb.encoder.understanding_batch(prep, list(range(8)))
-    gb = bb.encoder.generation_batch(prep, list(range(8)))
+    samples = shapes_samples(generate_shapes("base", 8, seed=0, image_size=MICRO_IMAGE_SIZE))
+    batch = bb.collate(samples[:8] + samples[-8:])
+    assert set(batch.counts) == {"understanding", "generation"}
     opt = torch.optim.SGD(adapters.trainable_parameters(), lr=0.5)
     for _ in range(2):
-        loss = adapters.model.understanding_loss(ub["images"], ub["q_ids"], ub["q_mask"],
-                                                 ub["a_ids"], ub["a_mask"])
-        loss = loss + adapters.model.generation_loss(gb["p_ids"], gb["p_mask"], gb["codes"])
+        loss = sum(bb.loss(batch).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = adapters.state()
-    changed = {group_of(k) for k in after if not torch.equal(after[k], before[k])}
+    changed = {adapters.group_of(k) for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"language", "generation"}
     assert bb.fingerprint() == before_fp
 

@@ -4,8 +4,8 @@ import hashlib
 import json
 from dataclasses import asdict
 
-from fedumm.models.backbone import SHIPPED_BASE, Backbone
-from fedumm.models.pretrain import PretrainConfig
+from fedumm.models.reference.backbone import SHIPPED_BASE, ReferenceBackbone
+from fedumm.models.reference.pretrain import PretrainConfig
 
 
 def test_shipped_base_matches_its_recorded_hashes_and_loads():
@@ -16,7 +16,7 @@ def test_shipped_base_matches_its_recorded_hashes_and_loads():
         assert hashlib.sha256((SHIPPED_BASE / name).read_bytes()).hexdigest() == digest, name
     total = sum((SHIPPED_BASE / n).stat().st_size for n in sums)
     assert total <= 15 * 2**20
-    bb = Backbone.load("base")  # also checks the weights against the recorded fingerprint
+    bb = ReferenceBackbone.load("base")  # also checks the weights against the recorded fingerprint
     info = json.loads((SHIPPED_BASE / "config.json").read_text())
     assert bb.fingerprint() == info["fingerprint"]
     assert info["pretrain"]["seed"] == 0 and info["steps_done"] == info["pretrain"]["steps"]

@@ -6,12 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from fedumm.data.dataset import generate_shapes
-from fedumm.models.backbone import Backbone, state_fingerprint
-from fedumm.models.micro import MICRO_IMAGE_SIZE, micro_backbone
+from fedumm.models.protocol import state_fingerprint
+from fedumm.models.reference.backbone import ReferenceBackbone
+from fedumm.models.reference.micro import MICRO_IMAGE_SIZE, micro_backbone
+from fedumm.models.reference.pretrain_batches import pretrain_encoder
 
 
 @pytest.fixture()
-def backbone() -> Backbone:
+def backbone() -> ReferenceBackbone:
     return micro_backbone(seed=0)
 
 
@@ -21,7 +23,7 @@ def data():
 
 
 def test_both_losses_fall_over_a_few_steps(backbone, data):
-    model, enc = backbone.model, backbone.encoder
+    model, enc = backbone.model, pretrain_encoder(backbone)
     prep = enc.prepare(data, with_probe=True)
     ub = enc.understanding_batch(prep, list(range(16)))
     gb = enc.generation_batch(prep, list(range(16)))
@@ -58,7 +60,7 @@ def test_answer_gives_one_string_per_question(backbone, data):
 
 def test_left_padding_does_not_change_the_answer_logits(backbone, data):
     """A question batched with a longer one must see the same logits as alone."""
-    enc, model = backbone.encoder, backbone.model
+    enc, model = pretrain_encoder(backbone), backbone.model
     r0, r1 = data.vqa[0], data.vqa[1]
     img = np.stack([data.image(r0.image_id), data.image(r1.image_id)])
     alone = enc.question_batch(img[:1], [r0.question])
@@ -72,7 +74,7 @@ def test_left_padding_does_not_change_the_answer_logits(backbone, data):
 
 def test_checkpoint_round_trip_and_fingerprint(backbone, tmp_path):
     backbone.save(tmp_path / "ck")
-    again = Backbone.load(tmp_path / "ck")
+    again = ReferenceBackbone.load(tmp_path / "ck")
     assert again.fingerprint() == backbone.fingerprint()
     for k, v in backbone.model.state_dict().items():
         assert torch.equal(v, again.model.state_dict()[k])
@@ -88,7 +90,7 @@ def test_tampered_weights_are_refused(backbone, tmp_path):
     state["lm_head.weight"][0, 0] += 1.0
     save_file(state, str(tmp_path / "ck" / "model.safetensors"))
     with pytest.raises(ValueError, match="do not match the fingerprint"):
-        Backbone.load(tmp_path / "ck")
+        ReferenceBackbone.load(tmp_path / "ck")
 
 
 def test_fingerprint_depends_on_every_byte():
@@ -100,13 +102,13 @@ def test_fingerprint_depends_on_every_byte():
 
 def test_missing_checkpoint_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        Backbone.load(tmp_path)
+        ReferenceBackbone.load(tmp_path)
 
 
 def test_grounding_loss_reads_the_image_tokens_of_the_prefix(backbone, data):
     """The grounding term equals a BCE computed from the prefix alone, whose image tokens sit
     just before the final SEP (hidden states of a causal decoder ignore what follows)."""
-    model, enc = backbone.model, backbone.encoder
+    model, enc = backbone.model, pretrain_encoder(backbone)
     ub = enc.understanding_batch(enc.prepare(data), list(range(6)))
     n = model.config.image_tokens
     ground = (torch.arange(6 * n).reshape(6, n) % 3 == 0).float()

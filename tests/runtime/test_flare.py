@@ -67,7 +67,7 @@ def test_a_failing_site_fails_the_run_with_its_message(tmp_path, tiny_overrides)
     cfg = _cfg(tiny_overrides, "runtime=flare-sim")
     with pytest.raises(FlareRunError, match=r"site-2 failed: .*no_such_checkpoint"):
         run_flare_sim(cfg, tmp_path / "run", site_overrides={
-            "site-2": ["model=/no_such_checkpoint"]}, log=lambda s: None)
+            "site-2": ["backbone.path=/no_such_checkpoint"]}, log=lambda s: None)
     assert not (tmp_path / "run" / "summary.json").exists()
     assert not _processes_mentioning(str(tmp_path))
 

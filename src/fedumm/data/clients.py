@@ -2,34 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedumm.config import DataConfig, PartitionConfig
-from fedumm.data.dataset import MultimodalDataset, generate_shapes
+from fedumm.config import PartitionConfig
 from fedumm.data.partition import heterogeneity, label_counts, partition
+from fedumm.data.records import Sample
 from fedumm.data.scenarios import (
+    GENERATION,
+    UNDERSTANDING,
     hybrid_clients,
     missing_modality,
     modality_counts,
     single_modality_clients,
 )
 
+# Keys that only understanding samples carry; generation samples are labelled by their tag
+UNDERSTANDING_KEYS = ("answer", "question_type", "answer_type", "family")
 
-def build_dataset(cfg: DataConfig, role: str = "train") -> MultimodalDataset:
-    """The training (or held-out) data a config describes."""
-    if cfg.dataset != "shapes":
-        raise ValueError(
-            f"data.dataset={cfg.dataset!r} has no federated builder yet; load VQA v2 files with "
-            "fedumm.data.vqa_v2.load_vqa_v2"
-        )
-    return generate_shapes(
-        cfg.split, cfg.train_scenes if role == "train" else cfg.val_scenes, seed=cfg.seed,
-        role=role, image_size=cfg.image_size, max_objects=cfg.max_objects,
-        questions_per_image=cfg.questions_per_image,
-        generation_fraction=cfg.generation_fraction, annotator_noise=cfg.annotator_noise,
-    )
+
+def sample_labels(samples: Sequence[Sample], key: str) -> list[str]:
+    """One partition label per sample. A key that belongs to the other modality labels a
+    sample by that modality's coarse label (``gen/<tag>``, ``vqa/<answer type>``)."""
+    if key == "modality":
+        return [s.task for s in samples]
+    out = []
+    for s in samples:
+        value = s.labels.get(key)
+        if value is None and s.task == GENERATION and key in UNDERSTANDING_KEYS:
+            value = f"gen/{s.labels.get('tag', 'image')}"
+        elif value is None and s.task == UNDERSTANDING and key == "tag":
+            value = f"vqa/{s.labels.get('answer_type', 'other')}"
+        if value is None:
+            raise ValueError(f"partition.label={key!r}: sample {s.id} has no such label "
+                             f"(it has {sorted(s.labels)})")
+        out.append(value)
+    return out
 
 
 @dataclass
@@ -51,23 +61,24 @@ class ClientSplit:
         return {"clients": clients, "heterogeneity": heterogeneity(self.labels, self.parts)}
 
 
-def split_clients(data: MultimodalDataset, cfg: PartitionConfig, num_clients: int,
+def split_clients(samples: Sequence[Sample], cfg: PartitionConfig, num_clients: int,
                   seed: int) -> ClientSplit:
-    """Partition ``data`` over ``num_clients`` as ``cfg`` says; deterministic in ``seed``."""
-    labels = data.labels(cfg.label)
+    """Partition ``samples`` over ``num_clients`` as ``cfg`` says; deterministic in ``seed``."""
+    labels = sample_labels(samples, cfg.label)
+    domains = [s.labels.get("domain", "") for s in samples]
     parts = partition(
-        cfg.method, labels=labels, domains=data.sample_domains(), num_samples=data.num_samples,
+        cfg.method, labels=labels, domains=domains, num_samples=len(samples),
         num_clients=num_clients, seed=seed, alpha=cfg.alpha, beta=cfg.beta,
         min_per_client=cfg.min_per_client,
     )
-    modality = data.modality()
+    modality = [s.task for s in samples]
     if cfg.scenario == "single_modality":
         parts = single_modality_clients(parts, modality, cfg.understanding_clients, seed)
     elif cfg.scenario == "hybrid":
         parts = hybrid_clients(parts, modality, cfg.hybrid_q, seed)
     rate = cfg.missing_rate if cfg.scenario == "missing_modality" else 0.0
-    return ClientSplit(parts, labels, missing_modality(data.num_samples, rate, seed))
+    return ClientSplit(parts, labels, missing_modality(len(samples), rate, seed))
 
 
-def client_modalities(split: ClientSplit, data: MultimodalDataset) -> list[dict[str, int]]:
-    return modality_counts(split.parts, data.modality())
+def client_modalities(split: ClientSplit, samples: Sequence[Sample]) -> list[dict[str, int]]:
+    return modality_counts(split.parts, [s.task for s in samples])

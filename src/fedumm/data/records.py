@@ -61,3 +61,54 @@ class GenEvalRecord:
             out["exclude"] = self.exclude
         out["prompt"] = self.prompt
         return out
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ImageRef:
+    """Where a sample's image is: a file, a member of a tar archive, or an array in memory.
+
+    Nothing is read until :meth:`load`, so a reader can index millions of records."""
+
+    path: str = ""  # an image file, or the tar archive when ``member`` is set
+    member: str = ""  # the member's name inside the tar archive
+    array: Any = None  # uint8 (H, W, 3) in memory (generated data)
+
+    def load(self) -> Any:
+        """The image as a uint8 (H, W, 3) RGB array."""
+        if self.array is not None:
+            return self.array
+        from fedumm.data.images import load_image
+
+        return load_image(self.path, self.member)
+
+    def describe(self) -> str:
+        if self.array is not None:
+            return "<in memory>"
+        return f"{self.path}::{self.member}" if self.member else self.path
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Sample:
+    """One training or evaluation record, whatever file format it came from.
+
+    ``task`` is ``understanding`` (``text`` is a question about ``image``, ``answer`` the
+    target) or ``generation`` (``text`` is a prompt, ``image`` the target). ``text`` None or
+    ``image`` None mark a missing modality. ``answers`` keeps the 10 human answers where known
+    (the official VQA metric); ``labels`` holds what partitioners can split on (answer,
+    question_type, answer_type, family, tag, domain, object_class, ...); ``spec`` GenEval's
+    ``include`` / ``exclude`` clauses where known (for scoring generated images).
+    """
+
+    id: str
+    task: str
+    text: str | None
+    image: ImageRef | None
+    answer: str = ""
+    answers: tuple[str, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    spec: dict[str, Any] | None = None
+
+    def load_image(self) -> Any:
+        if self.image is None:
+            raise ValueError(f"sample {self.id} has no image")
+        return self.image.load()

@@ -1,30 +1,56 @@
-"""Score a backbone (with or without adapters) on a dataset: official VQA accuracy and GenEval."""
+"""Score a backbone (with or without adapters) on held-out samples: official VQA accuracy and
+GenEval, through the Backbone protocol's ``answer`` and ``generate``."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fedumm.data.dataset import MultimodalDataset
+from fedumm.data.records import GenEvalRecord, Sample, VQARecord
 from fedumm.eval.geneval import Detector, score_geneval
 from fedumm.eval.vqa_metric import score_answers
+from fedumm.models.protocol import GENERATION, UNDERSTANDING
+
+
+def vqa_record(sample: Sample, question_id: int) -> VQARecord:
+    """A sample as a VQA v2 record; without the 10 human answers, its one answer counts 10x
+    (the official metric then reduces to exact match)."""
+    labels = sample.labels
+    return VQARecord(
+        question_id=question_id, image_id=question_id, question=sample.text or "",
+        question_type=labels.get("question_type", ""),
+        answer_type=labels.get("answer_type", "other"),
+        multiple_choice_answer=sample.answer,
+        answers=list(sample.answers) or [sample.answer] * 10, family=labels.get("family", ""))
+
+
+def geneval_record(sample: Sample) -> GenEvalRecord | None:
+    """A generation sample as a GenEval prompt, where it carries GenEval's clauses."""
+    if not sample.spec:
+        return None
+    return GenEvalRecord(sample.spec["tag"], sample.text or "", sample.spec["include"],
+                         sample.spec.get("exclude", []))
 
 
 def evaluate_backbone(
-    backbone, data: MultimodalDataset, *, max_vqa: int | None = None,
+    backbone, samples: Sequence[Sample], *, max_vqa: int | None = None,
     max_gen: int | None = None, seed: int = 0, detector: Detector | None = None,
 ) -> dict[str, Any]:
     """VQA accuracy (0-100, official metric) and GenEval scores (0-1) of ``backbone``.
 
-    The first ``max_vqa`` questions and ``max_gen`` prompts are used (all by default); image
-    generation is seeded, so the same model and data give the same numbers.
+    The first ``max_vqa`` understanding samples and ``max_gen`` generation samples that carry
+    GenEval clauses are used (all by default); image generation is seeded, so the same model
+    and data give the same numbers.
     """
     out: dict[str, Any] = {}
-    vqa = data.vqa[:max_vqa] if max_vqa is not None else data.vqa
-    if vqa:
-        images = np.stack([data.image(r.image_id) for r in vqa])
-        answers = backbone.answer(images, [r.question for r in vqa])
+    und = [s for s in samples if s.task == UNDERSTANDING]
+    und = und[:max_vqa] if max_vqa is not None else und
+    if und:
+        vqa = [vqa_record(s, i) for i, s in enumerate(und)]
+        answers = backbone.answer([s.load_image() if s.image is not None else None for s in und],
+                                  [s.text or "" for s in und])
         res = score_answers({r.question_id: a for r, a in zip(vqa, answers, strict=True)}, vqa)
         out.update(vqa_accuracy=res["overall"], vqa_by_answer_type=res["perAnswerType"],
                    vqa_by_question_type=res["perQuestionType"], num_vqa=len(vqa))
@@ -33,7 +59,8 @@ def evaluate_backbone(
             key = r.family or r.question_type
             fam.setdefault(key, []).append(res["perQuestion"][r.question_id])
         out["vqa_by_family"] = {k: round(float(np.mean(v)), 2) for k, v in sorted(fam.items())}
-    gen = data.gen[:max_gen] if max_gen is not None else data.gen
+    gen = [r for r in (geneval_record(s) for s in samples if s.task == GENERATION) if r]
+    gen = gen[:max_gen] if max_gen is not None else gen
     if gen:
         if detector is None:
             from fedumm.eval.shapes_detector import ShapesDetector

@@ -9,66 +9,66 @@ generation batches, measure quality on the client's own held-out samples, and re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
 from fedumm.config import TrainConfig
+from fedumm.data.records import Sample
 from fedumm.data.scenarios import IMAGE_MISSING, TEXT_MISSING
 from fedumm.fl.strategies.scaffold import client_control_update
-from fedumm.fl.updates import GENERATION, GROUP_MODALITIES, UNDERSTANDING, ClientUpdate
-from fedumm.models.batching import PreparedData
-from fedumm.models.lora import LoraAdapters, group_of
+from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
+from fedumm.models.lora import LoraAdapters
 
 
 @dataclass
 class ClientData:
-    """A client's share of the training data: indices into ``prep.data.vqa`` / ``.gen``."""
+    """A client's share of the training data: its training samples (understanding first, then
+    generation) and its own held-out samples, as :class:`~fedumm.data.records.Sample` records."""
 
     client_id: int
-    prep: PreparedData
-    vqa_idx: np.ndarray
-    gen_idx: np.ndarray
-    val_vqa_idx: np.ndarray
-    val_gen_idx: np.ndarray
-    image_present: dict[int, bool] = field(default_factory=dict)  # vqa index -> has image
-    prompt_missing: set[int] = field(default_factory=set)  # gen indices trained unconditionally
+    train: list[Sample]
+    val: list[Sample] = field(default_factory=list)
 
     @property
     def num_samples(self) -> dict[str, int]:
-        return {UNDERSTANDING: len(self.vqa_idx), GENERATION: len(self.gen_idx)}
+        n_und = sum(s.task == UNDERSTANDING for s in self.train)
+        return {UNDERSTANDING: n_und, GENERATION: len(self.train) - n_und}
 
-    def groups_with_data(self, groups: list[str]) -> list[str]:
+    def groups_with_data(self, adapters: LoraAdapters) -> list[str]:
         n = self.num_samples
-        return [g for g in groups if any(n[m] > 0 for m in GROUP_MODALITIES[g])]
+        return [g for g in adapters.groups
+                if any(n[m] > 0 for m in adapters.layout.modalities(g))]
 
 
-def make_client_data(client_id: int, prep: PreparedData, sample_idx: np.ndarray,
+def make_client_data(client_id: int, samples: Sequence[Sample], sample_idx: np.ndarray,
                      missing: np.ndarray, val_fraction: float, seed: int) -> ClientData:
-    """Split a client's samples (global numbering) into local train / held-out parts and apply
-    the missing-modality mask: a VQA sample without text and a generation sample without image
-    have no target and are dropped; a VQA sample without image sees a placeholder; a prompt
-    without text trains the unconditional (guidance) branch."""
-    nv = len(prep.data.vqa)
+    """Split a client's samples (indices into ``samples``) into local train / held-out parts
+    and apply the missing-modality mask: an understanding sample without text and a generation
+    sample without image have no target and are dropped; an understanding sample without image
+    sees the backbone's placeholder; a prompt without text trains the unconditional (guidance)
+    branch."""
     idx = np.asarray(sample_idx, dtype=np.int64)
-    vqa = [int(i) for i in idx[idx < nv] if missing[i] != TEXT_MISSING]
-    gen = [int(i) - nv for i in idx[idx >= nv] if missing[i] != IMAGE_MISSING]
+    und = [int(i) for i in idx if samples[i].task == UNDERSTANDING and missing[i] != TEXT_MISSING]
+    gen = [int(i) for i in idx if samples[i].task == GENERATION and missing[i] != IMAGE_MISSING]
     rng = np.random.default_rng([seed, 7, client_id])
 
-    def split(items: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        items = list(rng.permutation(items)) if items else []
+    def split(items: list[int]) -> tuple[list[int], list[int]]:
+        items = [int(i) for i in rng.permutation(items)] if items else []
         n_val = int(round(len(items) * val_fraction)) if len(items) >= 2 else 0
         if val_fraction > 0 and len(items) >= 2:
             n_val = max(1, n_val)
-        return np.sort(np.array(items[n_val:], dtype=np.int64)), np.array(items[:n_val],
-                                                                           dtype=np.int64)
+        return sorted(items[n_val:]), items[:n_val]
 
-    tv, vv = split(vqa)
+    tu, vu = split(und)
     tg, vg = split(gen)
-    present = {int(i): missing[i] != IMAGE_MISSING for i in tv}
-    no_prompt = {int(i) for i in tg if missing[int(i) + nv] == TEXT_MISSING}
-    return ClientData(client_id, prep, tv, tg, vv, vg, present, no_prompt)
+    train = [replace(samples[i], image=None) if missing[i] == IMAGE_MISSING else samples[i]
+             for i in tu]
+    train += [replace(samples[i], text=None) if missing[i] == TEXT_MISSING else samples[i]
+              for i in tg]
+    return ClientData(client_id, train, [samples[i] for i in vu + vg])
 
 
 class ClientTrainer:
@@ -82,7 +82,7 @@ class ClientTrainer:
         self.cfg = cfg
         self.local_epochs = local_epochs
         self.seed = seed
-        self.encoder = adapters.backbone.encoder
+        self.backbone = adapters.backbone
         self.model = adapters.model
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -91,31 +91,28 @@ class ClientTrainer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _batches(self, client: ClientData, rng: np.random.Generator) -> list[np.ndarray]:
-        """Mixed batches over the client's samples, one epoch (signed: gen indices are -1-i)."""
-        items = np.concatenate([client.vqa_idx, -1 - client.gen_idx])
-        items = rng.permutation(items)
+        """Mixed batches over the client's samples (positions in ``client.train``), one epoch."""
+        items = rng.permutation(len(client.train))
         b = self.cfg.batch_size
         return [items[s:s + b] for s in range(0, len(items), b)]
 
     def _loss(self, client: ClientData, batch: np.ndarray, rng: np.random.Generator):
-        vqa = [int(i) for i in batch if i >= 0]
-        gen = [int(-1 - i) for i in batch if i < 0]
+        """The batch's loss: per-modality mean losses weighted by their share of the batch."""
+        samples = [client.train[i] for i in batch]
+        und = [s for s in samples if s.task == UNDERSTANDING]
+        gen = [s for s in samples if s.task == GENERATION]
+        drop = None
+        if gen:  # prompt dropout trains the unconditional branch (classifier-free guidance)
+            draw = rng.random(len(gen)) < self.cfg.prompt_dropout
+            drop = [False] * len(und) + [bool(d) or s.text is None
+                                         for d, s in zip(draw, gen, strict=True)]
+        losses = self.backbone.loss(self.backbone.collate(und + gen, drop))
         total, parts = 0.0, {}
-        enc, prep = self.encoder, client.prep
-        if vqa:
-            ub = enc.understanding_batch(prep, vqa, [client.image_present.get(i, True)
-                                                     for i in vqa])
-            lu = self.model.understanding_loss(ub["images"], ub["q_ids"], ub["q_mask"],
-                                               ub["a_ids"], ub["a_mask"], ub["image_present"])
-            total = total + lu * len(vqa) / len(batch)
-            parts["und_loss"] = float(lu.detach())
-        if gen:
-            drop = (rng.random(len(gen)) < self.cfg.prompt_dropout) | np.array(
-                [i in client.prompt_missing for i in gen])
-            gb = enc.generation_batch(prep, gen, drop)
-            lg = self.model.generation_loss(gb["p_ids"], gb["p_mask"], gb["codes"])
-            total = total + lg * len(gen) / len(batch)
-            parts["gen_loss"] = float(lg.detach())
+        for m, key in ((UNDERSTANDING, "und_loss"), (GENERATION, "gen_loss")):
+            if m in losses:
+                n = len(und) if m == UNDERSTANDING else len(gen)
+                total = total + losses[m] * n / len(batch)
+                parts[key] = float(losses[m].detach())
         return total, parts
 
     def train(self, client: ClientData, global_state: dict[str, torch.Tensor], rnd: int,
@@ -126,15 +123,16 @@ class ClientTrainer:
         client_state = dict(client_state or {})
         ad = self.adapters
         ad.load_state(global_state)
-        groups = client.groups_with_data(ad.groups)
+        groups = client.groups_with_data(ad)
         ad.set_trainable(groups)
-        names = [k for k in ad.params if group_of(k) in groups]
+        names = [k for k in ad.params if ad.group_of(k) in groups]
         params = [ad.params[k] for k in names]
         opt = self._optimizer(params)
         if self.cfg.persistent_optimizer and "optimizer" in client_state:
             opt.load_state_dict(client_state["optimizer"])
         mu = float(client_config.get("prox_mu", 0.0))
-        anchor = {k: global_state[k] for k in names} if mu > 0 else None
+        dev = {k: ad.params[k].device for k in names}
+        anchor = {k: global_state[k].to(dev[k]) for k in names} if mu > 0 else None
         c_server = client_config.get("server_control")
         c_local = client_state.get("control") if c_server is not None else None
         if c_server is not None and c_local is None:
@@ -156,7 +154,7 @@ class ClientTrainer:
                 if c_server is not None:  # SCAFFOLD: g <- g - c_i + c
                     for k in names:
                         if ad.params[k].grad is not None:
-                            ad.params[k].grad.add_(c_server[k] - c_local[k])
+                            ad.params[k].grad.add_((c_server[k] - c_local[k]).to(dev[k]))
                 if self.cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 opt.step()
@@ -181,21 +179,6 @@ class ClientTrainer:
 
     @torch.no_grad()
     def quality(self, client: ClientData) -> dict[str, float]:
-        """Held-out quality per modality on the client's own validation samples (0-1):
-        exact-match answer accuracy; teacher-forced image-code accuracy."""
-        from fedumm.eval.vqa_metric import normalize_answer
-
-        out: dict[str, float] = {}
-        prep, enc = client.prep, self.encoder
-        if len(client.val_vqa_idx):
-            recs = [prep.data.vqa[i] for i in client.val_vqa_idx]
-            images = np.stack([prep.data.image(r.image_id) for r in recs])
-            answers = self.adapters.backbone.answer(images, [r.question for r in recs])
-            out[UNDERSTANDING] = float(np.mean([
-                normalize_answer(a) == normalize_answer(r.multiple_choice_answer)
-                for a, r in zip(answers, recs, strict=True)]))
-        if len(client.val_gen_idx):
-            gb = enc.generation_batch(prep, list(client.val_gen_idx))
-            out[GENERATION] = float(self.model.generation_accuracy(
-                gb["p_ids"], gb["p_mask"], gb["codes"]))
-        return out
+        """Held-out quality per modality on the client's own validation samples (0-1), as the
+        backbone measures it."""
+        return self.backbone.quality(client.val) if client.val else {}

@@ -1,4 +1,4 @@
-"""What a client sends back after a round, and which modality feeds which adapter group."""
+"""What a client sends back after a round."""
 
 from __future__ import annotations
 
@@ -6,16 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+from fedumm.models.protocol import GENERATION, UNDERSTANDING
 
-# The samples that train each adapter group: the vision tower only sees understanding samples,
-# the generation head only generation samples; the decoder and alignment tokens see both.
-GROUP_MODALITIES: dict[str, tuple[str, ...]] = {
-    "vision": (UNDERSTANDING,),
-    "language": (UNDERSTANDING, GENERATION),
-    "generation": (GENERATION,),
-    "alignment": (UNDERSTANDING, GENERATION),
-}
+__all__ = ["GENERATION", "UNDERSTANDING", "ClientUpdate"]
 
 
 @dataclass
@@ -37,5 +30,6 @@ class ClientUpdate:
     extra: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     upload_bytes: int = 0
 
-    def samples_for(self, group: str) -> int:
-        return sum(self.num_samples.get(m, 0) for m in GROUP_MODALITIES[group])
+    def samples_for(self, modalities: tuple[str, ...]) -> int:
+        """The client's training samples of ``modalities`` (those that train a group)."""
+        return sum(self.num_samples.get(m, 0) for m in modalities)

@@ -1,67 +1,28 @@
-"""Per-modality LoRA adapter groups on the reference UMM, through PEFT.
+"""Per-group LoRA adapters on any backbone's declared adapter groups, through PEFT.
 
-Groups (each switchable, extractable and loadable on its own):
-
-* ``vision``     LoRA on the SigLIP encoder's attention / MLP and on the aligner
-* ``language``   LoRA on the decoder's attention and MLP projections
-* ``generation`` LoRA on the image-code embedding and head
-* ``alignment``  a trainable copy of the alignment tokens (PEFT ``modules_to_save``)
+Each group a backbone declares (:class:`~fedumm.models.protocol.AdapterGroup`) is switchable,
+extractable and loadable on its own: LoRA on the modules its target regex matches, plus full
+trainable copies of its ``modules_to_save`` (PEFT's mechanism for e.g. alignment tokens).
 """
 
 from __future__ import annotations
 
-import re
+import warnings
 
 import torch
 from torch import nn
 
-GROUPS = ("vision", "language", "generation", "alignment")
-_TARGETS = {
-    "vision": r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])"
-              r"|aligner\.fc[12]",
-    "language": r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)",
-    "generation": r"gen_embed|gen_head",
-}
-_GROUP_OF_KEY = (
-    ("vision", re.compile(r"(^|\.)(vision_model|aligner)\.")),
-    ("language", re.compile(r"(^|\.)language_model\.")),
-    ("generation", re.compile(r"(^|\.)gen_(embed|head)\.")),
-    ("alignment", re.compile(r"(^|\.)alignment\.")),
-)
+from fedumm.models.protocol import AdapterLayout
 
 
-def check_groups(groups: list[str] | tuple[str, ...]) -> list[str]:
-    bad = [g for g in groups if g not in GROUPS]
-    if bad or not groups:
-        raise ValueError(f"lora.groups: expected a non-empty subset of {list(GROUPS)}, got "
-                         f"{list(groups)}")
-    return [g for g in GROUPS if g in groups]
+def _is_adapter(name: str) -> bool:
+    return "lora_" in name or ".modules_to_save." in name or "trainable_tokens_delta" in name
 
 
-def group_of(key: str) -> str:
-    """The adapter group an adapter tensor name belongs to."""
-    for group, pattern in _GROUP_OF_KEY:
-        if pattern.search(key):
-            return group
-    raise KeyError(f"adapter tensor {key!r} belongs to no adapter group")
-
-
-def target_regex(groups: list[str]) -> str | None:
-    parts = [f"(?:{_TARGETS[g]})" for g in groups if g in _TARGETS]
+def target_regex(groups) -> str | None:
+    """One PEFT target regex for the LoRA targets of ``groups`` (None when none has one)."""
+    parts = [f"(?:{g.target})" for g in groups if g.target is not None]
     return rf"^(?:{'|'.join(parts)})$" if parts else None
-
-
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The frozen base weights, named as in the plain model, whether or not PEFT wraps it."""
-    base = model
-    if hasattr(model, "get_base_model"):
-        base = model.get_base_model()
-    out = {}
-    for name, tensor in base.state_dict().items():
-        if "lora_" in name or ".modules_to_save." in name:
-            continue
-        out[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = tensor
-    return out
 
 
 class LoraAdapters:
@@ -71,36 +32,46 @@ class LoraAdapters:
     group's state can go on the wire and come back into any other client's adapters.
     """
 
-    def __init__(self, backbone, r: int = 16, alpha: int = 32, groups=GROUPS,
+    def __init__(self, backbone, r: int = 16, alpha: int = 32, groups=None,
                  dropout: float = 0.0, seed: int = 0) -> None:
         from peft import LoraConfig, get_peft_model
 
-        self.groups = check_groups(list(groups))
-        regex = target_regex(self.groups)
-        if regex is None and "alignment" not in self.groups:
-            raise ValueError("no adapter targets selected")
+        self.layout = AdapterLayout(backbone.groups)
+        chosen = self.layout.select(list(groups) if groups is not None else self.layout.names)
+        self.groups = [g.name for g in chosen]
+        regex = target_regex(chosen)
+        to_save = [m for g in chosen for m in g.modules_to_save]
+        tokens = {name: list(ids) for g in chosen for name, ids in g.trainable_tokens}
         self.peft_config = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout,
             target_modules=regex if regex is not None else [],
-            modules_to_save=["alignment"] if "alignment" in self.groups else None,
+            modules_to_save=to_save or None, trainable_token_indices=tokens or None,
         )
         torch.manual_seed(seed)  # LoRA A matrices are drawn at random: same seed, same start
         self.backbone = backbone
-        self.model = get_peft_model(backbone.model, self.peft_config)
+        with warnings.catch_warnings():
+            # PEFT probes transformers' deprecated ``is_gradient_checkpointing`` (not our call)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            self.model = get_peft_model(backbone.model, self.peft_config)
         self.params: dict[str, nn.Parameter] = {}
         for name, p in self.model.named_parameters():
-            if "lora_" in name or ".modules_to_save." in name:
+            if _is_adapter(name):
                 key = name.replace(".default", "").replace(".modules_to_save", "")
                 self.params[key] = p
+        self._group = {k: self.layout.group_of(k) for k in self.params}
         self.set_trainable(self.groups)
 
+    def group_of(self, key: str) -> str:
+        return self._group[key] if key in self._group else self.layout.group_of(key)
+
     def keys(self, group: str | None = None) -> list[str]:
-        return [k for k in self.params if group is None or group_of(k) == group]
+        return [k for k in self.params if group is None or self._group[k] == group]
 
     def state(self, groups=None) -> dict[str, torch.Tensor]:
-        """Copies of the adapter tensors of ``groups`` (all groups by default)."""
+        """CPU copies of the adapter tensors of ``groups`` (all groups by default)."""
         groups = self.groups if groups is None else groups
-        return {k: p.detach().clone() for k, p in self.params.items() if group_of(k) in groups}
+        return {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()
+                if self._group[k] in groups}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         """Set adapter tensors in place (a subset of groups is fine); names must be known."""
@@ -120,7 +91,7 @@ class LoraAdapters:
         for p in self.model.parameters():
             p.requires_grad_(False)
         for k, p in self.params.items():
-            p.requires_grad_(group_of(k) in groups)
+            p.requires_grad_(self._group[k] in groups)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.params.values() if p.requires_grad]
@@ -128,7 +99,8 @@ class LoraAdapters:
     def num_parameters(self) -> dict[str, int]:
         out = {g: sum(self.params[k].numel() for k in self.keys(g)) for g in self.groups}
         out["total_adapters"] = sum(out.values())
-        out["model"] = sum(t.numel() for t in base_state_dict(self.model).values())
+        base = self.model.get_base_model()  # parameters once each (tied weights too)
+        out["model"] = sum(p.numel() for n, p in base.named_parameters() if not _is_adapter(n))
         return out
 
     def export(self, path) -> None:

@@ -14,14 +14,15 @@ import numpy as np
 import torch
 
 from fedumm.config import Config
-from fedumm.data.clients import build_dataset, split_clients
-from fedumm.data.dataset import MultimodalDataset
+from fedumm.data.clients import split_clients
+from fedumm.data.readers import read_samples
+from fedumm.data.records import Sample
 from fedumm.eval.model_eval import evaluate_backbone
 from fedumm.fl import codec
 from fedumm.fl.client import ClientData, make_client_data
 from fedumm.fl.updates import ClientUpdate
-from fedumm.models.backbone import Backbone
 from fedumm.models.lora import LoraAdapters
+from fedumm.models.protocol import Backbone, build_backbone
 from fedumm.runtime.run_dir import RunDirectory
 
 CONTROL = "control/"  # prefix of SCAFFOLD control variates inside a payload
@@ -49,10 +50,13 @@ def run_mode(cfg: Config) -> str:
 
 
 def load_backbone(cfg: Config) -> Backbone:
-    backbone = Backbone.load(cfg.model)
-    if cfg.data.image_size != backbone.config.image_size:
-        raise ValueError(f"data.image_size={cfg.data.image_size} but the model "
-                         f"{cfg.model!r} takes {backbone.config.image_size} px images")
+    """The frozen backbone the config names, checked against the generated data it will see."""
+    backbone = build_backbone(cfg.backbone)
+    fixed = getattr(backbone, "input_size", None)  # a model that takes one image size only
+    if cfg.data.dataset == "shapes" and fixed and cfg.data.image_size != fixed:
+        where = cfg.backbone.preset or cfg.backbone.path
+        raise ValueError(f"data.image_size={cfg.data.image_size} but the backbone {where!r} "
+                         f"takes {fixed} px images")
     return backbone
 
 
@@ -69,20 +73,20 @@ def num_clients(cfg: Config) -> int:
 def client_datasets(cfg: Config, backbone: Backbone
                     ) -> tuple[list[ClientData], dict[str, Any] | None]:
     """Every client's training data and the partition summary (None when centralized)."""
-    train = build_dataset(cfg.data, "train")
-    prep = backbone.encoder.prepare(train)
-    n = train.num_samples
+    train = read_samples(cfg.data, "train")
+    backbone.prepare(train)  # e.g. quantise generation targets once, in a fixed order
+    n = len(train)
     if run_mode(cfg) == "centralized":  # one client holding all training data
         parts, missing, summary = [np.arange(n)], np.zeros(n, dtype=np.int8), None
     else:
         split = split_clients(train, cfg.partition, cfg.clients, cfg.seed)
         parts, missing, summary = split.parts, split.missing, split.summary()
-    clients = [make_client_data(k, prep, p, missing, cfg.train.val_fraction, cfg.seed)
+    clients = [make_client_data(k, train, p, missing, cfg.train.val_fraction, cfg.seed)
                for k, p in enumerate(parts)]
     return clients, summary
 
 
-def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: MultimodalDataset,
+def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: list[Sample],
                     states: list[dict[str, torch.Tensor]], with_gen: bool) -> dict[str, Any]:
     """Evaluate one state, or the mean over clients' own states (the ``local`` baseline)."""
     ev = cfg.eval
@@ -106,11 +110,17 @@ def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: MultimodalDat
     return out
 
 
+def full_model_bytes(num_parameters: int, dtype: str) -> int:
+    """What full fine-tuning would send per client and direction: every weight in the wire
+    dtype (counted from parameter counts; the model is never serialised for it)."""
+    return int(num_parameters) * codec.DTYPES[dtype].itemsize
+
+
 def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
                  fingerprint: str, clients: int, final: dict, acc: dict, wall: float,
                  peak_rss: int | None = None) -> dict[str, Any]:
     """``summary.json`` (the DESIGN.md contract) from the counters a runtime kept."""
-    full = len(codec.encode(backbone.base_state(), cfg.codec))
+    full = full_model_bytes(adapters.num_parameters()["model"], cfg.codec)
     up, down = acc["upload"], acc["download"]
     per_up = float(np.mean(up)) if up else 0.0
     base = next((m for m in run_dir.metrics() if m.get("round") == -1), None)

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from fedumm.config import Config
-from fedumm.data.clients import build_dataset
+from fedumm.data.readers import read_samples
 from fedumm.fl import codec
 from fedumm.fl.client import ClientTrainer
 from fedumm.fl.strategies import build_strategy
@@ -47,12 +47,13 @@ class LocalRuntime:
         torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
         self.backbone = load_backbone(cfg)
         self.fingerprint = self.backbone.fingerprint()  # frozen: hash it once
-        self.val_data = build_dataset(cfg.data, "val")
+        self.val_data = read_samples(cfg.data, "val")
         self.mode = run_mode(cfg)
         self.clients, self.partition_summary = client_datasets(cfg, self.backbone)
         self.adapters = build_adapters(cfg, self.backbone)
         self.trainer = ClientTrainer(self.adapters, cfg.train, cfg.local_epochs, cfg.seed)
-        self.strategy = build_strategy(cfg.strategy, len(self.clients), cfg.seed)
+        self.strategy = build_strategy(cfg.strategy, len(self.clients), cfg.seed,
+                                       self.backbone.groups)
         self.initial_state = self.adapters.state()
         if hasattr(self.strategy, "init_state"):
             self.strategy.init_state(self.initial_state)

@@ -18,6 +18,7 @@ from fedumm.fl.strategies.fedprox import FedProx
 from fedumm.fl.strategies.fedumm import FedUMM
 from fedumm.fl.strategies.fedyogi import FedYogi
 from fedumm.fl.strategies.scaffold import Scaffold
+from fedumm.models.protocol import AdapterGroup
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
@@ -27,8 +28,10 @@ STRATEGIES: dict[str, type[Strategy]] = {
 BASELINES: tuple[str, ...] = ("centralized", "local")
 
 
-def build_strategy(cfg: StrategyConfig, num_clients: int, seed: int) -> Strategy:
-    """The strategy named ``cfg.name`` (``centralized`` / ``local`` give FedAvg).
+def build_strategy(cfg: StrategyConfig, num_clients: int, seed: int,
+                   groups: tuple[AdapterGroup, ...] = ()) -> Strategy:
+    """The strategy named ``cfg.name`` (``centralized`` / ``local`` give FedAvg), aggregating
+    over the backbone's adapter ``groups``.
 
     Raises
     ------
@@ -36,11 +39,11 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, seed: int) -> Strategy
         If the name is neither a registered strategy nor a baseline.
     """
     if cfg.name in BASELINES:
-        return FedAvg(cfg, num_clients, seed)
+        return FedAvg(cfg, num_clients, seed, groups)
     if cfg.name not in STRATEGIES:
         valid = sorted(STRATEGIES) + list(BASELINES)
         raise ValueError(f"unknown strategy {cfg.name!r}; valid names: {', '.join(valid)}")
-    return STRATEGIES[cfg.name](cfg, num_clients, seed)
+    return STRATEGIES[cfg.name](cfg, num_clients, seed, groups)
 
 
 __all__ = ["BASELINES", "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedOpt",

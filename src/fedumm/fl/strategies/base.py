@@ -18,7 +18,7 @@ import torch
 from fedumm.config import StrategyConfig
 from fedumm.fl.aggregate import select, weighted_mean
 from fedumm.fl.updates import ClientUpdate
-from fedumm.models.lora import group_of
+from fedumm.models.protocol import AdapterGroup, AdapterLayout
 
 State = dict[str, torch.Tensor]
 
@@ -37,16 +37,21 @@ class Strategy:
         How many clients exist (N).
     seed
         Seeds client sampling (together with the round number).
+    groups
+        The backbone's adapter groups (:attr:`Backbone.groups`): which group each adapter
+        tensor belongs to and which modalities train it. Needed to aggregate.
     """
 
     name = "base"
 
-    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int) -> None:
+    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int,
+                 groups: tuple[AdapterGroup, ...] = ()) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
         self.cfg = cfg
         self.num_clients = int(num_clients)
         self.seed = int(seed)
+        self.layout = AdapterLayout(groups)
 
     # -- client side ---------------------------------------------------------------------------
 
@@ -71,7 +76,7 @@ class Strategy:
 
     def client_weight(self, update: ClientUpdate, group: str) -> float:
         """A client's weight for one group: its samples of the modalities that train the group."""
-        return float(update.samples_for(group))
+        return float(update.samples_for(self.layout.modalities(group)))
 
     def group_weights(self, group: str, updates: list[ClientUpdate]) -> list[float]:
         """The weights of ``updates`` (all of which trained ``group``), one per update."""
@@ -93,9 +98,11 @@ class Strategy:
             If an update has some but not all tensors of a group, or tensors the global state
             does not have (both mean the client and server disagree on the adapter layout).
         """
+        if not self.layout.groups:
+            raise ValueError("this strategy was built without the backbone's adapter groups")
         groups: dict[str, list[str]] = defaultdict(list)
         for key in global_state:
-            groups[group_of(key)].append(key)
+            groups[self.layout.group_of(key)].append(key)
         for u in updates:
             unknown = sorted(u.tensors.keys() - global_state.keys())
             if unknown:

@@ -26,6 +26,7 @@ import torch
 from fedumm.config import StrategyConfig
 from fedumm.fl.strategies.base import State, Strategy
 from fedumm.fl.updates import ClientUpdate
+from fedumm.models.protocol import AdapterGroup
 
 
 class FedOpt(Strategy):
@@ -33,8 +34,9 @@ class FedOpt(Strategy):
 
     name = "fedopt"
 
-    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int) -> None:
-        super().__init__(cfg, num_clients, seed)
+    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int,
+                 groups: tuple[AdapterGroup, ...] = ()) -> None:
+        super().__init__(cfg, num_clients, seed, groups)
         # buffers[name][key]: per-tensor optimizer state, e.g. buffers["m"][key].
         self.buffers: dict[str, dict[str, torch.Tensor]] = {}
 

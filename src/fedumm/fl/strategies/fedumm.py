@@ -19,7 +19,7 @@ FedAvg weights instead of being left unchanged.
 from __future__ import annotations
 
 from fedumm.fl.strategies.fedavg import FedAvg
-from fedumm.fl.updates import GROUP_MODALITIES, ClientUpdate
+from fedumm.fl.updates import ClientUpdate
 
 
 class FedUMM(FedAvg):
@@ -29,7 +29,7 @@ class FedUMM(FedAvg):
 
     def client_weight(self, update: ClientUpdate, group: str) -> float:
         weight = 0.0
-        for m in GROUP_MODALITIES[group]:
+        for m in self.layout.modalities(group):
             q = float(update.quality.get(m, 0.0))
             if not 0.0 <= q <= 1.0:  # NaN fails too
                 raise ValueError(f"client {update.client_id}: quality[{m!r}] = {q} is not in "

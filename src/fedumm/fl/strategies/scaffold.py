@@ -30,6 +30,7 @@ import torch
 from fedumm.config import StrategyConfig
 from fedumm.fl.strategies.base import State, Strategy
 from fedumm.fl.updates import ClientUpdate
+from fedumm.models.protocol import AdapterGroup
 
 
 def client_control_update(c_local: State, c_server: State, x: State, y: State, num_steps: int,
@@ -55,8 +56,9 @@ class Scaffold(Strategy):
 
     name = "scaffold"
 
-    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int) -> None:
-        super().__init__(cfg, num_clients, seed)
+    def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int,
+                 groups: tuple[AdapterGroup, ...] = ()) -> None:
+        super().__init__(cfg, num_clients, seed, groups)
         self.control: dict[str, torch.Tensor] | None = None
 
     def init_state(self, global_state: State) -> None:

@@ -21,7 +21,7 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from fedumm.config import config_from_dict
-from fedumm.data.clients import build_dataset
+from fedumm.data.readers import read_samples
 from fedumm.fl import codec
 from fedumm.fl.strategies import build_strategy
 from fedumm.fl.updates import ClientUpdate
@@ -66,9 +66,9 @@ class FedUMMController(ModelController):
         backbone = load_backbone(cfg)
         fingerprint = backbone.fingerprint()
         adapters = build_adapters(cfg, backbone)
-        val_data = build_dataset(cfg.data, "val")
+        val_data = read_samples(cfg.data, "val")
         k_total = num_clients(cfg)
-        strategy = build_strategy(cfg.strategy, k_total, cfg.seed)
+        strategy = build_strategy(cfg.strategy, k_total, cfg.seed, backbone.groups)
         state = adapters.state()
         if hasattr(strategy, "init_state"):
             strategy.init_state(state)

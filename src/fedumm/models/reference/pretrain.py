@@ -26,10 +26,11 @@ from tqdm import tqdm
 
 from fedumm.data.dataset import generate_shapes
 from fedumm.data.world import CAPTION_QUESTION, describe_scene
-from fedumm.models.backbone import Backbone
-from fedumm.models.text_tokenizer import TextTokenizer
-from fedumm.models.umm import ReferenceUMM, UMMConfig
-from fedumm.models.vq import PatchCodebook
+from fedumm.models.reference.backbone import ReferenceBackbone
+from fedumm.models.reference.pretrain_batches import pretrain_encoder
+from fedumm.models.reference.text_tokenizer import TextTokenizer
+from fedumm.models.reference.umm import ReferenceUMM, UMMConfig
+from fedumm.models.reference.vq import PatchCodebook
 
 
 @dataclass
@@ -66,14 +67,14 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def build_backbone(cfg: PretrainConfig, train_images: np.ndarray) -> Backbone:
+def initial_backbone(cfg: PretrainConfig, train_images: np.ndarray) -> ReferenceBackbone:
     torch.manual_seed(cfg.seed)
     tok = TextTokenizer.default()
     mcfg = UMMConfig(image_size=cfg.image_size, text_vocab=tok.vocab_size,
                      image_codes=cfg.image_codes)
     codebook = PatchCodebook.fit(train_images, mcfg.gen_patch, cfg.image_codes, seed=cfg.seed)
     model = ReferenceUMM(mcfg)
-    return Backbone(model, tok, codebook)
+    return ReferenceBackbone(model, tok, codebook)
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Path:
@@ -89,8 +90,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Pat
                             image_size=cfg.image_size)
     targets = np.stack([data.image(i) for i in data.gen_image[:3000]]
                        + [broad.image(i) for i in broad.gen_image])
-    bb = build_backbone(cfg, targets)
-    prep = bb.encoder.prepare(data, with_probe=True)
+    bb = initial_backbone(cfg, targets)
+    enc = pretrain_encoder(bb)
+    prep = enc.prepare(data, with_probe=True)
     model = bb.model
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
@@ -107,9 +109,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Pat
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        ub = bb.encoder.understanding_batch(prep, rng.integers(0, n_vqa, cfg.vqa_batch))
+        ub = enc.understanding_batch(prep, rng.integers(0, n_vqa, cfg.vqa_batch))
         gi = rng.integers(0, n_gen, cfg.batch_size)
-        gb = bb.encoder.generation_batch(prep, gi, rng.random(cfg.batch_size) < cfg.prompt_dropout)
+        gb = enc.generation_batch(prep, gi, rng.random(cfg.batch_size) < cfg.prompt_dropout)
         lu = model.understanding_loss(ub["images"], ub["q_ids"], ub["q_mask"], ub["a_ids"],
                                       ub["a_mask"], probe=ub["probe"],
                                       probe_weight=cfg.probe_weight,
@@ -121,7 +123,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Pat
         loss = cfg.und_weight * lu + lg
         if cfg.caption_batch:
             rows = rng.integers(0, n_scenes, cfg.caption_batch)
-            cb = bb.encoder.qa_batch(data.images[rows], [CAPTION_QUESTION] * len(rows),
+            cb = enc.qa_batch(data.images[rows], [CAPTION_QUESTION] * len(rows),
                                      [captions[r] for r in rows])
             loss = loss + model.understanding_loss(cb["images"], cb["q_ids"], cb["q_mask"],
                                                    cb["a_ids"], cb["a_mask"])

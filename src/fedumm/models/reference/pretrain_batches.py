@@ -1,4 +1,6 @@
-"""Turn dataset samples into the model's tensors (tokenised once per dataset, then indexed)."""
+"""Pretraining batches of the reference model: a ShapesWorld dataset tokenised once, with the
+ShapesWorld-specific pretraining labels (per-patch attributes, referred cells, generated-cell
+attributes) that only pretraining uses."""
 
 from __future__ import annotations
 
@@ -11,24 +13,14 @@ import torch
 from fedumm.data.dataset import MultimodalDataset
 from fedumm.data.render import COLORS, SHAPES, object_id_map
 from fedumm.data.world import grounding_labels
-from fedumm.models.text_tokenizer import TextTokenizer
-from fedumm.models.vq import PatchCodebook
+from fedumm.models.reference.batching import pad_sequences
+from fedumm.models.reference.text_tokenizer import TextTokenizer
+from fedumm.models.reference.vq import PatchCodebook
 
 _COLOR_INDEX = {c: i for i, c in enumerate(COLORS)}
 _SHAPE_INDEX = {s: i for i, s in enumerate(SHAPES)}
 
 
-def _pad(seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max((len(s) for s in seqs), default=0)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    mask = torch.zeros(len(seqs), n, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if not s:
-            continue
-        sl = slice(n - len(s), n) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(list(s))
-        mask[i, sl] = 1
-    return ids, mask
 
 
 def patch_labels(objects, size: int, patch: int, min_cover: float = 0.25) -> np.ndarray:
@@ -103,8 +95,8 @@ class SampleEncoder:
         """Tensors for VQA samples ``idx`` (indices into ``prep.data.vqa``)."""
         d = prep.data
         rows = [d._row[d.vqa[i].image_id] for i in idx]
-        q_ids, q_mask = _pad([prep.questions[i] for i in idx], left=True)
-        a_ids, a_mask = _pad([prep.answers[i] for i in idx], left=False)
+        q_ids, q_mask = pad_sequences([prep.questions[i] for i in idx], left=True)
+        a_ids, a_mask = pad_sequences([prep.answers[i] for i in idx], left=False)
         batch = {"images": torch.from_numpy(d.images[rows]), "q_ids": q_ids, "q_mask": q_mask,
                  "a_ids": a_ids, "a_mask": a_mask}
         if image_present is not None:
@@ -119,12 +111,13 @@ class SampleEncoder:
                  answers: Sequence[str]) -> dict:
         """Tensors for free-form (question, answer) pairs, e.g. pretraining captions."""
         batch = self.question_batch(images, questions)
-        batch["a_ids"], batch["a_mask"] = _pad(
+        batch["a_ids"], batch["a_mask"] = pad_sequences(
             [self.tok.encode(a) + [self.tok.eos_id] for a in answers], left=False)
         return batch
 
     def question_batch(self, images: np.ndarray, questions: Sequence[str]) -> dict:
-        q_ids, q_mask = _pad([self.tok.encode(q) + [self.tok.sep_id] for q in questions], True)
+        q_ids, q_mask = pad_sequences([self.tok.encode(q) + [self.tok.sep_id] for q in questions],
+                                      True)
         return {"images": torch.from_numpy(np.ascontiguousarray(images)), "q_ids": q_ids,
                 "q_mask": q_mask}
 
@@ -135,17 +128,14 @@ class SampleEncoder:
         drop = list(drop_prompt) if drop_prompt is not None else [False] * len(idx)
         seqs = [[self.tok.boi_id] if dr else prep.prompts[i] for i, dr in zip(idx, drop,
                                                                               strict=True)]
-        p_ids, p_mask = _pad(seqs, left=True)
+        p_ids, p_mask = pad_sequences(seqs, left=True)
         batch = {"p_ids": p_ids, "p_mask": p_mask, "codes": prep.codes[list(idx)]}
         if prep.gen_cells is not None:
             batch["cells"] = prep.gen_cells[list(idx)]
         return batch
 
-    def prompt_batch(self, prompts: Sequence[str]) -> dict:
-        seqs = [self.tok.encode(p) + [self.tok.boi_id] for p in prompts]
-        p_ids, p_mask = _pad(seqs, left=True)
-        u_ids, u_mask = _pad([[self.tok.boi_id]] * len(prompts), left=True)
-        n = p_ids.shape[1]  # unconditional prompts padded to the same length
-        u_ids = torch.cat([torch.zeros(len(prompts), n - 1, dtype=torch.long), u_ids], 1)
-        u_mask = torch.cat([torch.zeros(len(prompts), n - 1, dtype=torch.long), u_mask], 1)
-        return {"p_ids": p_ids, "p_mask": p_mask, "u_ids": u_ids, "u_mask": u_mask}
+
+
+def pretrain_encoder(backbone) -> SampleEncoder:
+    """The pretraining encoder of a reference backbone (its tokenizer, codebook, patch)."""
+    return SampleEncoder(backbone.tokenizer, backbone.codebook, backbone.config.vision_patch)

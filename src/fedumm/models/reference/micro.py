@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from fedumm.data.dataset import generate_shapes
-from fedumm.models.backbone import Backbone
-from fedumm.models.text_tokenizer import TextTokenizer
-from fedumm.models.umm import ReferenceUMM, UMMConfig
-from fedumm.models.vq import PatchCodebook
+from fedumm.models.reference.backbone import ReferenceBackbone
+from fedumm.models.reference.text_tokenizer import TextTokenizer
+from fedumm.models.reference.umm import ReferenceUMM, UMMConfig
+from fedumm.models.reference.vq import PatchCodebook
 
 MICRO_IMAGE_SIZE = 16
 
@@ -26,7 +26,7 @@ def micro_config(vocab: int) -> UMMConfig:
     )
 
 
-def micro_backbone(seed: int = 0) -> Backbone:
+def micro_backbone(seed: int = 0) -> ReferenceBackbone:
     """A deterministic micro backbone (random weights, k-means codebook on a few renders)."""
     tok = TextTokenizer.default()
     data = generate_shapes("base", 40, seed=seed, image_size=MICRO_IMAGE_SIZE)
@@ -35,4 +35,4 @@ def micro_backbone(seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
     model = ReferenceUMM(micro_config(tok.vocab_size))
     model.eval()
-    return Backbone(model, tok, codebook, {"micro": True})
+    return ReferenceBackbone(model, tok, codebook, {"micro": True})

@@ -1,6 +1,6 @@
 """Copy a pretrained checkpoint into the package as the shipped base, with its hashes.
 
-    python -m fedumm.models.ship CHECKPOINT_DIR
+    python -m fedumm.models.reference.ship CHECKPOINT_DIR
 """
 
 from __future__ import annotations
@@ -11,14 +11,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedumm.models.backbone import CODEBOOK, CONFIG, SHIPPED_BASE, TOKENIZER, WEIGHTS, Backbone
+from fedumm.models.reference.backbone import (
+    CODEBOOK,
+    CONFIG,
+    SHIPPED_BASE,
+    TOKENIZER,
+    WEIGHTS,
+    ReferenceBackbone,
+)
 
 FILES = (WEIGHTS, CONFIG, TOKENIZER, CODEBOOK, "pretrain_log.jsonl")
 
 
 def ship(src: str | Path, dst: Path = SHIPPED_BASE) -> dict[str, str]:
     src = Path(src)
-    Backbone.load(src)  # refuse anything that does not load or match its fingerprint
+    ReferenceBackbone.load(src)  # refuse anything that does not load or match its fingerprint
     dst.mkdir(parents=True, exist_ok=True)
     sums = {}
     for name in FILES:

@@ -9,7 +9,8 @@ Layout (module names follow Janus / LLaVA-style UMMs, so LoRA targets look like 
   can address a cell whatever the question's length
 * ``language_model`` a Llama decoder; ``lm_head`` reads text tokens out
 * ``gen_embed`` / ``gen_head`` embed and predict discrete image codes (a k-means patch codebook,
-  see :mod:`fedumm.models.vq`), autoregressively in raster order, with classifier-free guidance
+  see :mod:`fedumm.models.reference.vq`),
+  autoregressively in raster order, with classifier-free guidance
 * ``vision_probe``  auxiliary per-patch shape/colour head used only while pretraining
 * ``ground_head``   auxiliary per-image-token head used only while pretraining: does this cell
   hold what the question names?
@@ -94,9 +95,8 @@ class VisionModel(nn.Module):
         vcfg = SiglipVisionConfig(
             hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_intermediate,
             num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-            image_size=cfg.image_size, patch_size=cfg.vision_patch,
+            image_size=cfg.image_size, patch_size=cfg.vision_patch, attn_implementation="sdpa",
         )
-        vcfg._attn_implementation = "sdpa"
         self.embeddings = VisionEmbeddings(cfg)
         self.encoder = SiglipEncoder(vcfg)
         self.post_layernorm = nn.LayerNorm(cfg.vision_hidden)
@@ -145,9 +145,8 @@ class ReferenceUMM(nn.Module):
             vocab_size=cfg.text_vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
             num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
             num_key_value_heads=cfg.heads, max_position_embeddings=cfg.max_positions,
-            pad_token_id=0,
+            pad_token_id=0, attn_implementation="sdpa",
         )
-        lcfg._attn_implementation = "sdpa"
         self.language_model = LlamaModel(lcfg)
         self.lm_head = nn.Linear(cfg.hidden, cfg.text_vocab, bias=False)
         self.gen_embed = nn.Embedding(cfg.image_codes, cfg.hidden)
@@ -164,6 +163,7 @@ class ReferenceUMM(nn.Module):
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, H, W, 3) -> decoder tokens (B, 16, D) and patch features (B, 64, Dv)."""
         pixels = images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        pixels = pixels.to(self.alignment.tokens.dtype)  # bfloat16 models take bfloat16 pixels
         feats = self.vision_model(pixels)
         return self.aligner(feats), feats
 
@@ -174,7 +174,7 @@ class ReferenceUMM(nn.Module):
         if positions is None:
             positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                  position_ids=positions, past_key_values=cache,
+                                  position_ids=positions, cache=cache,
                                   use_cache=cache is not None)
         return out.last_hidden_state, positions
 
@@ -189,8 +189,8 @@ class ReferenceUMM(nn.Module):
         img_tok = img_tok + self.image_pos.weight[None]
         embeds = torch.cat([self.alignment(b), self._embed_text(q_ids), img_tok,
                             self._embed_text(q_ids[:, -1:])], dim=1)
-        head = torch.ones(b, self.config.alignment_tokens, dtype=q_mask.dtype)
-        tail = torch.ones(b, img_tok.shape[1] + 1, dtype=q_mask.dtype)
+        head = q_mask.new_ones(b, self.config.alignment_tokens)
+        tail = q_mask.new_ones(b, img_tok.shape[1] + 1)
         return embeds, torch.cat([head, q_mask, tail], dim=1), feats
 
     # ------------------------------------------------------------------ losses
@@ -223,7 +223,7 @@ class ReferenceUMM(nn.Module):
         b = p_ids.shape[0]
         embeds = torch.cat([self.alignment(b), self._embed_text(p_ids)], dim=1)
         embeds[:, -1] = embeds[:, -1] + self.gen_pos.weight[0]  # BOI predicts cell 0
-        ones = torch.ones(b, self.config.alignment_tokens, dtype=p_mask.dtype)
+        ones = p_mask.new_ones(b, self.config.alignment_tokens)
         return embeds, torch.cat([ones, p_mask], dim=1)
 
     def _gen_hidden(self, p_ids, p_mask, codes):
@@ -274,7 +274,7 @@ class ReferenceUMM(nn.Module):
         hidden, pos = self._decode(embeds, mask, cache)
         b = q_ids.shape[0]
         out: list[list[int]] = [[] for _ in range(b)]
-        done = torch.zeros(b, dtype=torch.bool)
+        done = torch.zeros(b, dtype=torch.bool, device=q_ids.device)
         last = pos[:, -1:]
         for _ in range(max_new_tokens):
             tok = self.lm_head(hidden[:, -1]).argmax(-1)
@@ -284,7 +284,7 @@ class ReferenceUMM(nn.Module):
             done |= tok == eos_id
             if bool(done.all()):
                 break
-            mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
             last = last + 1
             hidden, _ = self._decode(self._embed_text(tok[:, None]), mask, cache, last)
         return out
@@ -301,7 +301,7 @@ class ReferenceUMM(nn.Module):
         cache = DynamicCache()
         hidden, pos = self._decode(embeds, mask, cache)
         last = pos[:, -1:]
-        codes = torch.zeros(b, n, dtype=torch.long)
+        codes = torch.zeros(b, n, dtype=torch.long, device=p_ids.device)
         for t in range(n):
             logits = self.gen_head(hidden[:, -1]).float()
             logits = logits[b:] + cfg_scale * (logits[:b] - logits[b:])
@@ -314,7 +314,7 @@ class ReferenceUMM(nn.Module):
             if t + 1 == n:
                 break
             step = self.gen_embed(nxt.repeat(2)) + self.gen_pos.weight[t + 1]
-            mask = torch.cat([mask, torch.ones(2 * b, 1, dtype=mask.dtype)], dim=1)
+            mask = torch.cat([mask, mask.new_ones(2 * b, 1)], dim=1)
             last = last + 1
             hidden, _ = self._decode(step[:, None], mask, cache, last)
         return codes

@@ -1,0 +1,21 @@
+"""Padding token sequences into batches (shared by training, evaluation and pretraining)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (B, longest); ``left`` pads at the start (prompts end aligned)."""
+    n = max((len(s) for s in seqs), default=0)
+    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    mask = torch.zeros(len(seqs), n, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        sl = slice(n - len(s), n) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(list(s))
+        mask[i, sl] = 1
+    return ids, mask
