@@ -177,8 +177,8 @@ def _generation_config(model, tokenizer) -> None:
 
 # --------------------------------------------------------------------------- loading
 
-_REQUIRED = {"config.json": "the model config",
-             "preprocessor_config.json": "the image processor config"}
+_REQUIRED = {"config.json": "the model config"}
+_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
             "pytorch_model.bin.index.json")
 _TOKENIZER = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -192,6 +192,8 @@ def check_folder(path: Path) -> None:
     missing = [f"{f} ({why})" for f, why in _REQUIRED.items() if not (path / f).is_file()]
     if not any((path / f).is_file() for f in _WEIGHTS):
         missing.append(f"the weights (one of {', '.join(_WEIGHTS)})")
+    if not any((path / f).is_file() for f in _PROCESSOR):
+        missing.append(f"the image processor config (one of {', '.join(_PROCESSOR)})")
     if not any((path / f).is_file() for f in _TOKENIZER):
         missing.append(f"the tokenizer (one of {', '.join(_TOKENIZER)})")
     if missing:
@@ -208,6 +210,9 @@ def build(cfg: BackboneConfig) -> JanusBackbone:
 
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise ValueError(f"backbone.preset={cfg.preset!r}: the janus backbone has presets "
+                             f"{list(PRESETS)}")
         if cfg.preset != "tiny":
             raise ValueError(f"backbone.preset={cfg.preset!r} has real dimensions and random "
                              "weights: use it with `fedumm backbone info`; train with "
@@ -293,6 +298,13 @@ class JanusBackbone:
     @property
     def num_image_tokens(self) -> int:
         return int(self._janus.config.vision_config.num_image_tokens)
+
+    def save(self, path: str | Path) -> Path:
+        """A checkpoint folder in the Hugging Face layout (what ``backbone.path`` loads)."""
+        path = Path(path)
+        self._janus.save_pretrained(str(path))
+        self.processor.save_pretrained(str(path))
+        return path
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:  # the base is frozen: hash it once

@@ -1,0 +1,122 @@
+"""The Backbone protocol's contract, checked on every registered backbone (tiny sizes)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from fedumm.config import BackboneConfig
+from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import shapes_samples
+from fedumm.fl import codec
+from fedumm.models.info import adapter_parameters
+from fedumm.models.lora import LoraAdapters
+from fedumm.models.protocol import (
+    GENERATION,
+    UNDERSTANDING,
+    Backbone,
+    backbone_kinds,
+    base_state_dict,
+    build_backbone,
+)
+
+PRESETS = {"reference": "micro", "janus": "tiny"}
+LORA_NAME = r"^base_model\.model\.|\.lora_(embedding_)?[AB](\.weight)?$"
+
+
+def make(kind: str) -> Backbone:
+    return build_backbone(BackboneConfig(kind=kind, preset=PRESETS[kind], device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def samples():
+    data = generate_shapes("base", 6, seed=0, image_size=16)  # both backbones take 16 px
+    s = shapes_samples(data)
+    und = [x for x in s if x.task == UNDERSTANDING][:4]
+    gen = [x for x in s if x.task == GENERATION][:4]
+    return und + gen
+
+
+def test_every_registered_backbone_is_covered():
+    assert set(backbone_kinds()) == set(PRESETS)
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_losses_fall_and_only_adapters_get_gradients(kind, samples):
+    bb = make(kind)
+    assert isinstance(bb, Backbone)
+    ad = LoraAdapters(bb, r=4, alpha=8, seed=0)
+    batch = bb.collate(samples, [False] * 7 + [True])
+    assert batch.counts == {UNDERSTANDING: 4, GENERATION: 4}
+    opt = torch.optim.AdamW(ad.trainable_parameters(), lr=1e-2)
+    first = None
+    for _ in range(8):
+        losses = bb.loss(batch)
+        assert set(losses) == {UNDERSTANDING, GENERATION}
+        first = first or {m: v.item() for m, v in losses.items()}
+        opt.zero_grad()
+        sum(losses.values()).backward()
+        with_grad = {n for n, p in ad.model.named_parameters() if p.grad is not None}
+        adapter_names = {n for n, p in ad.model.named_parameters()
+                         if any(p is q for q in ad.params.values())}
+        assert with_grad and with_grad <= adapter_names
+        opt.step()
+    last = {m: v.item() for m, v in bb.loss(batch).items()}
+    for m in (UNDERSTANDING, GENERATION):
+        assert last[m] < first[m] - 0.05, (m, first, last)
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_groups_hold_exactly_their_declared_modules(kind):
+    bb = make(kind)
+    plain = dict(bb.model.named_modules())
+    counts = adapter_parameters(bb.model, bb.groups, r=4)  # before PEFT wraps the modules
+    ad = LoraAdapters(bb, r=4, alpha=8, seed=0)
+    for g in bb.groups:
+        lora_modules = {re.sub(LORA_NAME, "", k) for k in ad.keys(g.name) if ".lora_" in k}
+        declared = {n for n in plain if g.target and re.fullmatch(g.target, n)}
+        assert lora_modules == declared, g.name
+        assert ad.keys(g.name), g.name  # every group trains something
+    # the count of `fedumm backbone info` (no PEFT, meta device) is what PEFT builds
+    n = ad.num_parameters()
+    assert counts == {g: n[g] for g in counts}
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_group_state_round_trips_bit_exactly(kind):
+    a = LoraAdapters(make(kind), r=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for p in a.params.values():
+            p.add_(torch.randn_like(p))
+    for group in a.groups:
+        state = a.state([group])
+        received, _ = codec.roundtrip(state)
+        b = LoraAdapters(make(kind), r=4, alpha=8, seed=1)
+        b.load_state(received)
+        assert all(torch.equal(b.params[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_answer_generate_quality_and_fingerprint(kind, samples):
+    bb = make(kind)
+    und = [s for s in samples if s.task == UNDERSTANDING]
+    answers = bb.answer([s.load_image() for s in und[:2]] + [None], [s.text for s in und[:3]])
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    images = bb.generate(["a photo of a red circle", "a photo of two squares"], seed=1)
+    assert len(images) == 2
+    assert all(im.shape == (bb.image_size, bb.image_size, 3) and im.dtype == np.uint8
+               for im in images)
+    again = bb.generate(["a photo of a red circle", "a photo of two squares"], seed=1)
+    assert np.array_equal(np.asarray(images), np.asarray(again))
+    q = bb.quality(samples)
+    assert set(q) == {UNDERSTANDING, GENERATION} and all(0.0 <= v <= 1.0 for v in q.values())
+    before = bb.fingerprint()
+    bb2 = make(kind)
+    assert bb2.fingerprint() == before
+    with torch.no_grad():
+        next(iter(base_state_dict(bb2.model).values())).view(-1)[0] += 1.0
+    bb2._fingerprint = None  # the Janus backbone caches its hash; the weights changed
+    assert bb2.fingerprint() != before
