@@ -34,6 +34,17 @@ def geneval_record(sample: Sample) -> GenEvalRecord | None:
                          sample.spec.get("exclude", []))
 
 
+def answer_exact_match(backbone, samples: Sequence[Sample]) -> float:
+    """Share of understanding ``samples`` whose greedy answer equals the target answer after
+    the official normalisation (the held-out understanding quality of the built-in backbones)."""
+    from fedumm.eval.vqa_metric import normalize_answer
+
+    answers = backbone.answer([s.load_image() if s.image is not None else None for s in samples],
+                              [s.text or "" for s in samples])
+    return float(np.mean([normalize_answer(a) == normalize_answer(s.answer)
+                          for a, s in zip(answers, samples, strict=True)]))
+
+
 def evaluate_backbone(
     backbone, samples: Sequence[Sample], *, max_vqa: int | None = None,
     max_gen: int | None = None, seed: int = 0, detector: Detector | None = None,

@@ -429,17 +429,13 @@ class JanusBackbone:
     @torch.no_grad()
     def quality(self, samples: Sequence[Sample]) -> dict[str, float]:
         """Exact-match answer accuracy; teacher-forced top-1 accuracy of the image codes."""
-        from fedumm.eval.vqa_metric import normalize_answer
+        from fedumm.eval.model_eval import answer_exact_match
 
         out: dict[str, float] = {}
         und = [s for s in samples if s.task == UNDERSTANDING]
         gen = [s for s in samples if s.task == GENERATION]
         if und:
-            answers = self.answer([s.load_image() if s.image is not None else None for s in und],
-                                  [s.text or "" for s in und])
-            out[UNDERSTANDING] = float(np.mean([
-                normalize_answer(a) == normalize_answer(s.answer)
-                for a, s in zip(answers, und, strict=True)]))
+            out[UNDERSTANDING] = answer_exact_match(self, und)
         if gen:
             g = self.collate(gen).parts[GENERATION]
             pred = self._code_logits(g).argmax(-1)
