@@ -15,7 +15,6 @@ from fedumm.data.scenarios import (
     UNDERSTANDING,
     hybrid_clients,
     missing_modality,
-    modality_counts,
     single_modality_clients,
 )
 
@@ -79,6 +78,3 @@ def split_clients(samples: Sequence[Sample], cfg: PartitionConfig, num_clients: 
     rate = cfg.missing_rate if cfg.scenario == "missing_modality" else 0.0
     return ClientSplit(parts, labels, missing_modality(len(samples), rate, seed))
 
-
-def client_modalities(split: ClientSplit, samples: Sequence[Sample]) -> list[dict[str, int]]:
-    return modality_counts(split.parts, [s.task for s in samples])

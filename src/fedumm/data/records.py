@@ -96,7 +96,7 @@ class Sample:
     ``image`` None mark a missing modality. ``answers`` keeps the 10 human answers where known
     (the official VQA metric); ``labels`` holds what partitioners can split on (answer,
     question_type, answer_type, family, tag, domain, object_class, ...); ``spec`` GenEval's
-    ``include`` / ``exclude`` clauses where known (for scoring generated images).
+    metadata record (``GenEvalRecord.to_json``) where known, for scoring generated images.
     """
 
     id: str

@@ -3,14 +3,15 @@ GenEval, through the Backbone protocol's ``answer`` and ``generate``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from fedumm.data.geneval import record_from_json
 from fedumm.data.records import GenEvalRecord, Sample, VQARecord
 from fedumm.eval.geneval import Detector, score_geneval
-from fedumm.eval.vqa_metric import score_answers
+from fedumm.eval.vqa_metric import normalize_answer, score_answers
 from fedumm.models.protocol import GENERATION, UNDERSTANDING
 
 
@@ -27,22 +28,33 @@ def vqa_record(sample: Sample, question_id: int) -> VQARecord:
 
 
 def geneval_record(sample: Sample) -> GenEvalRecord | None:
-    """A generation sample as a GenEval prompt, where it carries GenEval's clauses."""
+    """A generation sample as a GenEval prompt, where it carries GenEval's metadata."""
     if not sample.spec:
         return None
-    return GenEvalRecord(sample.spec["tag"], sample.text or "", sample.spec["include"],
-                         sample.spec.get("exclude", []))
+    return record_from_json({**sample.spec, "prompt": sample.text or ""})
 
 
-def answer_exact_match(backbone, samples: Sequence[Sample]) -> float:
-    """Share of understanding ``samples`` whose greedy answer equals the target answer after
-    the official normalisation (the held-out understanding quality of the built-in backbones)."""
-    from fedumm.eval.vqa_metric import normalize_answer
+def answer_samples(backbone, samples: Sequence[Sample]) -> list[str]:
+    """The backbone's answers to understanding samples (a missing image is passed as None)."""
+    return backbone.answer([s.load_image() if s.image is not None else None for s in samples],
+                           [s.text or "" for s in samples])
 
-    answers = backbone.answer([s.load_image() if s.image is not None else None for s in samples],
-                              [s.text or "" for s in samples])
-    return float(np.mean([normalize_answer(a) == normalize_answer(s.answer)
-                          for a, s in zip(answers, samples, strict=True)]))
+
+def heldout_quality(backbone, samples: Sequence[Sample],
+                    code_accuracy: Callable[[list[Sample]], float]) -> dict[str, float]:
+    """The held-out quality of the built-in backbones, per modality present: exact-match
+    answer accuracy (after the official normalisation), and ``code_accuracy`` of the
+    generation samples (teacher-forced top-1 accuracy of their target image codes)."""
+    out: dict[str, float] = {}
+    und = [s for s in samples if s.task == UNDERSTANDING]
+    gen = [s for s in samples if s.task == GENERATION]
+    if und:
+        answers = answer_samples(backbone, und)
+        out[UNDERSTANDING] = float(np.mean([normalize_answer(a) == normalize_answer(s.answer)
+                                            for a, s in zip(answers, und, strict=True)]))
+    if gen:
+        out[GENERATION] = float(code_accuracy(gen))
+    return out
 
 
 def evaluate_backbone(
@@ -60,8 +72,7 @@ def evaluate_backbone(
     und = und[:max_vqa] if max_vqa is not None else und
     if und:
         vqa = [vqa_record(s, i) for i, s in enumerate(und)]
-        answers = backbone.answer([s.load_image() if s.image is not None else None for s in und],
-                                  [s.text or "" for s in und])
+        answers = answer_samples(backbone, und)
         res = score_answers({r.question_id: a for r, a in zip(vqa, answers, strict=True)}, vqa)
         out.update(vqa_accuracy=res["overall"], vqa_by_answer_type=res["perAnswerType"],
                    vqa_by_question_type=res["perQuestionType"], num_vqa=len(vqa))

@@ -106,12 +106,12 @@ class ClientTrainer:
             draw = rng.random(len(gen)) < self.cfg.prompt_dropout
             drop = [False] * len(und) + [bool(d) or s.text is None
                                          for d, s in zip(draw, gen, strict=True)]
-        losses = self.backbone.loss(self.backbone.collate(und + gen, drop))
+        collated = self.backbone.collate(und + gen, drop)
+        losses = self.backbone.loss(collated)
         total, parts = 0.0, {}
         for m, key in ((UNDERSTANDING, "und_loss"), (GENERATION, "gen_loss")):
             if m in losses:
-                n = len(und) if m == UNDERSTANDING else len(gen)
-                total = total + losses[m] * n / len(batch)
+                total = total + losses[m] * collated.counts[m] / len(batch)
                 parts[key] = float(losses[m].detach())
         return total, parts
 

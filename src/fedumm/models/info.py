@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from fedumm.models.protocol import DTYPES, AdapterGroup, backbone_skeleton
+from fedumm.fl.codec import DTYPES
+from fedumm.models.protocol import AdapterGroup, backbone_skeleton
 
 if TYPE_CHECKING:
     from fedumm.config import BackboneConfig

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedumm.data.records import Sample
+from fedumm.fl.codec import DTYPES
 from fedumm.models.protocol import (
-    DTYPES,
     GENERATION,
     UNDERSTANDING,
     AdapterGroup,
@@ -429,18 +429,13 @@ class JanusBackbone:
     @torch.no_grad()
     def quality(self, samples: Sequence[Sample]) -> dict[str, float]:
         """Exact-match answer accuracy; teacher-forced top-1 accuracy of the image codes."""
-        from fedumm.eval.model_eval import answer_exact_match
+        from fedumm.eval.model_eval import heldout_quality
 
-        out: dict[str, float] = {}
-        und = [s for s in samples if s.task == UNDERSTANDING]
-        gen = [s for s in samples if s.task == GENERATION]
-        if und:
-            out[UNDERSTANDING] = answer_exact_match(self, und)
-        if gen:
+        def code_accuracy(gen: list[Sample]) -> float:
             g = self.collate(gen).parts[GENERATION]
-            pred = self._code_logits(g).argmax(-1)
-            out[GENERATION] = float((pred == g["codes"]).float().mean())
-        return out
+            return float((self._code_logits(g).argmax(-1) == g["codes"]).float().mean())
+
+        return heldout_quality(self, samples, code_accuracy)
 
     # --------------------------------------------------------------- capabilities
     def _generation_settings(self, **settings):

@@ -62,7 +62,7 @@ class LoraAdapters:
         self.set_trainable(self.groups)
 
     def group_of(self, key: str) -> str:
-        return self._group[key] if key in self._group else self.layout.group_of(key)
+        return self._group[key]
 
     def keys(self, group: str | None = None) -> list[str]:
         return [k for k in self.params if group is None or self._group[k] == group]

@@ -17,6 +17,7 @@ interchangeable by ``backbone.kind``:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +27,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedumm.data.scenarios import GENERATION, MODALITIES, UNDERSTANDING
+
 if TYPE_CHECKING:
     from fedumm.config import BackboneConfig
     from fedumm.data.records import Sample
 
-UNDERSTANDING = "understanding"
-GENERATION = "generation"
-MODALITIES = (UNDERSTANDING, GENERATION)
+__all__ = ["GENERATION", "UNDERSTANDING", "AdapterGroup", "AdapterLayout", "Backbone", "Batch",
+           "backbone_kinds", "backbone_skeleton", "base_state_dict", "build_backbone",
+           "register_backbone", "resolve_device", "state_fingerprint"]
 
 # PEFT names adapter tensors ``<module path>.lora_A.weight`` etc.; the module path is what a
 # group's target regex matches.
@@ -245,14 +248,8 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-DTYPES: Mapping[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                     "float16": torch.float16}
-
-
 def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes of a state dict (sorted by name)."""
-    import hashlib
-
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()

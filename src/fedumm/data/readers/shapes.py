@@ -40,5 +40,5 @@ def shapes_samples(data: MultimodalDataset) -> list[Sample]:
             id=f"g{image_id}", task=GENERATION, text=g.prompt,
             image=ImageRef(array=data.image(image_id)),
             labels={k: str(v[nv + j]) for k, v in columns.items()},
-            spec={"tag": g.tag, "include": g.include, "exclude": g.exclude}))
+            spec=g.to_json()))
     return out

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from fedumm.models.protocol import DTYPES, register_backbone, resolve_device
+from fedumm.fl.codec import DTYPES
+from fedumm.models.protocol import register_backbone, resolve_device
 from fedumm.models.reference.backbone import (
     REFERENCE_GROUPS,
     SHIPPED_BASE,

@@ -208,18 +208,13 @@ class ReferenceBackbone:
     @torch.no_grad()
     def quality(self, samples: Sequence[Sample]) -> dict[str, float]:
         """Exact-match answer accuracy; teacher-forced top-1 accuracy of the image codes."""
-        from fedumm.eval.model_eval import answer_exact_match
+        from fedumm.eval.model_eval import heldout_quality
 
-        out: dict[str, float] = {}
-        und = [s for s in samples if s.task == UNDERSTANDING]
-        gen = [s for s in samples if s.task == GENERATION]
-        if und:
-            out[UNDERSTANDING] = answer_exact_match(self, und)
-        if gen:
+        def code_accuracy(gen: list[Sample]) -> float:
             g = self.collate(gen).parts[GENERATION]
-            out[GENERATION] = float(self.model.generation_accuracy(g["p_ids"], g["p_mask"],
-                                                                   g["codes"]))
-        return out
+            return self.model.generation_accuracy(g["p_ids"], g["p_mask"], g["codes"])
+
+        return heldout_quality(self, samples, code_accuracy)
 
     # --------------------------------------------------------------- capabilities
     @torch.no_grad()
