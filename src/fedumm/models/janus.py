@@ -44,6 +44,7 @@ from fedumm.models.protocol import (
     UNDERSTANDING,
     AdapterGroup,
     Batch,
+    ModelPlacement,
     base_state_dict,
     register_backbone,
     resolve_device,
@@ -254,7 +255,7 @@ def skeleton(cfg: BackboneConfig) -> tuple[nn.Module, tuple[AdapterGroup, ...]]:
 
 # --------------------------------------------------------------------------- the backbone
 
-class JanusBackbone:
+class JanusBackbone(ModelPlacement):
     """A Janus(-Pro) model and its processor, behind the Backbone protocol."""
 
     kind = "janus"
@@ -276,14 +277,6 @@ class JanusBackbone:
     @property
     def groups(self) -> tuple[AdapterGroup, ...]:
         return janus_groups(self.boi_id, self.eoi_id)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @property
     def _janus(self):

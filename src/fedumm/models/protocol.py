@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from fedumm.data.records import Sample
 
 __all__ = ["GENERATION", "UNDERSTANDING", "AdapterGroup", "AdapterLayout", "Backbone", "Batch",
+           "ModelPlacement",
            "backbone_kinds", "backbone_skeleton", "base_state_dict", "build_backbone",
            "register_backbone", "resolve_device", "state_fingerprint"]
 
@@ -189,6 +190,20 @@ class Backbone(Protocol):
     def fingerprint(self) -> str:
         """sha256 of the frozen weights, so clients can refuse a backbone they don't expect."""
         ...
+
+
+class ModelPlacement:
+    """``device`` and ``dtype`` of a backbone, read off its model's parameters."""
+
+    model: nn.Module
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
 
 # --------------------------------------------------------------------------- registry

@@ -22,6 +22,7 @@ from fedumm.models.protocol import (
     UNDERSTANDING,
     AdapterGroup,
     Batch,
+    ModelPlacement,
     base_state_dict,
     state_fingerprint,
 )
@@ -57,7 +58,7 @@ def resolve_checkpoint(name: str | Path) -> Path:
     return path
 
 
-class ReferenceBackbone:
+class ReferenceBackbone(ModelPlacement):
     """Model + tokenizer + codebook, behind the :class:`~fedumm.models.protocol.Backbone`
     protocol."""
 
@@ -78,14 +79,6 @@ class ReferenceBackbone:
     @property
     def groups(self) -> tuple[AdapterGroup, ...]:
         return REFERENCE_GROUPS
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
     @property
     def image_size(self) -> int:
