@@ -15,8 +15,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     from fedumm.data.clients import split_clients
     from fedumm.data.readers import read_samples
 
-    overrides = [f"clients={args.clients}", f"seed={args.seed}", f"data.dataset={args.dataset}",
-                 f"data.split={args.split}"]
+    overrides = [f"clients={args.clients}", f"seed={args.seed}", f"data.split={args.split}"]
     if args.alpha is not None:
         overrides.append(f"partition.alpha={args.alpha}")
     if args.method is not None:
@@ -59,13 +58,51 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from fedumm.data.readers import read_samples
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # only overrides were given
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    report = {}
+    for role in ("train", "val"):
+        samples = read_samples(cfg.data, role)  # every record and image path is checked
+        report[role] = {
+            task: {"samples": n, "with_image": sum(s.image is not None for s in samples
+                                                   if s.task == task)}
+            for task, n in sorted(Counter(s.task for s in samples).items())}
+        if role == "train" and samples:
+            report["example"] = {task: {"id": s.id, "text": s.text, "answer": s.answer,
+                                        "image": s.image.describe() if s.image else None,
+                                        "labels": s.labels}
+                                 for task in ("understanding", "generation")
+                                 for s in samples[:1] + samples[-1:] if s.task == task}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for role in ("train", "val"):
+        for task, c in report[role].items():
+            print(f"{role:>5} {task:<13} {c['samples']:>8} samples ({c['with_image']} with "
+                  "an image)")
+    for task, ex in report.get("example", {}).items():
+        print(f"example {task}: {json.dumps(ex)[:300]}")
+    print("ok: every record and image path was read and checked")
+    return 0
+
+
 def _cmd_data_export(args: argparse.Namespace) -> int:
     from fedumm.data.dataset import generate_shapes
-    from fedumm.data.export import export_official
+    from fedumm.data.export import export_conversation_files, export_official
 
     data = generate_shapes(args.split, args.scenes, seed=args.seed, role=args.role,
                            image_size=args.image_size)
-    paths = export_official(data, args.out, f"shapes_{args.split}_{args.role}")
+    if args.format == "llava":
+        paths = export_conversation_files(data, args.out)
+    else:
+        paths = export_official(data, args.out, f"shapes_{args.split}_{args.role}")
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -154,9 +191,12 @@ def _cmd_export_flare_job(args: argparse.Namespace) -> int:
         site, sep, override = item.partition(":")
         if not sep or "=" not in override:
             raise ValueError(f"--site {item!r}: expected SITE:key=value, e.g. "
-                             "site-1:data.root=/data/vqa")
+                             "site-1:data.understanding=/data/vqa.jsonl")
         sites.setdefault(site, []).append(override)
-    path = export_flare_job(cfg, args.out, sites)
+    names = [s.strip() for s in args.sites.split(",")] if args.sites else None
+    if names and not any(o.split("=", 1)[0].strip() == "clients" for o in args.overrides):
+        cfg = load_config(args.config, [*args.overrides, f"clients={len(names)}"])
+    path = export_flare_job(cfg, args.out, sites, names)
     print(f"FLARE job: {path}  (submit: nvflare job submit -j {path})")
     return 0
 
@@ -259,7 +299,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("partition", help="split a dataset over clients and show heterogeneity")
     p.add_argument("--config", help="YAML config (defaults when omitted)")
-    p.add_argument("--dataset", default="shapes", choices=["shapes"])
     p.add_argument("--split", default="downstream", choices=["base", "downstream"])
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--alpha", type=float, help="Dirichlet concentration (partition.alpha)")
@@ -271,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.set_defaults(func=_cmd_partition)
 
-    data = sub.add_parser("data", help="ShapesWorld data: preview, export").add_subparsers(
+    data = sub.add_parser("data", help="data: check your files; ShapesWorld preview, export"
+                          ).add_subparsers(
         dest="data_command", required=True)
     p = data.add_parser("preview", help="PNG grid of samples with their questions / prompts")
     p.add_argument("--out", default="runs/preview")
@@ -279,8 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_preview)
-    p = data.add_parser("export", help="write VQA v2 + GenEval files of generated data")
+    p = data.add_parser("check", help="read and check a config's data (every record and "
+                        "image path) and print what each role holds")
+    p.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. "
+                   "data.format=files data.understanding=llava.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_data_check)
+
+    p = data.add_parser("export", help="write generated data as VQA v2 + GenEval files, or as "
+                        "LLaVA JSON + a metadata.jsonl image folder")
     p.add_argument("--out", required=True)
+    p.add_argument("--format", default="official", choices=["official", "llava"],
+                   help="official: VQA v2 + GenEval; llava: llava.json + t2i/metadata.jsonl")
     p.add_argument("--split", default="downstream", choices=["base", "downstream"])
     p.add_argument("--role", default="val", choices=["train", "val", "test"])
     p.add_argument("--scenes", type=int, default=200)
@@ -304,7 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
     p.add_argument("--out", required=True, help="folder to write the job into")
     p.add_argument("--site", action="append", default=[], metavar="SITE:KEY=VALUE",
-                   help="an override for one site (repeatable), e.g. site-2:data.root=/data")
+                   help="an override for one site (repeatable), e.g. "
+                        "site-2:data.understanding=/data/vqa.jsonl; a site given its own "
+                        "data.understanding / data.generation trains on all of it")
+    p.add_argument("--sites", metavar="NAME,NAME,...",
+                   help="the sites' names, one per client (default site-1..site-K; sets "
+                        "clients when not overridden)")
     p.set_defaults(func=_cmd_export_flare_job)
 
     p = sub.add_parser("sweep", help="run a grid of experiments (resumable) and report it")

@@ -32,9 +32,11 @@ def _choices(*values: str) -> dict:
 
 @dataclass
 class DataConfig:
-    """Which samples exist: the ShapesWorld generator (or local VQA v2 / GenEval files)."""
+    """Which samples exist: the ShapesWorld generator, or the user's own files (``format=files``,
+    read by ``fedumm.data.readers``; formats are detected from the paths)."""
 
-    dataset: str = field(default="shapes", metadata=_choices("shapes", "vqa_v2"))
+    format: str = field(default="shapes", metadata=_choices("shapes", "files"))
+    # ShapesWorld generator (format=shapes)
     split: str = field(default="downstream", metadata=_choices("base", "downstream"))
     # 48 px: a 3x3 layout of 16 px cells, which the reference model's tokens align with
     image_size: int = field(default=48, metadata=_range(16, 256))
@@ -44,8 +46,26 @@ class DataConfig:
     questions_per_image: int = field(default=2, metadata=_range(1, 20))
     generation_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0))
     annotator_noise: float = field(default=0.1, metadata=_range(0.0, 1.0))
-    root: str = ""  # local path for real data (vqa_v2); unused for shapes
+    # the user's files (format=files): a file, a folder or a glob per modality
+    understanding: str = ""  # VQA v2 folder, LLaVA / sharegpt / TRL / question-answer JSON(L)
+    generation: str = ""  # metadata.jsonl image folder, image+text JSONL/CSV, WebDataset .tar
+    images: str = ""  # root of relative image paths (default: the data file's folder)
+    understanding_val: str = ""  # held-out files; default: a seeded split of the training files
+    generation_val: str = ""
+    heldout_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
+    max_samples: int = field(default=0, metadata=_range(0))  # per file, first N (0: all)
     seed: int = field(default=0, metadata=_range(0))
+
+    def validate(self) -> None:
+        if self.format == "files" and not (self.understanding or self.generation):
+            raise ConfigError("data.format=files needs data.understanding and/or "
+                              "data.generation (a file, folder or glob)")
+        if self.format == "shapes":
+            own = [k for k in ("understanding", "generation", "understanding_val",
+                               "generation_val") if getattr(self, k)]
+            if own:
+                raise ConfigError(f"data.{own[0]} is set but data.format=shapes; add "
+                                  "data.format=files to train on your files")
 
 
 @dataclass

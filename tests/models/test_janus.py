@@ -10,11 +10,13 @@ import torch
 
 from fedumm.config import BackboneConfig, config_from_dict
 from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers import read_samples
 from fedumm.data.readers.shapes import shapes_samples
 from fedumm.models.info import backbone_info
 from fedumm.models.janus import JanusBackbone
 from fedumm.models.protocol import build_backbone
 from fedumm.runtime.local import run_experiment
+from fedumm.runtime.run_dir import RunDirectory
 
 
 def tiny() -> JanusBackbone:
@@ -93,3 +95,32 @@ def test_two_clients_one_round_of_janus_tiny(tmp_path):
     assert comm["full_model_bytes"] == 4 * summary["adapters"]["model"]
     assert (tmp_path / "run" / "adapters" / "adapter_model.safetensors").is_file()
     assert np.isfinite(summary["final"]["vqa_accuracy"])
+
+
+def test_two_clients_one_round_of_janus_tiny_on_llava_and_metadata_files(tmp_path):
+    """The user's path: a LLaVA JSON and a metadata.jsonl image folder (images of another
+    size than the model's, resized by its processor)."""
+    from fedumm.data.export import export_conversation_files
+
+    data = generate_shapes("downstream", 12, seed=4, role="train", image_size=40)
+    files = export_conversation_files(data, tmp_path / "files")
+    cfg = config_from_dict({}, [
+        "backbone.kind=janus", "backbone.preset=tiny", "backbone.device=cpu", "clients=2",
+        "rounds=1", "data.format=files", f"data.understanding={files['understanding']}",
+        f"data.generation={files['generation']}", "data.heldout_fraction=0.25",
+        "train.max_steps=2", "train.batch_size=4", "eval.max_vqa=4", "lora.r=4",
+        "partition.alpha=1.0", "train.threads=1"])
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
+    rounds = [m for m in RunDirectory(tmp_path / "run").metrics() if m["type"] == "round"]
+    train, held = read_samples(cfg.data, "train"), read_samples(cfg.data, "val")
+    assert len(train) + len(held) == len(data.vqa) + len(data.gen)
+    partition = json.loads((tmp_path / "run" / "partition.json").read_text())
+    assert sum(c["num_samples"] for c in partition["clients"]) == len(train)
+    trained = sum(n for c in rounds[0]["num_samples"].values() for n in c.values())
+    assert len(train) - 8 <= trained < len(train)  # less each client's own quality samples
+    final = summary["final"]  # no GenEval clauses in the user's prompts: held-out quality
+    assert "geneval_overall" not in final and 0 <= final["generation_quality"] <= 1
+    last = [m for m in RunDirectory(tmp_path / "run").metrics() if m["type"] == "eval"][-1]
+    assert last["num_vqa"] == 4
+    assert last["num_generation_quality"] == sum(s.task == "generation" for s in held) > 0
+    assert np.isfinite(final["vqa_accuracy"])

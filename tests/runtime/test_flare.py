@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from fedumm.cli import main
 from fedumm.config import ConfigError, config_from_dict
+from fedumm.models.reference.micro import MICRO_IMAGE_SIZE
 from fedumm.runtime.flare.job import build_job
 from fedumm.runtime.flare.runner import FlareRunError, export_flare_job, run_flare_sim
 from fedumm.runtime.local import run_experiment
@@ -77,7 +78,8 @@ def test_exported_job_passes_flares_job_validation(tmp_path, tiny_overrides):
     from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
 
     cfg = _cfg(tiny_overrides, "clients=3")
-    job = export_flare_job(cfg, tmp_path, {"site-2": ["data.root=/data/site2"]})
+    own = ["data.format=files", "data.understanding=/data/site2.jsonl"]
+    job = export_flare_job(cfg, tmp_path, {"site-2": own})
     ok, err, meta = JobMetaValidator().validate(job.name, load_job_def_bytes(
         str(tmp_path), job.name))
     assert ok, err
@@ -91,7 +93,9 @@ def test_exported_job_passes_flares_job_validation(tmp_path, tiny_overrides):
                             .read_text())
         args = client["executors"][0]["executor"]["args"]
         assert args["params_exchange_format"] == "pytorch"
-        assert ("data.root=/data/site2" in args["task_script_args"]) == (site == "site-2")
+        assert ("data.understanding=/data/site2.jsonl" in args["task_script_args"]) == (
+            site == "site-2")
+        assert f"--client-id {int(site[-1]) - 1}" in args["task_script_args"]
         assert "/" not in args["task_script_path"]  # relative: works on remote hosts
     server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
     assert server["workflows"][0]["args"]["config"] == {**cfg.to_dict()}
@@ -106,16 +110,60 @@ def test_job_builder_rejects_what_flare_cannot_run(tiny_overrides):
         build_job(_cfg(tiny_overrides), site_overrides={"site-9": ["seed=1"]})
     with pytest.raises(ConfigError, match="partition.alpha"):
         build_job(_cfg(tiny_overrides), site_overrides={"site-1": ["partition.alpha=-1"]})
+    with pytest.raises(ConfigError, match="3 site names for 2 clients"):
+        build_job(_cfg(tiny_overrides), sites=["a", "b", "c"])
+    with pytest.raises(ConfigError, match="site name 'a b'"):
+        build_job(_cfg(tiny_overrides), sites=["a b", "c"])
+    with pytest.raises(ConfigError, match="data.understanding is set but data.format=shapes"):
+        build_job(_cfg(tiny_overrides), site_overrides={"site-1": ["data.understanding=/x"]})
+
+
+def test_export_with_named_sites_and_their_own_data(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "job"
+    assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(out),
+                 "--sites", "hospital-a,bank_b,phones.eu",
+                 "--site", "bank_b:data.format=files",
+                 "--site", "bank_b:data.understanding=/srv/bank/vqa.jsonl"]) == 0
+    job = out / "fedumm"
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["min_clients"] == 3
+    assert sorted(s for v in meta["deploy_map"].values() for s in v) == [
+        "bank_b", "hospital-a", "phones.eu", "server"]
+    server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
+    assert server["workflows"][0]["args"]["sites"] == ["hospital-a", "bank_b", "phones.eu"]
+    for k, site in enumerate(["hospital-a", "bank_b", "phones.eu"]):
+        client = json.loads((job / f"app_{site}" / "config" / "config_fed_client.json")
+                            .read_text())
+        args = client["executors"][0]["executor"]["args"]["task_script_args"]
+        assert f"--client-id {k}" in args
+        assert ("data.understanding=/srv/bank/vqa.jsonl" in args) == (site == "bank_b")
+
+
+def test_a_named_site_with_its_own_data_trains_on_all_of_it(tmp_path, tiny_overrides):
+    from fedumm.data.dataset import generate_shapes
+    from fedumm.data.export import export_official
+
+    own = generate_shapes("downstream", 12, seed=5, role="train", image_size=MICRO_IMAGE_SIZE)
+    vqa = export_official(own, tmp_path / "hospital", "train2014")["vqa"]
+    cfg = _cfg(tiny_overrides, "runtime=flare-sim")
+    run_flare_sim(cfg, tmp_path / "run", sites=["hospital-a", "bank_b"], log=lambda s: None,
+                  site_overrides={"hospital-a": ["data.format=files",
+                                                 f"data.understanding={vqa}"]})
+    rounds = [m for m in RunDirectory(tmp_path / "run").metrics() if m["type"] == "round"]
+    n = len(own.vqa)
+    held = max(1, round(n * cfg.train.val_fraction))  # the client's own quality samples
+    assert rounds[0]["num_samples"]["0"] == {"understanding": n - held, "generation": 0}
+    assert rounds[0]["num_samples"]["1"]["generation"] > 0  # bank_b: its share of the config
 
 
 def test_export_command(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "job"
     assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(out),
-                 "--site", "site-1:data.root=/d1", "clients=2"]) == 0
+                 "--site", "site-1:seed=3", "clients=2"]) == 0
     assert "nvflare job submit" in capsys.readouterr().out
     assert (out / "fedumm" / "meta.json").is_file()
     assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(tmp_path / "x"),
-                 "--site", "site-1=data.root"]) == 2
+                 "--site", "site-1=seed"]) == 2
     assert "SITE:key=value" in capsys.readouterr().err
 
 

@@ -21,11 +21,23 @@ def decode_image(data: bytes | Path | str, where: str) -> np.ndarray:
         raise ValueError(f"cannot read image {where}: {exc}") from exc
 
 
-def load_image(path: str | Path, member: str = "") -> np.ndarray:
-    """An image file, or ``member`` of the tar archive at ``path``."""
+def load_image(path: str | Path, member: str = "", offset: int = -1, size: int = 0
+               ) -> np.ndarray:
+    """An image file, or ``member`` of the tar archive at ``path`` (read directly at
+    ``offset`` when the archive was indexed, else found by scanning it)."""
     if not member:
         return decode_image(Path(path), str(path))
     where = f"{path}::{member}"
+    if offset >= 0:
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"archive not found: {path}") from exc
+        if len(data) != size:
+            raise ValueError(f"{where}: archive is shorter than its index (changed since?)")
+        return decode_image(data, where)
     try:
         with tarfile.open(path) as tar:
             f = tar.extractfile(member)

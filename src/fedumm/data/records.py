@@ -72,18 +72,26 @@ class ImageRef:
     path: str = ""  # an image file, or the tar archive when ``member`` is set
     member: str = ""  # the member's name inside the tar archive
     array: Any = None  # uint8 (H, W, 3) in memory (generated data)
+    offset: int = -1  # where the member's bytes start in the archive, when indexed
+    size: int = 0  # and how many there are (a direct read instead of a scan of the archive)
+    table: Any = None  # a table of images (``.image(row) -> array``), e.g. a HF dataset column
+    row: int = -1
 
     def load(self) -> Any:
         """The image as a uint8 (H, W, 3) RGB array."""
         if self.array is not None:
             return self.array
+        if self.table is not None:
+            return self.table.image(self.row)
         from fedumm.data.images import load_image
 
-        return load_image(self.path, self.member)
+        return load_image(self.path, self.member, self.offset, self.size)
 
     def describe(self) -> str:
         if self.array is not None:
             return "<in memory>"
+        if self.table is not None:
+            return f"{self.path}[{self.row}]"
         return f"{self.path}::{self.member}" if self.member else self.path
 
 

@@ -65,7 +65,10 @@ def evaluate_backbone(
 
     The first ``max_vqa`` understanding samples and ``max_gen`` generation samples that carry
     GenEval clauses are used (all by default); image generation is seeded, so the same model
-    and data give the same numbers.
+    and data give the same numbers. Generation samples without GenEval clauses (the user's
+    prompt-image pairs) are scored by the backbone's held-out ``quality`` instead
+    (``generation_quality``, in [0, 1]; teacher-forced image-code accuracy for the built-in
+    backbones).
     """
     out: dict[str, Any] = {}
     und = [s for s in samples if s.task == UNDERSTANDING]
@@ -81,6 +84,11 @@ def evaluate_backbone(
             key = r.family or r.question_type
             fam.setdefault(key, []).append(res["perQuestion"][r.question_id])
         out["vqa_by_family"] = {k: round(float(np.mean(v)), 2) for k, v in sorted(fam.items())}
+    plain = [s for s in samples if s.task == GENERATION and not s.spec]
+    plain = plain[:max_gen] if max_gen is not None else plain
+    if plain:  # the user's prompts carry no GenEval clauses: the backbone's held-out quality
+        out.update(generation_quality=round(backbone.quality(plain)[GENERATION], 4),
+                   num_generation_quality=len(plain))
     gen = [r for r in (geneval_record(s) for s in samples if s.task == GENERATION) if r]
     gen = gen[:max_gen] if max_gen is not None else gen
     if gen:

@@ -88,6 +88,8 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         f"| VQA accuracy, frozen base | {base.get('vqa_accuracy', 'n/a')} |",
         f"| VQA accuracy, final | {fin.get('vqa_accuracy', 'n/a')} |",
         f"| GenEval overall, final | {fin.get('geneval_overall', 'n/a')} |",
+        *([f"| generation held-out quality, final | {fin['generation_quality']} |"]
+          if "generation_quality" in fin else []),
         f"| upload per client per round | {fmt_bytes(comm['upload_bytes_per_client_round'])} |",
         f"| full model (same dtype) | {fmt_bytes(comm['full_model_bytes'])} |",
         f"| reduction vs full fine-tuning | {comm.get('reduction_vs_full')}x |",

@@ -53,7 +53,7 @@ def load_backbone(cfg: Config) -> Backbone:
     """The frozen backbone the config names, checked against the generated data it will see."""
     backbone = build_backbone(cfg.backbone)
     fixed = getattr(backbone, "input_size", None)  # a model that takes one image size only
-    if cfg.data.dataset == "shapes" and fixed and cfg.data.image_size != fixed:
+    if cfg.data.format == "shapes" and fixed and cfg.data.image_size != fixed:
         where = cfg.backbone.preset or cfg.backbone.path
         raise ValueError(f"data.image_size={cfg.data.image_size} but the backbone {where!r} "
                          f"takes {fixed} px images")
@@ -86,6 +86,17 @@ def client_datasets(cfg: Config, backbone: Backbone
     return clients, summary
 
 
+def site_client_data(cfg: Config, backbone: Backbone, client_id: int) -> ClientData:
+    """A site that brings its own data (a FLARE site with its own ``data.*`` paths): every
+    record of its files, with no partition or modality scenario applied (its data is what it
+    is); its local held-out part comes from ``train.val_fraction`` as for any client."""
+    samples = read_samples(cfg.data, "all")
+    backbone.prepare(samples)
+    n = len(samples)
+    return make_client_data(client_id, samples, np.arange(n), np.zeros(n, dtype=np.int8),
+                            cfg.train.val_fraction, cfg.seed)
+
+
 def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: list[Sample],
                     states: list[dict[str, torch.Tensor]], with_gen: bool) -> dict[str, Any]:
     """Evaluate one state, or the mean over clients' own states (the ``local`` baseline)."""
@@ -98,14 +109,15 @@ def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: list[Sample],
     if len(results) == 1:
         return results[0]
     out = dict(results[0])
-    for key in ("vqa_accuracy", "geneval_overall"):
+    for key in ("vqa_accuracy", "geneval_overall", "generation_quality"):
         if key in out:
             out[key] = round(float(np.mean([r[key] for r in results])), 4)
     for key in ("vqa_by_answer_type", "geneval_by_task"):
         if key in out:
             out[key] = {k: round(float(np.mean([r[key][k] for r in results])), 4)
                         for k in out[key]}
-    out["per_client"] = [{k: r.get(k) for k in ("vqa_accuracy", "geneval_overall")}
+    out["per_client"] = [{k: r.get(k) for k in ("vqa_accuracy", "geneval_overall",
+                                                 "generation_quality")}
                          for r in results]
     return out
 
@@ -128,7 +140,8 @@ def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapter
         "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds,
         "clients": clients, "seed": cfg.seed, "runtime": cfg.runtime,
         "final": {k: final[k] for k in ("vqa_accuracy", "vqa_by_answer_type", "vqa_by_family",
-                                        "geneval_overall", "geneval_by_task", "per_client")
+                                        "geneval_overall", "geneval_by_task", "generation_quality",
+                                        "per_client")
                   if k in final},
         "base": {k: base[k] for k in ("vqa_accuracy", "vqa_by_family") if base and k in base},
         "communication": {
@@ -151,6 +164,7 @@ def round_record(rnd: int, selected: list[int], updates: list[ClientUpdate],
                  count_upload: bool = True) -> dict[str, Any]:
     """The ``metrics.jsonl`` record of one round (the same under every runtime)."""
     return {"type": "round", "round": rnd, "clients": selected,
+            "num_samples": {u.client_id: u.num_samples for u in updates},
             "train_loss": {u.client_id: u.metrics for u in updates},
             "quality": {u.client_id: u.quality for u in updates},
             "steps": sum(u.num_steps for u in updates),

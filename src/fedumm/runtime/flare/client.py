@@ -1,10 +1,11 @@
 """Site side of a FLARE run: fedumm's client trainer behind FLARE's Client API.
 
-Each site builds the same frozen backbone and adapters from the job's config, takes its own
-share of the data (site-<k> is client k-1 of the partition, or the data a site override points
-at), and answers every ``train`` task with a :class:`~fedumm.fl.updates.ClientUpdate` sent back
-as an ``FLModel``: adapter tensors in the codec's dtype (pytorch exchange format, so bf16
-travels as bf16) plus sample counts, quality and metrics in ``meta``.
+Each site builds the same frozen backbone and adapters from the job's config and takes its
+data: all of its own files when its overrides give ``data.*`` paths, else its share (client
+``--client-id`` of the partition) of the config's data. It answers every ``train`` task with
+a :class:`~fedumm.fl.updates.ClientUpdate` sent back as an ``FLModel``: adapter tensors in the
+codec's dtype (pytorch exchange format, so bf16 travels as bf16) plus sample counts, quality
+and metrics in ``meta``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from fedumm.runtime.experiment import (
     client_datasets,
     load_backbone,
     pack,
+    site_client_data,
     unpack,
 )
 
@@ -30,17 +32,18 @@ CONFIG_FILE = "fedumm_config.yaml"
 ERRORS_DIR = "site_errors"  # under the run directory (simulator / POC): one file per failed site
 
 
-def site_index(site: str) -> int:
-    """``site-3`` -> client 2 (FLARE names sites from 1)."""
-    try:
-        return int(site.rsplit("-", 1)[1]) - 1
-    except (IndexError, ValueError) as exc:
-        raise ValueError(f"site name {site!r}: expected site-<k> (k from 1)") from exc
+OWN_DATA_KEYS = ("data.format", "data.understanding", "data.generation")
+
+
+def has_own_data(overrides: list[str]) -> bool:
+    """Whether a site's overrides point it at its own files (then it uses all of them)."""
+    return any(o.split("=", 1)[0].strip() in OWN_DATA_KEYS for o in overrides)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser("fedumm_client")
     p.add_argument("--config", default=CONFIG_FILE, help="relative to this script's folder")
+    p.add_argument("--client-id", type=int, required=True, help="this site's client number")
     p.add_argument("--override", action="append", default=[], help="key=value for this site")
     p.add_argument("--run-dir", default="", help="where to report a failure (simulator / POC)")
     return p.parse_args(argv)
@@ -68,13 +71,16 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
     cfg_path = script_dir / args.config  # relative names: the job folder moves between hosts
     cfg = load_config(cfg_path, args.override)
     torch.set_num_threads(cfg.train.threads or 1)  # one thread per site process
-    k = site_index(site)
+    k = args.client_id
     backbone = load_backbone(cfg)
     adapters = build_adapters(cfg, backbone)
-    clients, _ = client_datasets(cfg, backbone)
-    if k >= len(clients):
-        raise ValueError(f"{site} has no data: the config has {len(clients)} client(s)")
-    client = clients[k]
+    if has_own_data(args.override):
+        client = site_client_data(cfg, backbone, k)
+    else:
+        clients, _ = client_datasets(cfg, backbone)
+        if k >= len(clients):
+            raise ValueError(f"{site} has no data: the config has {len(clients)} client(s)")
+        client = clients[k]
     trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed)
     wire = DTYPES[cfg.codec]
     client_state: dict | None = None

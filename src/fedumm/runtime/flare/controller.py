@@ -10,6 +10,7 @@ adapter tensors are persisted.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -42,19 +43,37 @@ from fedumm.runtime.run_dir import RunDirectory
 RUN_SUBDIR = "fedumm_run"  # inside FLARE's job workspace when no run_dir is given
 
 
-def site_name(k: int) -> str:
-    return f"site-{k + 1}"
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def site_names(k_total: int, sites: list[str] | None = None) -> list[str]:
+    """The job's site names, client k first: ``sites`` as given (any names FLARE accepts),
+    else FLARE's defaults ``site-1`` .. ``site-K``."""
+    if not sites:
+        return [f"site-{k + 1}" for k in range(k_total)]
+    bad = [s for s in sites if not SITE_NAME.match(s)]
+    if bad:
+        raise ValueError(f"site name {bad[0]!r}: use letters, digits, '.', '_' and '-'")
+    if len(set(sites)) != len(sites):
+        raise ValueError(f"site names repeat: {sites}")
+    if len(sites) != k_total:
+        raise ValueError(f"{len(sites)} site names for {k_total} clients: give one per client "
+                         "(or set clients)")
+    return list(sites)
 
 
 class FedUMMController(ModelController):
-    def __init__(self, config: dict[str, Any], run_dir: str = "") -> None:
+    def __init__(self, config: dict[str, Any], run_dir: str = "",
+                 sites: list[str] | None = None) -> None:
         """``config``: the resolved fedumm config; ``run_dir``: where to write the run
-        directory (empty: ``fedumm_run`` in the server's job workspace)."""
+        directory (empty: ``fedumm_run`` in the server's job workspace); ``sites``: the site
+        name of every client (default ``site-1`` .. ``site-K``)."""
         # strict: any site error stops the run (a failed client must fail the run)
         super().__init__(persistor_id="", ignore_result_error=False, task_check_period=0.05)
         fobs.register(TensorDecomposer)  # adapters travel as torch tensors (bf16 included)
         self.config = config
         self.run_dir = run_dir
+        self.sites = sites
 
     def run(self) -> None:
         cfg = config_from_dict(self.config)  # build_job refused strategy.name=local
@@ -68,6 +87,7 @@ class FedUMMController(ModelController):
         adapters = build_adapters(cfg, backbone)
         val_data = read_samples(cfg.data, "val")
         k_total = num_clients(cfg)
+        sites = site_names(k_total, self.sites)
         strategy = build_strategy(cfg.strategy, k_total, cfg.seed, backbone.groups)
         state = adapters.state()
         if hasattr(strategy, "init_state"):
@@ -91,7 +111,7 @@ class FedUMMController(ModelController):
                                                     if k != "server_control"}})
             self.info(f"fedumm round {rnd + 1}/{cfg.rounds}: clients {selected}")
             t = time.perf_counter()
-            results = self.send_model_and_wait(targets=[site_name(k) for k in selected],
+            results = self.send_model_and_wait(targets=[sites[k] for k in selected],
                                                data=model)
             acc["client_train_s"] += time.perf_counter() - t
             if len(results) != len(selected):

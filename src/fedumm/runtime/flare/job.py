@@ -1,10 +1,11 @@
 """A FLARE job (Job API) from a fedumm config.
 
 Server: :class:`~fedumm.runtime.flare.controller.FedUMMController` with the resolved config.
-Sites ``site-1`` .. ``site-K``: FLARE's Client API executor running ``fedumm_client.py`` in
-process, exchanging pytorch tensors (so bf16 payloads stay bf16). The script and the config
-travel in each site's ``custom/`` folder under relative names, so the folder works on remote
-sites; per-site ``key=value`` overrides (e.g. a site's own data path) go in its script args.
+Sites (``site-1`` .. ``site-K``, or the names given): FLARE's Client API executor running
+``fedumm_client.py`` in process, exchanging pytorch tensors (so bf16 payloads stay bf16). The
+script and the config travel in each site's ``custom/`` folder under relative names, so the
+folder works on remote sites; per-site ``key=value`` overrides (e.g. a site's own data
+paths, then it trains on all of its files) go in its script args with its client number.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nvflare.job_config.api import FedJob
 from fedumm.config import Config, ConfigError, config_from_dict
 from fedumm.runtime.experiment import num_clients, run_mode
 from fedumm.runtime.flare.client import CONFIG_FILE
-from fedumm.runtime.flare.controller import FedUMMController, site_name
+from fedumm.runtime.flare.controller import FedUMMController, site_names
 
 JOB_NAME = "fedumm"
 CLIENT_SCRIPT = Path(__file__).with_name("fedumm_client.py")
@@ -29,30 +30,36 @@ CLIENT_SCRIPT = Path(__file__).with_name("fedumm_client.py")
 
 def build_job(cfg: Config, *, run_dir: str = "", staging: Path | None = None,
               site_overrides: dict[str, list[str]] | None = None,
-              task_request_interval: float = 0.1) -> FedJob:
+              sites: list[str] | None = None, task_request_interval: float = 0.1) -> FedJob:
     """The FLARE job for ``cfg``. ``run_dir``: where the server writes the run directory and
     sites report failures (empty for a real deployment: the server's job workspace).
     ``staging``: a folder for the files the job copies into ``custom/`` when it is exported
-    (they must exist until then; a new temporary folder when omitted)."""
+    (they must exist until then; a new temporary folder when omitted). ``sites``: the site
+    name of each client (default ``site-1`` .. ``site-K``)."""
     if run_mode(cfg) == "local":
         raise ConfigError("strategy.name=local runs only on the local runtime")
     k_total = num_clients(cfg)
-    sites = [site_name(k) for k in range(k_total)]
+    try:
+        sites = site_names(k_total, sites)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     unknown = sorted(set(site_overrides or {}) - set(sites))
     if unknown:
-        raise ConfigError(f"site overrides for {unknown}: the job has sites {sites}")
+        raise ConfigError(f"site overrides for {unknown}: the job has sites {sites} (name "
+                          "the sites with --sites)")
     for ov in (site_overrides or {}).values():  # validate now, not on the site
         config_from_dict(cfg.to_dict(), ov)
     job = FedJob(name=JOB_NAME, min_clients=k_total)
     job.set_app_packages(["fedumm"])  # installed on every site: reference it, don't copy it
-    job.to_server(FedUMMController(config=cfg.to_dict(), run_dir=run_dir), id="fedumm_controller")
+    job.to_server(FedUMMController(config=cfg.to_dict(), run_dir=run_dir, sites=sites),
+                  id="fedumm_controller")
     job.to_server({"server": {"task_request_interval": task_request_interval}})
     tmp = Path(staging) if staging else Path(tempfile.mkdtemp(prefix="fedumm_job_"))
     tmp.mkdir(parents=True, exist_ok=True)
     cfg.save(tmp / CONFIG_FILE)
     shutil.copy(CLIENT_SCRIPT, tmp / CLIENT_SCRIPT.name)
-    for site in sites:
-        args = ["--config", CONFIG_FILE]
+    for k, site in enumerate(sites):
+        args = ["--config", CONFIG_FILE, "--client-id", str(k)]
         for ov in (site_overrides or {}).get(site, []):
             args += ["--override", ov]
         if run_dir:

@@ -24,6 +24,7 @@ from typing import Any
 from fedumm.config import Config
 from fedumm.runtime.experiment import num_clients
 from fedumm.runtime.flare.client import ERRORS_DIR
+from fedumm.runtime.flare.controller import site_names
 from fedumm.runtime.flare.job import JOB_NAME, build_job
 from fedumm.runtime.run_dir import RunDirectory, RunDirError, RunFailedError
 
@@ -95,6 +96,7 @@ def _kill_leftovers(workspace: Path) -> None:
 
 def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
                   site_overrides: dict[str, list[str]] | None = None,
+                  sites: list[str] | None = None,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """The job in FLARE's simulator (``nvflare simulator`` on the exported job folder): one
     process per site, threads == sites. A site failure stops the whole process group."""
@@ -102,10 +104,11 @@ def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
     d.create(cfg)
     flare_dir = (d.path / FLARE_DIR).resolve()
     build_job(cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging",
-              site_overrides=site_overrides).export_job(str(flare_dir / "jobs"))
+              site_overrides=site_overrides, sites=sites).export_job(str(flare_dir / "jobs"))
     k = num_clients(cfg)
     cmd = [_nvflare(), "simulator", str(flare_dir / "jobs" / JOB_NAME), "-w",
-           str(flare_dir / "workspace"), "-n", str(k), "-t", str(k), "-l", "concise"]
+           str(flare_dir / "workspace"), "-c", ",".join(site_names(k, sites)), "-t", str(k),
+           "-l", "concise"]
     env = {**os.environ, **_site_env(cfg.train.threads or 1)}
     t0 = time.perf_counter()
     with open(flare_dir / "simulator.log", "wb") as out_log:
@@ -192,13 +195,16 @@ def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> di
 
 
 def export_flare_job(cfg: Config, out: str | Path,
-                     site_overrides: dict[str, list[str]] | None = None) -> Path:
-    """A job folder for ``nvflare job submit`` on a real deployment (sites site-1..site-K)."""
+                     site_overrides: dict[str, list[str]] | None = None,
+                     sites: list[str] | None = None) -> Path:
+    """A job folder for ``nvflare job submit`` on a real deployment: sites named ``sites``
+    (default site-1..site-K), each with its ``key=value`` overrides."""
     out = Path(out)
     if (out / JOB_NAME).exists():
         raise RunDirError(f"{out / JOB_NAME} exists; choose another --out or delete it")
     with tempfile.TemporaryDirectory(prefix="fedumm_job_") as staging:
-        build_job(cfg, staging=Path(staging), site_overrides=site_overrides).export_job(str(out))
+        build_job(cfg, staging=Path(staging), site_overrides=site_overrides,
+                  sites=sites).export_job(str(out))
     return out / JOB_NAME
 
 

@@ -1,0 +1,140 @@
+"""What every file reader shares: record iteration with positions, clear errors, image paths,
+and the partition labels a real record can give.
+
+Errors name the file, the record (``line N`` of a JSONL file, ``index N`` of a JSON list,
+``row N`` of a CSV file) and what was expected, and are raised while reading, before training.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedumm.data.records import ImageRef
+from fedumm.eval.vqa_metric import normalize_answer
+
+JSON_SUFFIXES = (".json", ".jsonl")
+TABLE_SUFFIXES = (".json", ".jsonl", ".csv")
+# Record keys copied into a sample's partition labels when a file has them
+LABEL_KEYS = ("domain", "tag", "question_type", "answer_type", "category", "source", "image_id")
+
+
+class DataFileError(ValueError):
+    """A data file, or one record of it, is not what its format expects."""
+
+    def __init__(self, path: str | Path, where: str, problem: str) -> None:
+        self.path, self.where = str(path), where
+        super().__init__(f"{path}: {where}: {problem}" if where else f"{path}: {problem}")
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(position, record) of a JSONL file (one object per line), a JSON list, or a CSV file
+    with a header row. A JSONL file is streamed; a JSON list is parsed whole."""
+    try:
+        f = path.open(encoding="utf-8", newline="")
+    except OSError as exc:
+        raise DataFileError(path, "", f"cannot open ({exc.strerror})") from exc
+    with f:
+        if path.suffix == ".csv":
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise DataFileError(path, "", "empty CSV file (expected a header row)")
+            for i, row in enumerate(reader):
+                yield f"row {i + 2}", row  # the header is row 1
+            return
+        first = _first_char(f)
+        if first == "[":  # a JSON list (the LLaVA layout)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(path, f"line {exc.lineno}", f"malformed JSON ({exc.msg})"
+                                    ) from exc
+            for i, rec in enumerate(data):
+                yield f"index {i}", rec
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataFileError(path, f"line {n}", f"malformed JSON ({exc.msg}); expected "
+                                    "one JSON object per line") from exc
+            yield f"line {n}", rec
+
+
+def _first_char(f) -> str:
+    """The first non-space character of a text file, leaving the file at its start."""
+    while True:
+        c = f.read(1)
+        if not c or not c.isspace():
+            f.seek(0)
+            return c
+
+
+def require(rec: Any, keys: tuple[str, ...], path: Path, where: str, what: str) -> None:
+    """``rec`` is an object holding every one of ``keys``."""
+    if not isinstance(rec, dict):
+        raise DataFileError(path, where, f"expected a JSON object ({what}), got "
+                            f"{type(rec).__name__}")
+    missing = [k for k in keys if rec.get(k) in (None, "")]
+    if missing:
+        raise DataFileError(path, where, f"no {missing[0]!r} (a {what} has keys "
+                            f"{', '.join(map(repr, keys))}; this one has {sorted(rec)})")
+
+
+def pick_key(rec: dict, candidates: tuple[str, ...]) -> str | None:
+    """The first of ``candidates`` that ``rec`` holds with a value."""
+    return next((k for k in candidates if rec.get(k) not in (None, "")), None)
+
+
+class ImageResolver:
+    """Relative image paths -> checked :class:`ImageRef` s. The root is ``data.images``, else
+    the data file's folder; every file is checked to exist while reading, so a missing image
+    stops the run before training starts."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = str(root)
+
+    def __call__(self, value: Any, path: Path, where: str) -> ImageRef:
+        if not isinstance(value, str) or not value:
+            raise DataFileError(path, where, f"expected an image path, got {value!r:.80}")
+        full = value if os.path.isabs(value) else os.path.join(self.root, value)
+        if not os.path.isfile(full):
+            raise DataFileError(path, where, f"image not found: {full} (relative paths are "
+                                f"resolved under {self.root}; set data.images to change it)")
+        return ImageRef(path=full)
+
+
+def image_root(images: str, data_file: Path) -> Path:
+    """Where relative image paths of ``data_file`` point: ``data.images`` or the file's folder."""
+    return Path(images) if images else data_file.parent
+
+
+def understanding_labels(question: str, answer: str, rec: dict | None = None
+                         ) -> dict[str, str]:
+    """Partition labels of a question/answer pair: the normalised answer (``long`` past five
+    words, so free-form answers do not each make a class), its VQA answer type (yes/no,
+    number, other), the question type (its first two words, lower case) and any of
+    :data:`LABEL_KEYS` the record carries."""
+    norm = normalize_answer(answer)
+    kind = "yes/no" if norm in ("yes", "no") else "number" if norm.isdigit() else "other"
+    words = question.lower().replace("<image>", " ").split()
+    labels = {"answer": sys.intern(norm if len(norm.split()) <= 5 else "long"),
+              "answer_type": kind,
+              "question_type": sys.intern(" ".join(words[:2]) or "none")}
+    labels.update(extra_labels(rec))
+    return labels
+
+
+def extra_labels(rec: dict | None) -> dict[str, str]:
+    """The :data:`LABEL_KEYS` a record carries, as strings."""
+    if not rec:
+        return {}
+    return {k: sys.intern(str(rec[k])) for k in LABEL_KEYS
+            if k in rec and isinstance(rec[k], (str, int))}
