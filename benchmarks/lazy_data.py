@@ -1,5 +1,5 @@
-"""Lazy data: peak RSS of building the clients of a 100,000-record conversation JSONL (images
-on disk) against a 1,000-record one, each in a fresh process.
+"""Lazy data: peak RSS of building the clients of a 100,000-record conversation JSONL (one
+image file per record, on disk) against a 1,000-record one, each in a fresh process.
 
 Reading keeps an index (text, answer, labels, image path per record); no image is opened.
 Goal: the difference is index-sized, well under 100 MB.
@@ -7,6 +7,7 @@ Goal: the difference is index-sized, well under 100 MB.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -17,7 +18,6 @@ import numpy as np
 from common import save
 from PIL import Image
 
-IMAGES = 1000  # distinct image files; records cycle over them (each is checked to exist)
 WORDS = ["red", "blue", "green", "small", "large", "circle", "square", "triangle", "left",
          "right", "above", "below"]
 
@@ -47,7 +47,7 @@ def write_jsonl(path: Path, n: int) -> None:
     with path.open("w") as f:
         for i in range(n):
             q = " ".join(rng.choice(WORDS, 8))
-            f.write(json.dumps({"id": f"r{i}", "image": f"images/{i % IMAGES}.png",
+            f.write(json.dumps({"id": f"r{i}", "image": f"images/{i}.png",
                                 "conversations": [
                                     {"from": "human", "value": f"<image>\nIs there a {q}?"},
                                     {"from": "gpt", "value": str(rng.choice(["yes", "no"]))}]})
@@ -64,9 +64,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedumm_lazy_") as tmp:
         root = Path(tmp)
         (root / "images").mkdir()
-        for i in range(IMAGES):
-            Image.fromarray(np.full((64, 64, 3), i % 256, np.uint8)).save(
-                root / "images" / f"{i}.png")
+        buf = io.BytesIO()
+        Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buf, format="PNG")
+        for i in range(100_000):  # one image file per record (each is checked to exist)
+            (root / "images" / f"{i}.png").write_bytes(buf.getvalue())
         rows = {}
         for n in (1_000, 100_000):
             write_jsonl(root / f"u{n}.jsonl", n)

@@ -137,8 +137,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     fin, comm = summary["final"], summary["communication"]
     print(f"run: {out}")
+    gen = (f"GenEval overall {fin['geneval_overall']}" if "geneval_overall" in fin else
+           f"generation held-out quality {fin.get('generation_quality', 'n/a')}")
     print(f"  VQA accuracy {summary['base'].get('vqa_accuracy', 'n/a')} (frozen base) -> "
-          f"{fin.get('vqa_accuracy')}  |  GenEval overall {fin.get('geneval_overall')}")
+          f"{fin.get('vqa_accuracy', 'n/a')}  |  {gen}")
     print(f"  upload {comm['upload_bytes_per_client_round'] / 2**20:.2f} MiB per client-round "
           f"({comm['reduction_vs_full']}x less than full fine-tuning)  |  wall "
           f"{summary['time']['wall_s']} s")

@@ -125,16 +125,30 @@ def understanding_labels(question: str, answer: str, rec: dict | None = None
     norm = normalize_answer(answer)
     kind = "yes/no" if norm in ("yes", "no") else "number" if norm.isdigit() else "other"
     words = question.lower().replace("<image>", " ").split()
-    labels = {"answer": sys.intern(norm if len(norm.split()) <= 5 else "long"),
-              "answer_type": kind,
-              "question_type": sys.intern(" ".join(words[:2]) or "none")}
+    labels = {"answer": norm if len(norm.split()) <= 5 else "long", "answer_type": kind,
+              "question_type": " ".join(words[:2]) or "none"}
     labels.update(extra_labels(rec))
-    return labels
+    return shared_labels(labels)
+
+
+_LABELS: dict[tuple, dict[str, str]] = {}
+
+
+def shared_labels(labels: dict[str, str]) -> dict[str, str]:
+    """One dict object per distinct set of labels: records share them (a real dataset has far
+    fewer label combinations than records, and the index of a large file stays small). The
+    dicts are shared, so they are never modified after reading."""
+    key = tuple(labels.items())
+    found = _LABELS.get(key)
+    if found is None:
+        if len(_LABELS) >= 1_000_000:  # bound the cache (labels with per-record values)
+            _LABELS.clear()
+        found = _LABELS[key] = {k: sys.intern(v) for k, v in labels.items()}
+    return found
 
 
 def extra_labels(rec: dict | None) -> dict[str, str]:
     """The :data:`LABEL_KEYS` a record carries, as strings."""
     if not rec:
         return {}
-    return {k: sys.intern(str(rec[k])) for k in LABEL_KEYS
-            if k in rec and isinstance(rec[k], (str, int))}
+    return {k: str(rec[k]) for k in LABEL_KEYS if k in rec and isinstance(rec[k], (str, int))}

@@ -18,6 +18,7 @@ record with more than one image is refused: the backbones take one image per que
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,7 @@ def record_samples(rec: dict, layout: str, rid: str, image: ImageRef | None, pat
         turns = _turns(rec, layout, path, where)
     answers = tuple(str(x.get("answer", "") if isinstance(x, dict) else x) for x in answers)
     return [Sample(id=rid if len(turns) == 1 else f"{rid}#{t}", task=UNDERSTANDING, text=q,
-                   image=image, answer=a, answers=answers,
+                   image=image, answer=sys.intern(a) if len(a) <= 32 else a, answers=answers,
                    labels=understanding_labels(q, a, rec))
             for t, (q, a) in enumerate(turns)]
 

@@ -18,6 +18,7 @@ from fedumm.data.readers.common import (
     extra_labels,
     iter_records,
     pick_key,
+    shared_labels,
 )
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import GENERATION
@@ -28,7 +29,7 @@ TEXT_KEYS = ("text", "prompt", "caption")
 
 def generation_sample(sid: str, text: str, image, rec: dict | None = None) -> Sample:
     """One prompt-image pair, labelled by its ``tag`` (``image`` when the record has none)."""
-    labels = {"tag": "image", **extra_labels(rec)}
+    labels = shared_labels({"tag": "image", **extra_labels(rec)})
     return Sample(id=sid, task=GENERATION, text=text, image=image, labels=labels)
 
 
