@@ -282,12 +282,24 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
 
 def _cmd_eval_geneval(args: argparse.Namespace) -> int:
     from fedumm.eval.geneval import score_geneval_dir
-    from fedumm.eval.shapes_detector import ShapesDetector
 
-    res = score_geneval_dir(args.metadata, args.images, ShapesDetector())
-    out = {"overall": res["overall"], "by_task": res["by_task"]}
+    if args.detector == "hf":
+        from fedumm.eval.hf_detector import DETECTOR_NAME, HFDetector
+
+        if not (args.segmenter and args.clip):
+            raise ValueError("--detector hf needs --segmenter (a Mask2Former COCO instance "
+                             "folder) and --clip (a CLIP folder)")
+        detector = HFDetector.from_paths(args.segmenter, args.clip, device=args.device)
+        scorer = {"detector": DETECTOR_NAME, "segmenter": str(args.segmenter),
+                  "clip": str(args.clip)}
+    else:
+        from fedumm.eval.shapes_detector import ShapesDetector
+
+        detector, scorer = ShapesDetector(), {"detector": "ShapesWorld (classical)"}
+    res = score_geneval_dir(args.metadata, args.images, detector)
+    out = {"overall": res["overall"], "by_task": res["by_task"], **scorer}
     print(json.dumps(out) if args.json else
-          f"overall {out['overall']:.4f}\nby task {out['by_task']}")
+          f"{scorer['detector']}: overall {out['overall']:.4f}\nby task {out['by_task']}")
     return 0
 
 
@@ -431,6 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = ev.add_parser("geneval", help="GenEval score of images in GenEval's folder layout")
     p.add_argument("--metadata", required=True, help="evaluation_metadata.jsonl")
     p.add_argument("--images", required=True, help="folder with <00000>/samples/0000.png")
+    p.add_argument("--detector", default="shapes", choices=["shapes", "hf"],
+                   help="shapes: ShapesWorld's classical detector; hf: Mask2Former + CLIP "
+                        "through transformers ('GenEval (HF detectors)': never compare with "
+                        "the official mmdet scorer's numbers)")
+    p.add_argument("--segmenter", help="hf: local Mask2Former folder "
+                   "(facebook/mask2former-swin-small-coco-instance, saved with save_pretrained)")
+    p.add_argument("--clip", help="hf: local CLIP folder (openai/clip-vit-large-patch14)")
+    p.add_argument("--device", default="cpu", help="hf: cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_eval_geneval)
     return parser

@@ -23,10 +23,15 @@ def _same(a, b):
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "scaffold"])
+@pytest.mark.parametrize("extra", [
+    pytest.param(["strategy.name=fedavg"], id="fedavg"),
+    pytest.param(["strategy.name=scaffold"], id="scaffold"),
+    # LoRA dropout draws from torch's RNG, which the trainer seeds per client and round
+    pytest.param(["strategy.name=fedavg", "lora.dropout=0.2"], id="fedavg-dropout"),
+])
 def test_resume_after_a_crash_mid_round_matches_an_uninterrupted_run(
-        tmp_path, tiny_overrides, monkeypatch, strategy):
-    overrides = [*tiny_overrides, "rounds=3", f"strategy.name={strategy}"]
+        tmp_path, tiny_overrides, monkeypatch, extra):
+    overrides = [*tiny_overrides, "rounds=3", *extra]
     run_experiment(config_from_dict({"name": "r"}, overrides), tmp_path / "full", progress=False)
 
     real_train, calls = ClientTrainer.train, {"n": 0}

@@ -138,30 +138,37 @@ class ClientTrainer:
         if c_server is not None and c_local is None:
             c_local = {k: torch.zeros_like(global_state[k]) for k in names}
         rng = np.random.default_rng([self.seed, rnd, client.client_id])
+        # torch's randomness in training (LoRA dropout, flow-matching noise) is a function of
+        # (seed, round, client) too, whatever ran before: runtimes and resumed runs agree
+        torch_seed = int(np.random.SeedSequence([self.seed, rnd, client.client_id, 1])
+                         .generate_state(1)[0])
+        devices = [self.backbone.device] if self.backbone.device.type == "cuda" else []
         self.model.train()
         steps, sums, counts = 0, {}, {}
         budget = self.cfg.max_steps or math.inf
-        for _ in range(self.local_epochs):
-            for batch in self._batches(client, rng):
-                if steps >= budget:
-                    break
-                loss, parts = self._loss(client, batch, rng)
-                if anchor is not None:  # FedProx proximal term on the trained adapters
-                    loss = loss + 0.5 * mu * sum(((ad.params[k] - anchor[k]) ** 2).sum()
-                                                 for k in names)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if c_server is not None:  # SCAFFOLD: g <- g - c_i + c
-                    for k in names:
-                        if ad.params[k].grad is not None:
-                            ad.params[k].grad.add_((c_server[k] - c_local[k]).to(dev[k]))
-                if self.cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-                opt.step()
-                steps += 1
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(torch_seed)
+            for _ in range(self.local_epochs):
+                for batch in self._batches(client, rng):
+                    if steps >= budget:
+                        break
+                    loss, parts = self._loss(client, batch, rng)
+                    if anchor is not None:  # FedProx proximal term on the trained adapters
+                        loss = loss + 0.5 * mu * sum(((ad.params[k] - anchor[k]) ** 2).sum()
+                                                     for k in names)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if c_server is not None:  # SCAFFOLD: g <- g - c_i + c
+                        for k in names:
+                            if ad.params[k].grad is not None:
+                                ad.params[k].grad.add_((c_server[k] - c_local[k]).to(dev[k]))
+                    if self.cfg.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                    opt.step()
+                    steps += 1
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                        counts[k] = counts.get(k, 0) + 1
         self.model.eval()
         tensors = ad.state(groups)
         extra = {}

@@ -226,6 +226,7 @@ def register_backbone(kind: str, builder: Builder, skeleton: Skeleton | None = N
 
 def _ensure_builtin() -> None:
     # the built-in backbones register themselves on import
+    import fedumm.models.blip3o  # noqa: F401
     import fedumm.models.janus  # noqa: F401
     import fedumm.models.reference  # noqa: F401
 

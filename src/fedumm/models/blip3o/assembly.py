@@ -1,0 +1,148 @@
+"""The BLIP3o-style model assembled from stock parts.
+
+* ``qwen``: transformers' ``Qwen2_5_VLForConditionalGeneration`` (understanding, and the
+  backbone whose hidden states at the learnable queries condition generation);
+* ``queries``: the learnable query tokens (an embedding table, so PEFT can train it in full);
+* ``caption_projection``: LLM hidden size -> DiT width (BLIP3o keeps it inside its DiT;
+  diffusers' ``PixArtAlphaTextProjection``, the same Linear-GELU(tanh)-Linear);
+* ``dit``: diffusers' ``LuminaNextDiT2DModel`` (BLIP3o's DiT is a patched copy of it; with
+  ``cross_attention_dim`` = its width, the stock class has the same layers), trained with
+  flow matching on the target encoder's features;
+* ``target_encoder``: the frozen vision model whose pooled patch features the DiT learns to
+  produce. BLIP3o uses EVA-CLIP-E-14-plus, which transformers does not ship; a SigLIP vision
+  tower (``SiglipVisionModel``) stands in for it;
+* ``decoder``: features -> pixels. BLIP3o uses a separate diffusion decoder; here a linear
+  patch decoder, fitted by least squares (:func:`fit_patch_decoder`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedumm.models.blip3o.presets import Blip3oDims
+
+# Qwen2.5-VL's special tokens that fedumm's prompts use
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>")
+IMAGE_PAD = "<|image_pad|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+NO_GENERATION = (
+    "this BLIP3o checkpoint has no target encoder / patch decoder that fedumm can load "
+    "(BLIP3o's EVA-CLIP-E and diffusion decoder are not in transformers / diffusers), so it "
+    "trains and answers understanding only: add target_encoder/ and patch_decoder.safetensors "
+    "to the folder (see fedumm.models.blip3o.checkpoint), or use data without generation "
+    "samples")
+
+
+class PatchDecoder(nn.Module):
+    """Target features (B, C, g, g) -> pixels (B, 3, g*p, g*p) in [0, 1]: one linear map per
+    token from its feature to its p x p patch."""
+
+    def __init__(self, feature_dim: int, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(feature_dim, 3 * patch * patch)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        b, _, g, _ = features.shape
+        p = self.patch
+        x = self.proj(features.flatten(2).transpose(1, 2))  # (B, g*g, 3*p*p)
+        x = x.view(b, g, g, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * p, g * p)
+        return x.clamp(0, 1)
+
+
+class Blip3oModel(nn.Module):
+    """What PEFT wraps: the module names here are what the adapter groups match."""
+
+    def __init__(self, qwen: nn.Module, dit: nn.Module, dims: Blip3oDims,
+                 target_encoder: nn.Module | None, decoder: PatchDecoder | None) -> None:
+        from diffusers.models.embeddings import PixArtAlphaTextProjection
+
+        super().__init__()
+        hidden = dims.text["hidden_size"]
+        width = dims.dit["hidden_size"]
+        self.qwen = qwen
+        self.queries = nn.Embedding(dims.n_query, hidden)
+        self.caption_projection = PixArtAlphaTextProjection(hidden, width, act_fn="gelu_tanh")
+        self.dit = dit
+        self.target_encoder = target_encoder
+        self.decoder = decoder
+        self.dims = dims
+
+    @torch.no_grad()
+    def target_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Target encoder patch features, average-pooled: (B, C, g, g)."""
+        if self.target_encoder is None:
+            raise ValueError(NO_GENERATION)
+        h = self.target_encoder(pixel_values=pixels).last_hidden_state  # (B, n*n, C)
+        n = int(round(h.shape[1] ** 0.5))
+        h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], n, n)
+        return F.avg_pool2d(h, self.dims.pool) if self.dims.pool > 1 else h
+
+
+def qwen_config(dims: Blip3oDims, token_ids: dict[str, int], vocab_size: int | None = None):
+    from transformers import Qwen2_5_VLConfig
+
+    text = {**dims.text, **({"vocab_size": vocab_size} if vocab_size else {}),
+            "bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids["eos"],
+            "pad_token_id": token_ids["pad"]}
+    vision = {**dims.vision, "out_hidden_size": dims.text["hidden_size"]}
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=dims.tie_word_embeddings,
+        image_token_id=token_ids["image"], video_token_id=token_ids["video"],
+        vision_start_token_id=token_ids["vision_start"],
+        vision_end_token_id=token_ids["vision_end"])
+
+
+def build_parts(dims: Blip3oDims, token_ids: dict[str, int], vocab_size: int | None = None
+                ) -> Blip3oModel:
+    """The model with random weights (call under ``torch.device("meta")`` to count only);
+    ``vocab_size`` overrides the preset's (a tokenizer built in code)."""
+    from diffusers import LuminaNextDiT2DModel
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    qwen = Qwen2_5_VLForConditionalGeneration(qwen_config(dims, token_ids, vocab_size))
+    d = dims.dit
+    dit = LuminaNextDiT2DModel(
+        sample_size=dims.grid, patch_size=1, in_channels=dims.feature_dim,
+        hidden_size=d["hidden_size"], num_layers=d["num_layers"],
+        num_attention_heads=d["num_attention_heads"], num_kv_heads=d["num_kv_heads"],
+        learn_sigma=False, qk_norm=True, cross_attention_dim=d["hidden_size"])
+    if dit.pad_token.device.type != "meta":
+        nn.init.zeros_(dit.pad_token)  # diffusers leaves it uninitialised (torch.empty)
+    target = SiglipVisionModel(SiglipVisionConfig(**dims.target))
+    patch = dims.target["image_size"] // dims.grid
+    return Blip3oModel(qwen, dit, dims, target, PatchDecoder(dims.feature_dim, patch))
+
+
+@torch.no_grad()
+def fit_patch_decoder(model: Blip3oModel, images: torch.Tensor, pixels: torch.Tensor) -> float:
+    """Least-squares fit of the patch decoder on (images in [0, 1] as (B, 3, S, S), the same
+    images as the target encoder's normalised input). Returns the mean squared pixel error."""
+    dec = model.decoder
+    feats = model.target_features(pixels)  # (B, C, g, g)
+    b, c, g, _ = feats.shape
+    p = dec.patch
+    x = feats.flatten(2).transpose(1, 2).reshape(-1, c)
+    x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
+    y = images.view(b, 3, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b * g * g, 3 * p * p)
+    x, y = x.double(), y.double()
+    # ridge normal equations: a Cholesky solve, bit-reproducible (LAPACK's lstsq was not)
+    gram = x.T @ x + 1e-6 * torch.eye(x.shape[1], dtype=x.dtype)
+    sol = torch.cholesky_solve(x.T @ y, torch.linalg.cholesky(gram)).float()  # (C+1, 3*p*p)
+    dec.proj.weight.copy_(sol[:-1].T)
+    dec.proj.bias.copy_(sol[-1])
+    return float(((dec(feats) - images) ** 2).mean())

@@ -1,0 +1,443 @@
+"""A BLIP3o-style unified model behind the Backbone protocol (``backbone.kind=blip3o``).
+
+* Understanding: Qwen2.5-VL with its chat template; causal-LM cross-entropy on the answer
+  tokens (and ``<|im_end|>``) only.
+* Generation (BLIP3o's recipe): the prompt's chat turn, then the learnable queries; the LLM's
+  last hidden states at the queries, projected to the DiT's width, condition the DiT by
+  cross-attention. The DiT is trained with flow matching on the target encoder's pooled
+  features x0: sigma ~ U(0, 1), x_t = (1 - sigma) x0 + sigma e, the DiT (at timestep
+  1000 sigma, BLIP3o's convention) predicts the velocity e - x0 (MSE). A dropped prompt
+  (classifier-free guidance) zeroes the condition, as BLIP3o's ``mask_drop`` does, and
+  sampling uses the zero condition as the unconditional branch: ``FlowMatchEulerDiscrete``
+  steps with guidance, then the patch decoder turns features into pixels.
+* Adapter groups: ``vision`` (Qwen2.5-VL vision blocks + merger), ``language`` (LLM attention
+  / MLP), ``generation`` (DiT attention / feed-forward and the caption projection),
+  ``alignment`` (the learnable queries, trained in full as ``modules_to_save``). A language
+  adapter also moves the query hidden states, so understanding training changes generation:
+  the two are coupled through the LLM (measured in the closing note of the issue).
+* Quality for the quality-weighted rule: exact-match answer accuracy on held-out questions;
+  for generation, the held-out flow-matching loss L as a score 1 - L / L0 clipped to [0, 1],
+  where L0 is the loss of predicting zero velocity (so 0 = no better than nothing, 1 =
+  perfect), on fixed noise and a fixed sigma grid (deterministic).
+* Randomness: the flow-matching noise and sigmas come from torch's RNG, which the client
+  trainer seeds per client and round, so runs are reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from fedumm.data.records import Sample
+from fedumm.fl.codec import DTYPES
+from fedumm.models.blip3o.assembly import (
+    CHAT_TEMPLATE,
+    IMAGE_PAD,
+    NO_GENERATION,
+    SPECIALS,
+    Blip3oModel,
+    build_parts,
+    fit_patch_decoder,
+)
+from fedumm.models.blip3o.presets import PRESETS, Blip3oDims, preset_dims
+from fedumm.models.protocol import (
+    GENERATION,
+    UNDERSTANDING,
+    AdapterGroup,
+    Batch,
+    ModelPlacement,
+    base_state_dict,
+    register_backbone,
+    resolve_device,
+    state_fingerprint,
+)
+
+if TYPE_CHECKING:
+    from fedumm.config import BackboneConfig
+
+GROUPS = (
+    AdapterGroup("vision", r"qwen\.model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)"
+                           r"|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])", (UNDERSTANDING,)),
+    AdapterGroup("language", r"qwen\.model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
+                             r"|mlp\.(gate|up|down)_proj)", (UNDERSTANDING, GENERATION)),
+    AdapterGroup("generation", r"dit\.layers\.\d+\.(attn1\.to_[qkv]|attn2\.(to_[qkv]|to_out\.0)"
+                               r"|feed_forward\.linear_[123])|caption_projection\.linear_[12]",
+                 (GENERATION,)),
+    AdapterGroup("alignment", None, (UNDERSTANDING, GENERATION), modules_to_save=("queries",)),
+)
+QUALITY_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the held-out flow-matching loss's sigma grid
+_TARGET_MEAN = _TARGET_STD = 0.5  # SigLIP's normalisation
+
+
+def _token_ids(tok) -> dict[str, int]:
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
+        ("image", IMAGE_PAD), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+        ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"))}
+    ids["bos"] = tok.bos_token_id
+    return ids
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ShapesWorld's words with Qwen2.5-VL's special tokens."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from fedumm.models.reference.text_tokenizer import world_vocabulary
+
+    words = [*SPECIALS, "<unk>", ":", ",", ".", "?", "user", "assistant", *world_vocabulary()]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))},
+                              unk_token="<unk>"))
+    tok.normalizer = Lowercase()
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens([*SPECIALS, "<unk>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def image_processor(dims: Blip3oDims):
+    """Qwen2.5-VL's image processor, resizing every image to about ``dims.image_pixels``."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    v = dims.vision
+    return Qwen2VLImageProcessorPil(min_pixels=dims.image_pixels, max_pixels=dims.image_pixels,
+                                    patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                                    temporal_patch_size=v["temporal_patch_size"])
+
+
+def _shapes_images(size: int, n: int) -> torch.Tensor:
+    """ShapesWorld scenes (both splits) as (n, 3, size, size) in [0, 1]: what the tiny preset's
+    patch decoder is fitted on."""
+    from fedumm.data.dataset import generate_shapes
+
+    arrays = []
+    for split in ("base", "downstream"):
+        data = generate_shapes(split, n // 2, seed=12345, role="train", image_size=size)
+        arrays += list(data.images[: n // 2])
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+
+def build(cfg: BackboneConfig) -> Blip3oBackbone:
+    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
+    if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise ValueError(f"backbone.preset={cfg.preset!r}: the blip3o backbone has presets "
+                             f"{list(PRESETS)}")
+        if cfg.preset != "tiny":
+            raise ValueError(f"backbone.preset={cfg.preset!r} has real dimensions and random "
+                             "weights: use it with `fedumm backbone info`; train with "
+                             "backbone.preset=tiny or a checkpoint in backbone.path")
+        dims = preset_dims("tiny")
+        tok = tiny_tokenizer()
+        torch.manual_seed(0)  # the tiny preset is the same random model everywhere
+        model = build_parts(dims, _token_ids(tok), vocab_size=len(tok))
+        images = _shapes_images(dims.target["image_size"], 256)
+        fit_patch_decoder(model, images, (images - _TARGET_MEAN) / _TARGET_STD)
+        processor = image_processor(dims)
+    else:
+        from fedumm.models.blip3o.checkpoint import load_folder
+
+        model, tok, processor = load_folder(Path(cfg.path))
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return Blip3oBackbone(model, tok, processor)
+
+
+def skeleton(cfg: BackboneConfig) -> tuple[nn.Module, tuple[AdapterGroup, ...]]:
+    """The architecture on the meta device (no memory, no weights) and its groups."""
+    if not cfg.preset:
+        from fedumm.models.blip3o.checkpoint import folder_dims
+
+        dims = folder_dims(Path(cfg.path))
+    else:
+        dims = preset_dims(cfg.preset)
+    ids = {k: i for i, k in enumerate(("image", "video", "vision_start", "vision_end", "eos",
+                                       "pad"))}
+    with torch.device("meta"):
+        model = build_parts(dims, ids)
+    return model, GROUPS
+
+
+class Blip3oBackbone(ModelPlacement):
+    """Qwen2.5-VL + learnable queries + a flow-matching DiT, behind the Backbone protocol."""
+
+    kind = "blip3o"
+    input_size = None  # the processors resize any image
+
+    def __init__(self, model: Blip3oModel, tokenizer, processor, sample_steps: int = 0,
+                 cfg_scale: float = 3.0) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.ids = _token_ids(tokenizer)
+        self.dims = model.dims
+        self.sample_steps = sample_steps or (8 if self.dims.n_query < 64 else 30)
+        self.cfg_scale = cfg_scale
+        self._fingerprint: str | None = None
+        self._rope: torch.Tensor | None = None
+
+    # --------------------------------------------------------------- properties
+    @property
+    def groups(self) -> tuple[AdapterGroup, ...]:
+        return GROUPS
+
+    @property
+    def _parts(self) -> Blip3oModel:
+        m = self.model
+        return m.get_base_model() if hasattr(m, "get_base_model") else m
+
+    @property
+    def image_size(self) -> int:
+        return int(self.dims.target["image_size"])
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:  # the base is frozen: hash it once
+            self._fingerprint = state_fingerprint(base_state_dict(self.model))
+        return self._fingerprint
+
+    def save(self, path: str | Path) -> Path:
+        """A checkpoint folder in BLIP3o's published layout (what ``backbone.path`` loads)."""
+        from fedumm.models.blip3o.checkpoint import save_folder
+
+        return save_folder(self._parts, self.tokenizer, self.processor, Path(path))
+
+    # --------------------------------------------------------------- inputs
+    def _chat(self, text: str, with_image: bool) -> str:
+        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def _vision(self, images: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        out = self.processor(images=list(images), return_tensors="pt")
+        return {"pixel_values": out["pixel_values"].to(self.device, self.dtype),
+                "image_grid_thw": out["image_grid_thw"].to(self.device)}
+
+    def _prompt_ids(self, prompts: Sequence[str], images: Sequence[np.ndarray | None],
+                    grid: torch.Tensor | None) -> list[list[int]]:
+        """Chat prompts with each image's pad token repeated once per merged vision token."""
+        merge = self.dims.vision["spatial_merge_size"] ** 2
+        counts = iter([] if grid is None else (grid.prod(-1) // merge).tolist())
+        texts = []
+        for p, im in zip(prompts, images, strict=True):
+            text = self._chat(p, im is not None)
+            if im is not None:
+                text = text.replace(IMAGE_PAD, IMAGE_PAD * int(next(counts)))
+            texts.append(text)
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _pad(self, seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, ...]:
+        n = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), n), self.ids["pad"], dtype=torch.long)
+        mask = torch.zeros(len(seqs), n, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(n - len(s), n) if left else slice(0, len(s))
+            ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
+            mask[i, sl] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _target_pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Images at the target encoder's size, normalised as SigLIP expects."""
+        s = self.image_size
+        arrays = [np.asarray(Image.fromarray(im).resize((s, s), Image.BICUBIC)) if
+                  im.shape[:2] != (s, s) else im for im in images]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+        return ((x - _TARGET_MEAN) / _TARGET_STD).to(self.device, self.dtype)
+
+    # --------------------------------------------------------------- batches
+    def prepare(self, samples: Sequence[Sample]) -> None:
+        """Nothing to cache: target features are computed per batch (a real model's 64 x 1792
+        features per image would not fit in memory for a large dataset)."""
+
+    def collate(self, samples: Sequence[Sample], drop_text: Sequence[bool] | None = None
+                ) -> Batch:
+        drop = list(drop_text) if drop_text is not None else [False] * len(samples)
+        und = [s for s in samples if s.task == UNDERSTANDING]
+        gen = [(s, d) for s, d in zip(samples, drop, strict=True) if s.task == GENERATION]
+        batch = Batch()
+        if und:
+            images = [s.load_image() if s.image is not None else None for s in und]
+            present = [im for im in images if im is not None]
+            vision = self._vision(present) if present else {}
+            prompts = self._prompt_ids([s.text or "" for s in und], images,
+                                       vision.get("image_grid_thw"))
+            answers = self.tokenizer([s.answer for s in und], add_special_tokens=False)[
+                "input_ids"]
+            seqs = [p + a + [self.ids["eos"]] for p, a in zip(prompts, answers, strict=True)]
+            ids, mask = self._pad(seqs, left=False)
+            labels = ids.masked_fill(mask == 0, -100)
+            for i, p in enumerate(prompts):
+                labels[i, :len(p)] = -100  # only the answer (and its end token) is supervised
+            batch.parts[UNDERSTANDING] = {"input_ids": ids, "attention_mask": mask,
+                                          "labels": labels, **vision}
+            batch.counts[UNDERSTANDING] = len(und)
+        if gen:
+            ids, mask = self._pad(self._prompt_ids([s.text or "" for s, _ in gen],
+                                                   [None] * len(gen), None), left=True)
+            keep = torch.tensor([not d and s.text is not None for s, d in gen],
+                                dtype=self.dtype, device=self.device)
+            x0 = self._parts.target_features(self._target_pixels([s.load_image()
+                                                                  for s, _ in gen]))
+            batch.parts[GENERATION] = {"input_ids": ids, "attention_mask": mask, "keep": keep,
+                                       "x0": x0}
+            batch.counts[GENERATION] = len(gen)
+        return batch
+
+    # --------------------------------------------------------------- losses
+    def _condition(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor
+                   ) -> torch.Tensor:
+        """The DiT's condition (B, Q, width): the LLM's last hidden states at the queries that
+        follow the (left-padded) prompt, projected; zero where the prompt is dropped."""
+        parts = self._parts  # PEFT wraps modules in place: queries call their trained copy
+        qwen = parts.qwen
+        n_query = self.dims.n_query
+        text = qwen.get_input_embeddings()(ids)
+        queries = parts.queries(torch.arange(n_query, device=ids.device))
+        embeds = torch.cat([text, queries.to(text.dtype).expand(len(ids), -1, -1)], dim=1)
+        full = torch.cat([mask, mask.new_ones(len(ids), n_query)], dim=1)
+        pos = (full.cumsum(1) - 1).clamp(min=0)
+        hidden = qwen.model.language_model(
+            inputs_embeds=embeds, attention_mask=full,
+            position_ids=pos.unsqueeze(0).expand(3, -1, -1)).last_hidden_state
+        cond = parts.caption_projection(hidden[:, -n_query:])
+        return cond * keep.to(cond.dtype)[:, None, None]
+
+    def _rotary(self) -> torch.Tensor:
+        if self._rope is None:
+            from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+            d = self.dims.dit
+            head = d["hidden_size"] // d["num_attention_heads"]
+            self._rope = get_2d_rotary_pos_embed_lumina(head, self.dims.rope_len,
+                                                        self.dims.rope_len)
+        return self._rope
+
+    def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor
+                  ) -> torch.Tensor:
+        mask = torch.ones(cond.shape[:2], device=cond.device, dtype=torch.long)
+        return self._parts.dit(x, sigma * 1000, cond, mask, self._rotary(),
+                               cross_attention_kwargs={}, return_dict=False)[0]
+
+    def _flow_loss(self, g: dict, sigma: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flow-matching MSE, MSE of predicting zero velocity), per sample."""
+        x0 = g["x0"]
+        sigma = torch.rand(len(x0), device=x0.device, dtype=x0.dtype) if sigma is None else sigma
+        noise = torch.randn_like(x0) if noise is None else noise
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        cond = self._condition(g["input_ids"], g["attention_mask"], g["keep"])
+        v = self._velocity(x_t, sigma, cond)
+        target = noise - x0
+        return (((v.float() - target.float()) ** 2).flatten(1).mean(1),
+                (target.float() ** 2).flatten(1).mean(1))
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        out = {}
+        if UNDERSTANDING in batch.parts:
+            u = batch.parts[UNDERSTANDING]
+            out[UNDERSTANDING] = self._parts.qwen(**u).loss
+        if GENERATION in batch.parts:
+            out[GENERATION] = self._flow_loss(batch.parts[GENERATION])[0].mean()
+        return out
+
+    @torch.no_grad()
+    def quality(self, samples: Sequence[Sample]) -> dict[str, float]:
+        """Exact-match answer accuracy; generation: 1 - L / L0 (see the module docstring)."""
+        from fedumm.eval.model_eval import heldout_quality
+
+        def flow_score(gen: list[Sample]) -> float:
+            g = self.collate(gen).parts[GENERATION]
+            x0 = g["x0"]
+            gen_rng = torch.Generator().manual_seed(0)  # fixed noise: a deterministic score
+            losses, zero = [], []
+            for sigma in QUALITY_SIGMAS:
+                noise = torch.randn(x0.shape, generator=gen_rng).to(x0.device, x0.dtype)
+                s = torch.full((len(x0),), sigma, device=x0.device, dtype=x0.dtype)
+                lo, z = self._flow_loss(g, s, noise)
+                losses.append(lo.mean())
+                zero.append(z.mean())
+            return float((1 - torch.stack(losses).mean() / torch.stack(zero).mean())
+                         .clamp(0, 1))
+
+        return heldout_quality(self, samples, flow_score)
+
+    # --------------------------------------------------------------- capabilities
+    @torch.no_grad()
+    def answer(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
+               batch_size: int = 16, max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers through Qwen2.5-VL's ``generate`` (left-padded prompts)."""
+        was = self.model.training
+        self.model.eval()
+        qwen = self._parts.qwen
+        out: list[str] = []
+        for s in range(0, len(questions), batch_size):
+            imgs = list(images[s:s + batch_size])
+            present = [im for im in imgs if im is not None]
+            vision = self._vision(present) if present else {}
+            ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs,
+                                                   vision.get("image_grid_thw")), left=True)
+            tokens = qwen.generate(input_ids=ids, attention_mask=mask, **vision,
+                                   generation_config=self._greedy(max_new_tokens))
+            out += [t.strip() for t in self.tokenizer.batch_decode(
+                tokens[:, ids.shape[1]:], skip_special_tokens=True)]
+        self.model.train(was)
+        return out
+
+    def _greedy(self, max_new_tokens: int):
+        from transformers import GenerationConfig
+
+        return GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                                eos_token_id=self.ids["eos"], pad_token_id=self.ids["pad"])
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8
+                 ) -> np.ndarray:
+        """Images (N, S, S, 3) uint8: Euler flow-matching steps from seeded noise with
+        classifier-free guidance (zero condition as the unconditional branch), then the
+        patch decoder. The global RNG is not touched."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        parts = self._parts
+        if parts.decoder is None:
+            raise ValueError(NO_GENERATION)
+        was = self.model.training
+        self.model.eval()
+        gen_rng = torch.Generator().manual_seed(seed)
+        g, c = self.dims.grid, self.dims.feature_dim
+        chunks = []
+        for s in range(0, len(prompts), batch_size):
+            part = list(prompts[s:s + batch_size])
+            ids, mask = self._pad(self._prompt_ids(part, [None] * len(part), None), left=True)
+            keep = torch.ones(len(part), device=self.device, dtype=self.dtype)
+            cond = self._condition(ids, mask, keep)
+            both = torch.cat([cond, torch.zeros_like(cond)])
+            x = torch.randn((len(part), c, g, g), generator=gen_rng).to(self.device,
+                                                                        self.dtype)
+            sched = FlowMatchEulerDiscreteScheduler()
+            steps = self.sample_steps
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(),
+                                device=self.device)
+            for t in sched.timesteps:
+                sigma = (t / 1000).expand(2 * len(part)).to(self.dtype)
+                v_c, v_u = self._velocity(torch.cat([x, x]), sigma, both).chunk(2)
+                x = sched.step(v_u + self.cfg_scale * (v_c - v_u), t, x).prev_sample
+            pixels = parts.decoder(x.float() if parts.decoder.proj.weight.dtype ==
+                                   torch.float32 else x)
+            chunks.append((pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
+                          .permute(0, 2, 3, 1).cpu().numpy())
+        self.model.train(was)
+        size = self.image_size
+        return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
+
+
+register_backbone("blip3o", build, skeleton)
