@@ -183,8 +183,57 @@ def test_poc_deployment_on_loopback_runs_and_leaves_nothing_behind(tmp_path, tin
     assert home_flare.exists() == existed  # the POC workspace lived under the run directory
 
 
-def test_flare_runs_do_not_resume_on_the_local_runtime(tmp_path, tiny_overrides):
+def test_a_flare_run_without_its_launch_record_does_not_resume(tmp_path, tiny_overrides):
     run = tmp_path / "run"
     RunDirectory(run).create(_cfg(tiny_overrides, "runtime=flare-sim"))
-    with pytest.raises(RunDirError, match="only local runs resume"):
+    with pytest.raises(RunDirError, match="no FLARE run to resume"):
         run_experiment(None, run, resume=True)
+    poc = tmp_path / "poc"
+    RunDirectory(poc).create(_cfg(tiny_overrides, "runtime=flare-poc"))
+    with pytest.raises(RunDirError, match="local and flare-sim runs resume"):
+        run_experiment(None, poc, resume=True)
+
+
+def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny_overrides):
+    """SCAFFOLD keeps client state on the sites: the resumed sites must continue from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from fedumm.runtime.flare.runner import _kill_leftovers
+
+    extra = ["rounds=4", "strategy.name=scaffold"]
+    local = run_experiment(_cfg(tiny_overrides, *extra), tmp_path / "local", progress=False)
+    cfg_file = tmp_path / "cfg.yaml"
+    _cfg(tiny_overrides, *extra, "runtime=flare-sim").save(cfg_file)
+    run = tmp_path / "flare"
+    proc = subprocess.Popen([sys.executable, "-m", "fedumm.cli", "run", str(cfg_file), "--out",
+                             str(run), "--quiet"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt.is_file():
+            try:
+                if torch.load(ckpt, weights_only=False)["round"] >= 0:
+                    break
+            except (EOFError, RuntimeError):  # being written
+                pass
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _kill_leftovers(run)
+    assert not (run / "summary.json").exists(), "the run finished before it could be killed"
+    done = torch.load(ckpt, weights_only=False)["round"]
+    assert done < 3
+    summary = run_experiment(None, run, resume=True)
+    a, b = _adapters(tmp_path / "local"), _adapters(run)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert summary["communication"] == local["communication"]
+    rounds = [m["round"] for m in RunDirectory(run).metrics() if m["type"] == "round"]
+    assert rounds == [0, 1, 2, 3]
+    assert not _processes_mentioning(str(tmp_path))

@@ -2,10 +2,10 @@
 
 Each site builds the same frozen backbone and adapters from the job's config and takes its
 data: all of its own files when its overrides give ``data.*`` paths, else its share (client
-``--client-id`` of the partition) of the config's data. It answers every ``train`` task with
-a :class:`~fedumm.fl.updates.ClientUpdate` sent back as an ``FLModel``: adapter tensors in the
-codec's dtype (pytorch exchange format, so bf16 travels as bf16) plus sample counts, quality
-and metrics in ``meta``.
+``--client-id`` of the partition) of the config's data. Every ``train`` task is the round
+loop's client side (:class:`~fedumm.runtime.loop.ClientEndpoint`): the encoded global adapters
+arrive as one uint8 tensor in an ``FLModel``, and the encoded update goes back the same way,
+with sample counts, quality and metrics in ``meta``.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import torch
 
 from fedumm.config import load_config
 from fedumm.fl.client import ClientTrainer
-from fedumm.fl.codec import DTYPES
 from fedumm.runtime.experiment import (
     build_adapters,
     client_datasets,
     load_backbone,
-    pack,
     site_client_data,
-    unpack,
 )
+from fedumm.runtime.flare.controller import PAYLOAD, to_bytes, to_tensor
+from fedumm.runtime.loop import ClientEndpoint
 
 CONFIG_FILE = "fedumm_config.yaml"
 ERRORS_DIR = "site_errors"  # under the run directory (simulator / POC): one file per failed site
+STATES_DIR = "site_states"  # under the run directory: each site's client state per round
 
 
 OWN_DATA_KEYS = ("data.format", "data.understanding", "data.generation")
@@ -81,25 +81,48 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
         if k >= len(clients):
             raise ValueError(f"{site} has no data: the config has {len(clients)} client(s)")
         client = clients[k]
-    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed)
-    wire = DTYPES[cfg.codec]
-    client_state: dict | None = None
+    endpoint = ClientEndpoint(ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed),
+                              cfg)
+    states = SiteStates(Path(args.run_dir) / STATES_DIR / site if args.run_dir else None)
     while flare.is_running():
         model = flare.receive()
         if model is None:
             break
-        received = {n: v.to(torch.float32) for n, v in model.params.items()}
-        state, control = unpack(received)
-        ccfg = dict(model.meta.get("client_config", {}))
-        if control:
-            ccfg["server_control"] = control
-        upd, client_state = trainer.train(client, state, int(model.current_round), ccfg,
-                                          client_state)
-        payload = pack(upd.tensors, upd.extra.get("control_delta", {}))
-        flare.send(FLModel(
-            params={n: v.detach().to(wire).contiguous() for n, v in payload.items()},
-            meta={"client_id": k, "num_samples": upd.num_samples, "quality": upd.quality,
-                  "num_steps": upd.num_steps, "metrics": upd.metrics,
-                  "has_control": bool(upd.extra.get("control_delta"))},
-        ))
+        rnd = int(model.current_round)
+        reply, client_state = endpoint.handle(
+            client, rnd, to_bytes(model.params[PAYLOAD]),
+            dict(model.meta.get("client_config", {})), states.before(rnd))
+        states.after(rnd, client_state)
+        flare.send(FLModel(params={PAYLOAD: to_tensor(reply.payload)},
+                           meta={**reply.meta, "client_id": k}))
 
+
+class SiteStates:
+    """A site's client state (error-feedback residual, SCAFFOLD control, optimizer) per round.
+    Kept in memory, and on disk when the site has a folder for it (simulator / POC), so a
+    resumed run continues every site from the round the server resumes at."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.memory: tuple[int, dict] | None = None
+
+    def before(self, rnd: int) -> dict | None:
+        """The state after round ``rnd - 1`` (None before the first round)."""
+        if self.memory is not None and self.memory[0] == rnd - 1:
+            return self.memory[1]
+        path = self.folder / f"round_{rnd - 1}.pt" if self.folder else None
+        if path is not None and path.is_file():
+            return torch.load(path, weights_only=False)
+        return None
+
+    def after(self, rnd: int, state: dict) -> None:
+        self.memory = (rnd, state)
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"round_{rnd}.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.folder / f"round_{rnd}.pt")
+        for old in self.folder.glob("round_*.pt"):  # keep the last two rounds
+            if int(old.stem.split("_")[1]) < rnd - 1:
+                old.unlink()

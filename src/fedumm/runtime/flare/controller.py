@@ -1,17 +1,18 @@
-"""Server side of a FLARE run: a FLARE ``ModelController`` that drives fedumm's strategies.
+"""Server side of a FLARE run: a FLARE ``ModelController`` running fedumm's one round loop.
 
-Every round it asks the strategy which clients train and with what settings, sends them the
-global adapters (codec dtype, pytorch exchange format), turns the sites' ``FLModel`` results
-back into :class:`~fedumm.fl.updates.ClientUpdate` objects and lets the strategy aggregate, so
-FedAvg, the quality-weighted FedUMM rule, FedProx, the FedOpt family and SCAFFOLD all work
-unchanged. It evaluates, logs and writes the same run directory as the local runtime; only
-adapter tensors are persisted.
+The controller builds the same backbone, adapters, strategy and evaluation data as the local
+runtime and hands them to :class:`~fedumm.runtime.loop.RoundLoop`; FLARE is only the
+transport. Each round the loop's encoded payload (the global adapters in the download codec)
+travels to the selected sites as one uint8 tensor in an ``FLModel`` (pytorch exchange format),
+and each site answers with its encoded update the same way, so the bytes counted are the bytes
+in the FLARE messages' payloads. The run directory, checkpoints included, is the local
+runtime's.
 """
 
 from __future__ import annotations
 
 import re
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,22 @@ from nvflare.fuel.utils import fobs
 
 from fedumm.config import config_from_dict
 from fedumm.data.readers import read_samples
-from fedumm.fl import codec
 from fedumm.fl.strategies import build_strategy
-from fedumm.fl.updates import ClientUpdate
-from fedumm.runtime.experiment import (
-    build_adapters,
-    evaluate_states,
-    finish_run,
-    load_backbone,
-    mid_run_eval,
-    num_clients,
-    pack,
-    round_record,
-    run_mode,
-    unpack,
-)
+from fedumm.runtime.experiment import build_adapters, load_backbone, num_clients
+from fedumm.runtime.loop import Reply, RoundLoop
 from fedumm.runtime.run_dir import RunDirectory
+
+PAYLOAD = "payload"  # the FLModel params key holding the encoded bytes
+
+
+def to_tensor(payload: bytes) -> torch.Tensor:
+    """Encoded bytes as the uint8 tensor that travels in an ``FLModel``."""
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
+def to_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.cpu().numpy().tobytes()
+
 
 RUN_SUBDIR = "fedumm_run"  # inside FLARE's job workspace when no run_dir is given
 
@@ -81,69 +82,47 @@ class FedUMMController(ModelController):
         d = RunDirectory(self.run_dir or Path(self.get_run_dir()) / RUN_SUBDIR)
         if not (d.path / d.CONFIG).is_file():
             d.create(cfg)
-        t_start = time.perf_counter()
         backbone = load_backbone(cfg)
-        fingerprint = backbone.fingerprint()
         adapters = build_adapters(cfg, backbone)
-        val_data = read_samples(cfg.data, "val")
         k_total = num_clients(cfg)
-        sites = site_names(k_total, self.sites)
         strategy = build_strategy(cfg.strategy, k_total, cfg.seed, backbone.groups)
-        state = adapters.state()
-        if hasattr(strategy, "init_state"):
-            strategy.init_state(state)
-        acc: dict[str, Any] = {"upload": [], "download": [], "client_train_s": 0.0, "eval_s": 0.0}
-        if cfg.eval.every:
-            t = time.perf_counter()
-            d.log({"type": "eval", "round": -1,
-                   **evaluate_states(cfg, adapters, val_data, [state], False)})
-            acc["eval_s"] += time.perf_counter() - t
-        wire = codec.DTYPES[cfg.codec]
-        for rnd in range(cfg.rounds):
-            selected = strategy.sample_clients(rnd) if run_mode(cfg) == "fl" else [0]
-            ccfg = strategy.client_config(rnd)
-            payload = pack(state, ccfg.get("server_control", {}))
-            nbytes = len(codec.encode(payload, cfg.codec))
-            acc["download"] += [nbytes] * len(selected)
-            model = FLModel(params={n: v.to(wire) for n, v in payload.items()},
-                            current_round=rnd, total_rounds=cfg.rounds,
-                            meta={"client_config": {k: v for k, v in ccfg.items()
-                                                    if k != "server_control"}})
-            self.info(f"fedumm round {rnd + 1}/{cfg.rounds}: clients {selected}")
-            t = time.perf_counter()
-            results = self.send_model_and_wait(targets=[sites[k] for k in selected],
-                                               data=model)
-            acc["client_train_s"] += time.perf_counter() - t
-            if len(results) != len(selected):
-                raise RuntimeError(f"round {rnd}: {len(results)} of {len(selected)} sites "
-                                   "answered")
-            updates = sorted((self._update(r, cfg.codec) for r in results),
-                             key=lambda u: u.client_id)  # the local runtime's order
-            acc["upload"] += [u.upload_bytes for u in updates]
-            state = strategy.aggregate(rnd, state, updates)
-            d.log(round_record(rnd, selected, updates))
-            gen = mid_run_eval(cfg, rnd)
-            if gen is not None:
-                t = time.perf_counter()
-                d.log({"type": "eval", "round": rnd,
-                       **evaluate_states(cfg, adapters, val_data, [state], gen)})
-                acc["eval_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        final = evaluate_states(cfg, adapters, val_data, [state], True)
-        acc["eval_s"] += time.perf_counter() - t
-        finish_run(cfg, d, backbone, adapters, fingerprint, k_total, state, final, acc,
-                   time.perf_counter() - t_start)
+        transport = FlareTransport(self, site_names(k_total, self.sites), cfg.rounds)
+        loop = RoundLoop(cfg, d, backbone, adapters, strategy, read_samples(cfg.data, "val"),
+                         k_total, transport, backbone.fingerprint())
+        loop.run(resume=d.load_checkpoint() is not None)
         self.info(f"fedumm run directory: {d.path}")
 
-    @staticmethod
-    def _update(result: FLModel, wire_dtype: str) -> ClientUpdate:
-        meta = result.meta
-        params = result.params
-        upload = len(codec.encode(params, wire_dtype))
-        tensors, control = unpack({n: v.to(torch.float32) for n, v in params.items()})
-        extra = {"control_delta": control} if meta.get("has_control") else {}
-        return ClientUpdate(int(meta["client_id"]), tensors, dict(meta["num_samples"]),
-                            dict(meta.get("quality", {})), int(meta.get("num_steps", 0)),
-                            dict(meta.get("metrics", {})), extra, upload)
 
+class FlareTransport:
+    """Payloads to sites and back through the controller's ``send_model_and_wait``."""
 
+    def __init__(self, controller: FedUMMController, sites: list[str], rounds: int) -> None:
+        self.controller, self.sites, self.rounds = controller, sites, rounds
+
+    def train(self, rnd: int, jobs: dict[int, bytes], client_config: dict[str, Any],
+              on_reply: Callable[[Reply], None]) -> list[Reply]:
+        by_payload: dict[bytes, list[int]] = {}
+        for k, payload in jobs.items():  # one message per distinct payload
+            by_payload.setdefault(payload, []).append(k)
+        replies = []
+        for payload, clients in by_payload.items():
+            self.controller.info(f"fedumm round {rnd + 1}/{self.rounds}: clients {clients}")
+            model = FLModel(params={PAYLOAD: to_tensor(payload)}, current_round=rnd,
+                            total_rounds=self.rounds, meta={"client_config": client_config})
+            results = self.controller.send_model_and_wait(
+                targets=[self.sites[k] for k in clients], data=model)
+            if len(results) != len(clients):
+                raise RuntimeError(f"round {rnd}: {len(results)} of {len(clients)} sites "
+                                   "answered")
+            for r in results:
+                reply = Reply(int(r.meta["client_id"]), to_bytes(r.params[PAYLOAD]),
+                              dict(r.meta))
+                on_reply(reply)
+                replies.append(reply)
+        return replies
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # client state lives on the sites
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,13 +97,28 @@ def _kill_leftovers(workspace: Path) -> None:
 
 def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
                   site_overrides: dict[str, list[str]] | None = None,
-                  sites: list[str] | None = None,
+                  sites: list[str] | None = None, resume: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """The job in FLARE's simulator (``nvflare simulator`` on the exported job folder): one
-    process per site, threads == sites. A site failure stops the whole process group."""
+    process per site, threads == sites. A site failure stops the whole process group.
+    ``resume``: continue an interrupted run directory from its last completed round (the
+    server resumes from its checkpoint, every site from its state of that round; the sites'
+    names and overrides are the ones the run started with)."""
     d = RunDirectory(out)
-    d.create(cfg)
     flare_dir = (d.path / FLARE_DIR).resolve()
+    launch = flare_dir / "launch.json"
+    if resume:
+        if not launch.is_file():
+            raise RunDirError(f"{out} has no FLARE run to resume ({launch} is missing)")
+        saved = json.loads(launch.read_text())
+        sites, site_overrides = saved["sites"], saved["site_overrides"]
+        shutil.rmtree(d.path / ERRORS_DIR, ignore_errors=True)
+        for sub in ("jobs", "staging", "workspace"):  # the job is exported afresh
+            shutil.rmtree(flare_dir / sub, ignore_errors=True)
+    else:
+        d.create(cfg)
+        flare_dir.mkdir(parents=True, exist_ok=True)
+        launch.write_text(json.dumps({"sites": sites, "site_overrides": site_overrides}))
     build_job(cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging",
               site_overrides=site_overrides, sites=sites).export_job(str(flare_dir / "jobs"))
     k = num_clients(cfg)
@@ -111,7 +127,7 @@ def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
            "-l", "concise"]
     env = {**os.environ, **_site_env(cfg.train.threads or 1)}
     t0 = time.perf_counter()
-    with open(flare_dir / "simulator.log", "wb") as out_log:
+    with open(flare_dir / "simulator.log", "ab") as out_log:
         proc = subprocess.Popen(cmd, stdout=out_log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
         try:

@@ -1,0 +1,271 @@
+"""The one server round loop, used by every runtime, and the client side every transport runs.
+
+A round: the strategy picks clients and their settings; the global adapters (and SCAFFOLD's
+server control) are encoded once with the download codec; the transport delivers the payload
+and brings back each client's encoded update; the server decodes, validates (a malformed update
+is logged with its reason and left out, the round goes on), aggregates, evaluates, logs and
+checkpoints. The runtime is only the transport: ``local`` runs the clients in this process,
+``flare`` sends the payloads through NVIDIA FLARE. Bytes counted are the lengths of the
+payloads that travel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from fedumm.config import Config
+from fedumm.fl import codec
+from fedumm.fl.client import ClientData, ClientTrainer
+from fedumm.fl.updates import ClientUpdate
+from fedumm.runtime.experiment import (
+    evaluate_states,
+    finish_run,
+    mid_run_eval,
+    pack,
+    round_record,
+    run_mode,
+    unpack,
+)
+from fedumm.runtime.run_dir import RunDirectory, RunDirError
+
+
+@dataclass
+class Reply:
+    """What a client sends back: its encoded update and the numbers the strategy needs."""
+
+    client_id: int
+    payload: bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """Delivers payloads to clients and their replies back."""
+
+    def train(self, rnd: int, jobs: dict[int, bytes], client_config: dict[str, Any],
+              on_reply: Callable[[Reply], None]) -> list[Reply]:
+        """Send ``jobs[k]`` to client k with ``client_config``; the replies, in any order."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Client-side state this process holds (checkpointed with the round)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# --------------------------------------------------------------------------- the wire
+
+def encode(tensors: dict[str, torch.Tensor], spec: str) -> bytes:
+    return codec.encode(tensors, spec)
+
+
+def decode(payload: bytes) -> dict[str, torch.Tensor]:
+    return codec.decode(payload)
+
+
+# --------------------------------------------------------------------------- client side
+
+class ClientEndpoint:
+    """The client's half of a round, the same under every transport: decode what the server
+    sent, train, encode the update with the upload codec."""
+
+    def __init__(self, trainer: ClientTrainer, cfg: Config) -> None:
+        self.trainer = trainer
+        self.cfg = cfg
+
+    def handle(self, client: ClientData, rnd: int, payload: bytes,
+               client_config: dict[str, Any], client_state: dict | None
+               ) -> tuple[Reply, dict]:
+        state, control = unpack(decode(payload))
+        ccfg = dict(client_config)
+        if control:
+            ccfg["server_control"] = control
+        t = time.perf_counter()
+        upd, client_state = self.trainer.train(client, state, rnd, ccfg, client_state)
+        train_s = time.perf_counter() - t
+        control_delta = upd.extra.get("control_delta", {})
+        body = encode(pack(upd.tensors, control_delta), self.cfg.codec)
+        meta = {"num_samples": upd.num_samples, "quality": upd.quality,
+                "num_steps": upd.num_steps, "metrics": upd.metrics,
+                "has_control": bool(control_delta), "train_s": train_s}
+        return Reply(client.client_id, body, meta), client_state
+
+
+class LocalTransport:
+    """Every client in this process, one after another, over the one shared frozen backbone
+    (memory: one model plus K adapter states)."""
+
+    def __init__(self, clients: list[ClientData], endpoint: ClientEndpoint) -> None:
+        self.clients = clients
+        self.endpoint = endpoint
+        self.client_states: dict[int, dict] = {}
+
+    def train(self, rnd: int, jobs: dict[int, bytes], client_config: dict[str, Any],
+              on_reply: Callable[[Reply], None]) -> list[Reply]:
+        replies = []
+        for k, payload in jobs.items():
+            reply, self.client_states[k] = self.endpoint.handle(
+                self.clients[k], rnd, payload, client_config, self.client_states.get(k))
+            on_reply(reply)
+            replies.append(reply)
+        return replies
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"client_states": self.client_states}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.client_states = dict(state.get("client_states", {}))
+
+
+# --------------------------------------------------------------------------- server side
+
+def validate(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """Why an update cannot be aggregated (None when it can): unknown keys, shapes that differ
+    from the global adapters', non-float or non-finite values."""
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        return f"unknown adapter tensors {unknown[:3]}"
+    for k, v in tensors.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            return f"{k}: shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+        if not v.is_floating_point():
+            return f"{k}: dtype {v.dtype}, expected a float tensor"
+        if not bool(torch.isfinite(v).all()):
+            return f"{k}: non-finite values"
+    return None
+
+
+def receive(reply: Reply, expected: dict[str, torch.Tensor]) -> ClientUpdate | str:
+    """A reply as a :class:`ClientUpdate`, or the reason it is rejected."""
+    try:
+        tensors, control = unpack(decode(reply.payload))
+    except Exception as exc:  # any malformed payload is a rejection, not a crash
+        return f"undecodable payload ({type(exc).__name__}: {exc})"
+    why = validate(tensors, expected)
+    if why is not None:
+        return why
+    meta = reply.meta
+    extra = {"control_delta": control} if meta.get("has_control") else {}
+    return ClientUpdate(reply.client_id, tensors, dict(meta["num_samples"]),
+                        dict(meta.get("quality", {})), int(meta.get("num_steps", 0)),
+                        dict(meta.get("metrics", {})), extra, len(reply.payload))
+
+
+class RoundLoop:
+    """The rounds of one experiment over any transport, with checkpoints after every round."""
+
+    def __init__(self, cfg: Config, run_dir: RunDirectory, backbone, adapters, strategy,
+                 val_data, num_clients: int, transport: Transport, fingerprint: str,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.cfg, self.dir = cfg, run_dir
+        self.backbone, self.adapters, self.strategy = backbone, adapters, strategy
+        self.val_data = val_data
+        self.num_clients = num_clients
+        self.transport = transport
+        self.fingerprint = fingerprint
+        self.mode = run_mode(cfg)
+        self.progress = progress or (lambda _: None)
+        self.initial_state = adapters.state()
+        if hasattr(strategy, "init_state"):
+            strategy.init_state(self.initial_state)
+
+    def selected(self, rnd: int) -> list[int]:
+        if self.mode == "fl":
+            return self.strategy.sample_clients(rnd)
+        return list(range(self.num_clients))
+
+    def _evaluate(self, states: list[dict], with_gen: bool) -> dict[str, Any]:
+        return evaluate_states(self.cfg, self.adapters, self.val_data, states, with_gen)
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg, d = self.cfg, self.dir
+        t_start = time.perf_counter()
+        ckpt = d.load_checkpoint() if resume else None
+        if resume and ckpt is None:
+            d.truncate_metrics(-1)  # interrupted before the first round finished
+        if ckpt is not None:
+            if ckpt["fingerprint"] != self.fingerprint:
+                raise RunDirError("the backbone differs from the one this run started with")
+            start = ckpt["round"] + 1
+            self.strategy.load_state_dict(ckpt["strategy"])
+            states, acc = ckpt["states"], ckpt["counters"]
+            self.transport.load_state_dict(ckpt.get("transport", {}))
+            d.truncate_metrics(ckpt["round"])
+        else:
+            start = 0
+            n_states = self.num_clients if self.mode == "local" else 1
+            states = [dict(self.initial_state) for _ in range(n_states)]
+            acc = {"upload": [], "download": [], "client_train_s": 0.0, "eval_s": 0.0,
+                   "wall_before_s": 0.0}
+            if cfg.eval.every:  # round -1: the frozen base (LoRA B = 0), the curve's start
+                t = time.perf_counter()
+                d.log({"type": "eval", "round": -1, **self._evaluate(states[:1], False)})
+                acc["eval_s"] += time.perf_counter() - t
+        for rnd in range(start, cfg.rounds):
+            states = self._round(rnd, states, acc)
+            gen = mid_run_eval(cfg, rnd)
+            if gen is not None:
+                t = time.perf_counter()
+                res = self._evaluate(states if self.mode == "local" else states[:1], gen)
+                acc["eval_s"] += time.perf_counter() - t
+                d.log({"type": "eval", "round": rnd, **res})
+                self.progress(f"VQA {res.get('vqa_accuracy', math.nan):.1f}")
+            acc["wall_now_s"] = acc["wall_before_s"] + time.perf_counter() - t_start
+            d.save_checkpoint({"round": rnd, "states": states,
+                               "strategy": self.strategy.state_dict(),
+                               "transport": self.transport.state_dict(),
+                               "counters": {**acc, "wall_before_s": acc["wall_now_s"]},
+                               "fingerprint": self.fingerprint})
+        t = time.perf_counter()
+        final = self._evaluate(states if self.mode == "local" else states[:1], True)
+        acc["eval_s"] += time.perf_counter() - t
+        return finish_run(cfg, d, self.backbone, self.adapters, self.fingerprint,
+                          self.num_clients, states[0], final, acc,
+                          acc["wall_before_s"] + time.perf_counter() - t_start)
+
+    def _round(self, rnd: int, states: list[dict], acc: dict) -> list[dict]:
+        cfg = self.cfg
+        selected = self.selected(rnd)
+        ccfg = self.strategy.client_config(rnd) if self.mode == "fl" else {}
+        control = ccfg.get("server_control", {})
+        wire_cfg = {k: v for k, v in ccfg.items() if k != "server_control"}
+        if self.mode == "local":  # each client continues from its own adapters
+            jobs = {k: encode(pack(states[k], control), cfg.codec) for k in selected}
+        else:
+            payload = encode(pack(states[0], control), cfg.codec)
+            jobs = {k: payload for k in selected}
+            acc["download"] += [len(payload)] * len(selected)
+        t = time.perf_counter()
+        replies = self.transport.train(rnd, jobs, wire_cfg, self._on_reply)
+        acc["client_train_s"] += time.perf_counter() - t
+        updates, rejected = [], []
+        for reply in sorted(replies, key=lambda r: r.client_id):  # a fixed aggregation order
+            base = states[reply.client_id] if self.mode == "local" else states[0]
+            upd = receive(reply, base)
+            if isinstance(upd, str):
+                rejected.append({"client": reply.client_id, "reason": upd})
+                continue
+            updates.append(upd)
+        for r in rejected:
+            self.dir.log({"type": "rejected", "round": rnd, **r})
+        if self.mode == "local":
+            for upd in updates:
+                states[upd.client_id] = {**states[upd.client_id], **upd.tensors}
+        else:
+            acc["upload"] += [u.upload_bytes for u in updates]
+            if updates:
+                states[0] = self.strategy.aggregate(rnd, states[0], updates)
+        record = round_record(rnd, selected, updates, count_upload=self.mode != "local")
+        if rejected:
+            record["rejected"] = rejected
+        self.dir.log(record)
+        return states
+
+    def _on_reply(self, reply: Reply) -> None:
+        self.progress("")
