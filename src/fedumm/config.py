@@ -69,6 +69,27 @@ class DataConfig:
 
 
 @dataclass
+class CodecConfig:
+    """Wire codecs per direction (``fedumm.fl.codec.parse_codec`` spellings: float32,
+    bfloat16, float16, int8, int8b, nf4, fp4, topk:F[+BASE], ...[+zlib]). ``codec=X`` sets
+    both directions."""
+
+    upload: str = "float32"
+    download: str = "float32"
+    # clients keep what a lossy or sparse upload codec dropped and add it to the next update
+    error_feedback: bool = True
+
+    def validate(self) -> None:
+        from fedumm.fl.codec import parse_codec
+
+        for key in ("upload", "download"):
+            try:
+                setattr(self, key, str(parse_codec(getattr(self, key))))
+            except (ValueError, ImportError) as exc:
+                raise ConfigError(f"codec.{key}: {exc}") from exc
+
+
+@dataclass
 class BackboneConfig:
     """The frozen foundation model: which kind, from where, on which device and dtype."""
 
@@ -197,7 +218,7 @@ class Config:
     clients: int = field(default=4, metadata=_range(1, 1000))
     rounds: int = field(default=5, metadata=_range(1))
     local_epochs: int = field(default=1, metadata=_range(1))
-    codec: str = field(default="float32", metadata=_choices("float32", "bfloat16", "float16"))
+    codec: CodecConfig = field(default_factory=lambda: CodecConfig())
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -283,17 +304,27 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _expand_shorthands(raw: dict[str, Any]) -> None:
+    """``codec: X`` (one spelling) means the same codec in both directions."""
+    if isinstance(raw.get("codec"), str):
+        raw["codec"] = {"upload": raw["codec"], "download": raw["codec"]}
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Set dotted keys in a nested dict (a copy); validation happens afterwards."""
     out = _deepcopy(raw)
+    _expand_shorthands(out)
     for text in overrides:
         parts, value = parse_override(text)
+        if parts == ["codec"] and not isinstance(value, dict):
+            value = str(value)
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {text!r}: {p} is not a section")
         node[parts[-1]] = value
+        _expand_shorthands(out)
     return out
 
 

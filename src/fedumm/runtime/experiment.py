@@ -122,17 +122,18 @@ def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: list[Sample],
     return out
 
 
-def full_model_bytes(num_parameters: int, dtype: str) -> int:
-    """What full fine-tuning would send per client and direction: every weight in the wire
-    dtype (counted from parameter counts; the model is never serialised for it)."""
-    return int(num_parameters) * codec.DTYPES[dtype].itemsize
+def full_model_bytes(num_parameters: int, spec: str) -> int:
+    """What full fine-tuning would send per client upload: every weight under the upload
+    codec (counted from parameter counts and the codec's bytes per value; the model is never
+    serialised for it)."""
+    return int(round(int(num_parameters) * codec.bytes_per_value(spec)))
 
 
 def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
                  fingerprint: str, clients: int, final: dict, acc: dict, wall: float,
                  peak_rss: int | None = None) -> dict[str, Any]:
     """``summary.json`` (the DESIGN.md contract) from the counters a runtime kept."""
-    full = full_model_bytes(adapters.num_parameters()["model"], cfg.codec)
+    full = full_model_bytes(adapters.num_parameters()["model"], cfg.codec.upload)
     up, down = acc["upload"], acc["download"]
     per_up = float(np.mean(up)) if up else 0.0
     base = next((m for m in run_dir.metrics() if m.get("round") == -1), None)
@@ -150,7 +151,8 @@ def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapter
             "full_model_bytes": full,
             "total_bytes": int(sum(up) + sum(down)),
             "reduction_vs_full": round(full / per_up, 2) if per_up else None,
-            "codec": cfg.codec,
+            "codec": cfg.codec.upload if cfg.codec.upload == cfg.codec.download else
+            f"{cfg.codec.upload} up / {cfg.codec.download} down",
         },
         "time": {"wall_s": round(wall, 2), "client_train_s": round(acc["client_train_s"], 2),
                  "eval_s": round(acc["eval_s"], 2)},

@@ -69,11 +69,20 @@ def decode(payload: bytes) -> dict[str, torch.Tensor]:
     return codec.decode(payload)
 
 
+def sends_values(spec: str) -> bool:
+    """Plain casts (float32 / bfloat16 / float16, dense) carry the trained adapter values, as
+    exact as the cast; quantising and sparsifying codecs carry the update (trained minus
+    received), whose error feedback and sparsity are what make them work."""
+    s = codec.parse_codec(spec)
+    return not s.sparse and s.base in codec.DTYPES
+
+
 # --------------------------------------------------------------------------- client side
 
 class ClientEndpoint:
     """The client's half of a round, the same under every transport: decode what the server
-    sent, train, encode the update with the upload codec."""
+    sent, train, encode the update with the upload codec (keeping the error-feedback residual
+    in the client's state)."""
 
     def __init__(self, trainer: ClientTrainer, cfg: Config) -> None:
         self.trainer = trainer
@@ -90,9 +99,21 @@ class ClientEndpoint:
         upd, client_state = self.trainer.train(client, state, rnd, ccfg, client_state)
         train_s = time.perf_counter() - t
         control_delta = upd.extra.get("control_delta", {})
-        body = encode(pack(upd.tensors, control_delta), self.cfg.codec)
+        spec = self.cfg.codec.upload
+        if sends_values(spec):
+            form, body = "values", encode(pack(upd.tensors, control_delta), spec)
+        else:
+            form = "delta"
+            delta = pack({k: v - state[k] for k, v in upd.tensors.items()}, control_delta)
+            if self.cfg.codec.error_feedback:
+                ef = codec.ErrorFeedback()
+                ef.load_state_dict(client_state.get("error_feedback", {}))
+                body, _ = ef.compress(delta, spec)
+                client_state["error_feedback"] = ef.state_dict()
+            else:
+                body = encode(delta, spec)
         meta = {"num_samples": upd.num_samples, "quality": upd.quality,
-                "num_steps": upd.num_steps, "metrics": upd.metrics,
+                "num_steps": upd.num_steps, "metrics": upd.metrics, "form": form,
                 "has_control": bool(control_delta), "train_s": train_s}
         return Reply(client.client_id, body, meta), client_state
 
@@ -141,16 +162,19 @@ def validate(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
     return None
 
 
-def receive(reply: Reply, expected: dict[str, torch.Tensor]) -> ClientUpdate | str:
-    """A reply as a :class:`ClientUpdate`, or the reason it is rejected."""
+def receive(reply: Reply, received: dict[str, torch.Tensor]) -> ClientUpdate | str:
+    """A reply as a :class:`ClientUpdate`, or the reason it is rejected. ``received``: the
+    adapters the client started from (what it decoded), to which a delta is added."""
     try:
         tensors, control = unpack(decode(reply.payload))
     except Exception as exc:  # any malformed payload is a rejection, not a crash
         return f"undecodable payload ({type(exc).__name__}: {exc})"
-    why = validate(tensors, expected)
+    why = validate(tensors, received)
     if why is not None:
         return why
     meta = reply.meta
+    if meta.get("form") == "delta":
+        tensors = {k: received[k] + v for k, v in tensors.items()}
     extra = {"control_delta": control} if meta.get("has_control") else {}
     return ClientUpdate(reply.client_id, tensors, dict(meta["num_samples"]),
                         dict(meta.get("quality", {})), int(meta.get("num_steps", 0)),
@@ -235,19 +259,22 @@ class RoundLoop:
         ccfg = self.strategy.client_config(rnd) if self.mode == "fl" else {}
         control = ccfg.get("server_control", {})
         wire_cfg = {k: v for k, v in ccfg.items() if k != "server_control"}
+        spec = cfg.codec.download
         if self.mode == "local":  # each client continues from its own adapters
-            jobs = {k: encode(pack(states[k], control), cfg.codec) for k in selected}
+            jobs = {k: encode(pack(states[k], control), spec) for k in selected}
         else:
-            payload = encode(pack(states[0], control), cfg.codec)
+            payload = encode(pack(states[0], control), spec)
             jobs = {k: payload for k in selected}
             acc["download"] += [len(payload)] * len(selected)
+        received = {k: unpack(decode(jobs[k]))[0] for k in dict.fromkeys(
+            selected if self.mode == "local" else selected[:1])}  # what clients start from
         t = time.perf_counter()
         replies = self.transport.train(rnd, jobs, wire_cfg, self._on_reply)
         acc["client_train_s"] += time.perf_counter() - t
         updates, rejected = [], []
         for reply in sorted(replies, key=lambda r: r.client_id):  # a fixed aggregation order
-            base = states[reply.client_id] if self.mode == "local" else states[0]
-            upd = receive(reply, base)
+            start = received[reply.client_id if self.mode == "local" else selected[0]]
+            upd = receive(reply, start)
             if isinstance(upd, str):
                 rejected.append({"client": reply.client_id, "reason": upd})
                 continue

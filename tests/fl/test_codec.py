@@ -1,4 +1,4 @@
-"""fedumm.fl.compress: spellings, per-codec error bounds, sizes, determinism, error feedback."""
+"""fedumm.fl.codec: spellings, per-codec error bounds, sizes, determinism, error feedback."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import zlib
 import pytest
 import torch
 
-from fedumm.fl import compress
-from fedumm.fl.compress import (
+from fedumm.fl import codec
+from fedumm.fl.codec import (
     FP4_TABLE,
     NF4_TABLE,
     CodecSpec,
@@ -264,7 +264,7 @@ def test_deterministic(text: str) -> None:
 
 def test_deterministic_across_processes() -> None:
     # safetensors orders several metadata keys differently per process; one key keeps bytes stable
-    code = ("import hashlib, torch; from fedumm.fl.compress import encode; "
+    code = ("import hashlib, torch; from fedumm.fl.codec import encode; "
             "g = torch.Generator().manual_seed(0); "
             "x = {'b': torch.randn(70, generator=g), 'a': torch.randn(3, 5, generator=g)}; "
             "print(hashlib.sha256(encode(x, 'topk:0.5+nf4+zlib')).hexdigest())")
@@ -403,5 +403,5 @@ def test_error_feedback_state_dict_roundtrip_and_missing_keys() -> None:
 
 
 def test_throughput_helper_reports_rates() -> None:
-    out = compress.throughput("nf4", numel=10_000)
+    out = codec.throughput("nf4", numel=10_000)
     assert out["bytes"] > 0 and out["encode_mb_s"] > 0 and out["decode_mb_s"] > 0
