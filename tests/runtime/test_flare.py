@@ -40,6 +40,7 @@ def _processes_mentioning(text: str) -> list[str]:
 @pytest.mark.parametrize("extra", [
     pytest.param(["strategy.name=fedavg"], id="fedavg"),
     pytest.param(["strategy.name=fedumm", "codec=bfloat16"], id="fedumm-bf16"),
+    pytest.param(["strategy.name=fedavg", "codec=int8"], id="fedavg-int8"),
     pytest.param(["strategy.name=scaffold"], id="scaffold", marks=pytest.mark.slow),
     pytest.param(["strategy.name=fedadam", "strategy.fraction=0.5"], id="fedadam-sampled",
                  marks=pytest.mark.slow),

@@ -28,6 +28,8 @@ def _same(a, b):
     pytest.param(["strategy.name=scaffold"], id="scaffold"),
     # LoRA dropout draws from torch's RNG, which the trainer seeds per client and round
     pytest.param(["strategy.name=fedavg", "lora.dropout=0.2"], id="fedavg-dropout"),
+    # the error-feedback residual lives in the client state, checkpointed with the round
+    pytest.param(["strategy.name=fedavg", "codec=topk:0.1+int8"], id="fedavg-topk-ef"),
 ])
 def test_resume_after_a_crash_mid_round_matches_an_uninterrupted_run(
         tmp_path, tiny_overrides, monkeypatch, extra):

@@ -100,6 +100,14 @@ class ClientEndpoint:
         train_s = time.perf_counter() - t
         control_delta = upd.extra.get("control_delta", {})
         spec = self.cfg.codec.upload
+        meta = {"num_samples": upd.num_samples, "quality": upd.quality,
+                "num_steps": upd.num_steps, "metrics": upd.metrics,
+                "has_control": bool(control_delta), "train_s": train_s}
+        bad = [k for k, v in {**upd.tensors, **control_delta}.items()
+               if not bool(torch.isfinite(v).all())]
+        if bad:  # diverged: say so instead of sending numbers (the server leaves it out)
+            meta["error"] = f"{bad[0]}: non-finite values after local training"
+            return Reply(client.client_id, b"", meta), client_state
         if sends_values(spec):
             form, body = "values", encode(pack(upd.tensors, control_delta), spec)
         else:
@@ -112,9 +120,7 @@ class ClientEndpoint:
                 client_state["error_feedback"] = ef.state_dict()
             else:
                 body = encode(delta, spec)
-        meta = {"num_samples": upd.num_samples, "quality": upd.quality,
-                "num_steps": upd.num_steps, "metrics": upd.metrics, "form": form,
-                "has_control": bool(control_delta), "train_s": train_s}
+        meta["form"] = form
         return Reply(client.client_id, body, meta), client_state
 
 
@@ -165,6 +171,8 @@ def validate(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
 def receive(reply: Reply, received: dict[str, torch.Tensor]) -> ClientUpdate | str:
     """A reply as a :class:`ClientUpdate`, or the reason it is rejected. ``received``: the
     adapters the client started from (what it decoded), to which a delta is added."""
+    if reply.meta.get("error"):
+        return str(reply.meta["error"])
     try:
         tensors, control = unpack(decode(reply.payload))
     except Exception as exc:  # any malformed payload is a rejection, not a crash

@@ -1,0 +1,105 @@
+"""The update pipeline of the one round loop: deltas under lossy codecs with error feedback,
+bytes counted as sent, and malformed updates rejected with their reason while the run goes on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedumm.config import config_from_dict
+from fedumm.fl import codec
+from fedumm.runtime import loop
+from fedumm.runtime.local import LocalRuntime, run_experiment
+from fedumm.runtime.run_dir import RunDirectory
+
+
+def _cfg(overrides, *extra):
+    return config_from_dict({"name": "pipe"}, [*overrides, *extra])
+
+
+def test_a_sparse_codec_sends_deltas_with_error_feedback(tmp_path, tiny_overrides):
+    cfg = _cfg(tiny_overrides, "codec.upload=topk:0.05+int8")
+    RunDirectory(tmp_path / "run").create(cfg)
+    rt = LocalRuntime(cfg, tmp_path / "run", progress=False)
+    summary = rt.run()
+    full = run_experiment(_cfg(tiny_overrides), tmp_path / "fp32", progress=False)
+    ratio = (full["communication"]["upload_bytes_per_client_round"]
+             / summary["communication"]["upload_bytes_per_client_round"])
+    assert ratio > 10  # 5 % of the entries, int8 values and 16-bit positions
+    assert summary["communication"]["download_bytes_per_client_round"] == \
+        full["communication"]["download_bytes_per_client_round"]  # float32 down
+    for state in rt.transport.client_states.values():  # what the codec dropped is kept
+        residual = state["error_feedback"]
+        assert residual and any(float(v.abs().sum()) > 0 for v in residual.values())
+
+
+def test_the_server_adds_a_decoded_delta_to_what_the_client_received():
+    received = {"a": torch.tensor([1.0, 2.0, 3.0])}
+    delta = {"a": torch.tensor([0.5, 0.0, -1.0])}
+    reply = loop.Reply(0, codec.encode(delta, "int8"), {"num_samples": {"understanding": 1},
+                                                        "form": "delta"})
+    upd = loop.receive(reply, received)
+    torch.testing.assert_close(upd.tensors["a"], received["a"] + codec.roundtrip(delta,
+                                                                                  "int8")[0]["a"])
+    assert upd.upload_bytes == len(reply.payload)
+
+
+def test_validation_names_what_is_wrong():
+    expected = {"a": torch.zeros(2, 3)}
+    assert loop.validate({"a": torch.ones(2, 3)}, expected) is None
+    assert "non-finite" in loop.validate({"a": torch.full((2, 3), float("inf"))}, expected)
+    assert "shape (3, 2), expected (2, 3)" in loop.validate({"a": torch.ones(3, 2)}, expected)
+    assert "unknown adapter tensors ['b']" in loop.validate({"b": torch.ones(1)}, expected)
+    assert "dtype" in loop.validate({"a": torch.ones(2, 3, dtype=torch.int64)}, expected)
+    reply = loop.Reply(0, b"not a payload", {"num_samples": {}})
+    assert loop.receive(reply, expected).startswith("undecodable payload")
+
+
+def _diverge(client_id):
+    from fedumm.fl.client import ClientTrainer
+
+    real = ClientTrainer.train
+
+    def train(self, client, *args, **kwargs):
+        upd, state = real(self, client, *args, **kwargs)
+        if client.client_id == client_id:
+            upd.tensors = {k: v * float("nan") for k, v in upd.tensors.items()}
+        return upd, state
+
+    return train
+
+
+@pytest.mark.parametrize("corrupt, reason", [
+    (None, "non-finite values after local training"),
+    (lambda t: {**t, "base_model.model.nowhere.lora_A.weight": torch.zeros(2, 2)},
+     "unknown adapter tensors"),
+    (lambda t: {k: v[:1] for k, v in t.items()}, "shape"),
+    (lambda t: b"\x00" * 64, "undecodable payload"),
+])
+def test_a_malformed_update_is_rejected_with_its_reason_and_the_run_finishes(
+        tmp_path, tiny_overrides, monkeypatch, corrupt, reason):
+    real = loop.ClientEndpoint.handle
+
+    def handle(self, client, rnd, payload, client_config, client_state):
+        reply, state = real(self, client, rnd, payload, client_config, client_state)
+        if client.client_id == 1 and rnd == 0:  # client 1 sends garbage in round 0
+            bad = corrupt(codec.decode(reply.payload))
+            reply.payload = bad if isinstance(bad, bytes) else codec.encode(bad, "float32")
+        return reply, state
+
+    if corrupt is None:  # client 1's training diverges in every round
+        from fedumm.fl.client import ClientTrainer
+
+        monkeypatch.setattr(ClientTrainer, "train", _diverge(1))
+    else:
+        monkeypatch.setattr(loop.ClientEndpoint, "handle", handle)
+    summary = run_experiment(_cfg(tiny_overrides), tmp_path / "run", progress=False)
+    metrics = RunDirectory(tmp_path / "run").metrics()
+    rejected = [m for m in metrics if m["type"] == "rejected"]
+    assert rejected[0]["client"] == 1 and rejected[0]["round"] == 0
+    assert len(rejected) == (2 if corrupt is None else 1)  # diverged: both rounds
+    assert reason in rejected[0]["reason"]
+    rounds = [m for m in metrics if m["type"] == "round"]
+    assert rounds[0]["rejected"] == [{"client": 1, "reason": rejected[0]["reason"]}]
+    assert list(rounds[0]["num_samples"]) == ["0"]  # only client 0 was aggregated
+    assert torch.isfinite(torch.tensor(summary["final"]["vqa_accuracy"]))
