@@ -151,6 +151,25 @@ class LoraSettings:
         default_factory=lambda: ["vision", "language", "generation", "alignment"],
         metadata=_choices("vision", "language", "generation", "alignment"),
     )
+    # separate: average A and B (FedAvg of the factors); exact: FedEx-LoRA, the residual of
+    # the mean product folded into the frozen weights; ffa: FFA-LoRA, A frozen, B trained
+    aggregation: str = field(default="separate", metadata=_choices("separate", "exact", "ffa"))
+    # one LoRA rank per client (cycled over clients), each <= r: HetLoRA-style truncation
+    client_ranks: list[int] = field(default_factory=list, metadata=_range(1, 512))
+
+    def validate(self) -> None:
+        bad = [x for x in self.client_ranks if x > self.r]
+        if bad:
+            raise ConfigError(f"lora.client_ranks: every rank must be <= lora.r={self.r}, got "
+                              f"{bad}")
+        if self.client_ranks and self.aggregation == "exact":
+            raise ConfigError("lora.client_ranks with lora.aggregation=exact is not supported "
+                              "(the residual of mixed ranks is not defined here)")
+
+    def rank_of(self, client_id: int) -> int:
+        """Client ``client_id``'s LoRA rank."""
+        return self.client_ranks[client_id % len(self.client_ranks)] if self.client_ranks \
+            else self.r
 
 
 @dataclass
@@ -228,6 +247,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
+    def validate(self) -> None:
+        if self.lora.aggregation == "exact" and self.strategy.name not in (
+                "fedavg", "fedumm", "fedprox", "scaffold", "centralized", "local"):
+            raise ConfigError(f"lora.aggregation=exact folds the mean client model into the "
+                              f"frozen weights; strategy.name={self.strategy.name} moves the "
+                              "server model elsewhere (use fedavg, fedumm, fedprox or scaffold)")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -277,6 +303,8 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
             (item_tp,) = typing.get_args(tp)
             if isinstance(value, str):  # `lora.groups=vision,language` on the command line
                 value = [v.strip() for v in value.split(",") if v.strip()]
+                if item_tp is int:
+                    value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
             if not isinstance(value, list):
                 raise ConfigError(f"{key}: expected a list, got {value!r}")
             kwargs[name] = [_check_scalar(f"{key}[{i}]", v, item_tp, meta)

@@ -18,6 +18,7 @@ import torch
 from fedumm.config import TrainConfig
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import IMAGE_MISSING, TEXT_MISSING
+from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b
 from fedumm.fl.strategies.scaffold import client_control_update
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
 from fedumm.models.lora import LoraAdapters
@@ -71,17 +72,35 @@ def make_client_data(client_id: int, samples: Sequence[Sample], sample_idx: np.n
     return ClientData(client_id, train, [samples[i] for i in vu + vg])
 
 
+def rank_masks(params: dict[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
+    """0/1 gradient masks keeping the first ``rank`` components of each LoRA tensor (A's rows,
+    B's columns); empty when the client trains the full rank."""
+    masks = {}
+    for k, p in params.items():
+        full = p.shape[0] if is_lora_a(k) else p.shape[1] if is_lora_b(k) else None
+        if full is None or rank is None or rank >= full:
+            continue
+        m = torch.zeros_like(p)
+        if is_lora_a(k):
+            m[:rank] = 1
+        else:
+            m[:, :rank] = 1
+        masks[k] = m
+    return masks
+
+
 class ClientTrainer:
     """Trains one client's adapters for one round. Holds no per-client state itself: what must
     persist between rounds (optimizer, SCAFFOLD control variate) comes in and goes out in
     ``client_state``."""
 
     def __init__(self, adapters: LoraAdapters, cfg: TrainConfig, local_epochs: int,
-                 seed: int) -> None:
+                 seed: int, freeze_lora_a: bool = False) -> None:
         self.adapters = adapters
         self.cfg = cfg
         self.local_epochs = local_epochs
         self.seed = seed
+        self.freeze_lora_a = freeze_lora_a  # FFA-LoRA: A keeps its shared initialisation
         self.backbone = adapters.backbone
         self.model = adapters.model
 
@@ -125,8 +144,13 @@ class ClientTrainer:
         ad.load_state(global_state)
         groups = client.groups_with_data(ad)
         ad.set_trainable(groups)
-        names = [k for k in ad.params if ad.group_of(k) in groups]
+        names = [k for k in ad.params if ad.group_of(k) in groups
+                 and not (self.freeze_lora_a and is_lora_a(k))]
+        for k in set(ad.keys()) - set(names):
+            ad.params[k].requires_grad_(False)
         params = [ad.params[k] for k in names]
+        # a client of rank r_k < r trains the first r_k LoRA components only (HetLoRA)
+        masks = rank_masks({k: ad.params[k] for k in names}, client_config.get("lora_rank"))
         opt = self._optimizer(params)
         if self.cfg.persistent_optimizer and "optimizer" in client_state:
             opt.load_state_dict(client_state["optimizer"])
@@ -158,6 +182,9 @@ class ClientTrainer:
                                                      for k in names)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
+                    for k, m in masks.items():
+                        if ad.params[k].grad is not None:
+                            ad.params[k].grad.mul_(m)
                     if c_server is not None:  # SCAFFOLD: g <- g - c_i + c
                         for k in names:
                             if ad.params[k].grad is not None:
@@ -170,7 +197,7 @@ class ClientTrainer:
                         sums[k] = sums.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
         self.model.eval()
-        tensors = ad.state(groups)
+        tensors = {k: v for k, v in ad.state(groups).items() if k in set(names)}
         extra = {}
         if c_server is not None and steps > 0:  # SCAFFOLD option II control update
             new_c, extra["control_delta"] = client_control_update(

@@ -86,6 +86,23 @@ class LoraAdapters:
                     raise ValueError(f"{k}: shape {tuple(v.shape)}, expected {want}")
                 self.params[k].copy_(v)
 
+    def fold_residuals(self, cumulative: dict[str, torch.Tensor]) -> None:
+        """Make each adapted layer's frozen weight its original value plus
+        ``cumulative[module]`` (exact LoRA aggregation folds the residual of the mean product
+        there). Only the change since the last call is applied, so calling it again with the
+        same residuals (another client on the same shared backbone) does nothing."""
+        folded = getattr(self, "_folded", {})
+        with torch.no_grad():
+            for module, residual in cumulative.items():
+                weight = self.model.get_submodule(module).base_layer.weight
+                change = residual.to(weight.device, weight.dtype)
+                if module in folded:
+                    change = change - folded[module].to(weight.device, weight.dtype)
+                if torch.count_nonzero(change):
+                    weight.add_(change)
+                folded[module] = residual.detach().clone()
+        self._folded = folded
+
     def set_trainable(self, groups) -> None:
         """Only the adapter tensors of ``groups`` receive gradients; the backbone is frozen."""
         for p in self.model.parameters():

@@ -40,7 +40,8 @@ class LocalRuntime:
         val_data = read_samples(cfg.data, "val")
         self.clients, self.partition_summary = client_datasets(cfg, self.backbone)
         adapters = build_adapters(cfg, self.backbone)
-        trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed)
+        trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed,
+                            freeze_lora_a=cfg.lora.aggregation == "ffa")
         strategy = build_strategy(cfg.strategy, len(self.clients), cfg.seed,
                                   self.backbone.groups)
         self.transport = LocalTransport(self.clients, ClientEndpoint(trainer, cfg))

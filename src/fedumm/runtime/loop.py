@@ -18,10 +18,20 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from safetensors.torch import save_file
 
 from fedumm.config import Config
 from fedumm.fl import codec
 from fedumm.fl.client import ClientData, ClientTrainer
+from fedumm.fl.lora_aggregation import (
+    aggregation_error,
+    exact_residuals,
+    is_lora_a,
+    lora_modules,
+    mean_products,
+    pad_ranks,
+    truncate_ranks,
+)
 from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import (
     evaluate_states,
@@ -69,6 +79,16 @@ def decode(payload: bytes) -> dict[str, torch.Tensor]:
     return codec.decode(payload)
 
 
+RESIDUAL = "residual/"  # download keys of the folded residuals (exact LoRA aggregation)
+
+
+def split_residual(tensors: dict[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the other tensors, the residuals by module) of a download payload."""
+    residual = {k[len(RESIDUAL):]: v for k, v in tensors.items() if k.startswith(RESIDUAL)}
+    return {k: v for k, v in tensors.items() if not k.startswith(RESIDUAL)}, residual
+
+
 def sends_values(spec: str) -> bool:
     """Plain casts (float32 / bfloat16 / float16, dense) carry the trained adapter values, as
     exact as the cast; quantising and sparsifying codecs carry the update (trained minus
@@ -91,10 +111,18 @@ class ClientEndpoint:
     def handle(self, client: ClientData, rnd: int, payload: bytes,
                client_config: dict[str, Any], client_state: dict | None
                ) -> tuple[Reply, dict]:
-        state, control = unpack(decode(payload))
+        tensors, residual = split_residual(decode(payload))
+        if residual:  # exact LoRA aggregation: the frozen weights carry the residual
+            self.trainer.adapters.fold_residuals(residual)
+        state, control = unpack(tensors)
         ccfg = dict(client_config)
         if control:
             ccfg["server_control"] = control
+        rank = self.cfg.lora.rank_of(client.client_id)
+        if self.cfg.lora.client_ranks:  # it arrived truncated to this client's rank
+            full = {k: p.detach() for k, p in self.trainer.adapters.params.items()}
+            state = pad_ranks(state, full)
+            ccfg["lora_rank"] = rank
         t = time.perf_counter()
         upd, client_state = self.trainer.train(client, state, rnd, ccfg, client_state)
         train_s = time.perf_counter() - t
@@ -103,6 +131,10 @@ class ClientEndpoint:
         meta = {"num_samples": upd.num_samples, "quality": upd.quality,
                 "num_steps": upd.num_steps, "metrics": upd.metrics,
                 "has_control": bool(control_delta), "train_s": train_s}
+        if self.cfg.lora.client_ranks:  # only this client's rank components travel
+            upd.tensors = truncate_ranks(upd.tensors, rank)
+            state = truncate_ranks(state, rank)
+            meta["rank"] = rank
         bad = [k for k, v in {**upd.tensors, **control_delta}.items()
                if not bool(torch.isfinite(v).all())]
         if bad:  # diverged: say so instead of sending numbers (the server leaves it out)
@@ -177,16 +209,33 @@ def receive(reply: Reply, received: dict[str, torch.Tensor]) -> ClientUpdate | s
         tensors, control = unpack(decode(reply.payload))
     except Exception as exc:  # any malformed payload is a rejection, not a crash
         return f"undecodable payload ({type(exc).__name__}: {exc})"
+    meta = reply.meta
+    if meta.get("rank") is not None:  # a lower-rank client: zero-pad its components
+        if any(k not in received for k in tensors):
+            return f"unknown adapter tensors {sorted(set(tensors) - set(received))[:3]}"
+        tensors = pad_ranks(tensors, received)
     why = validate(tensors, received)
     if why is not None:
         return why
-    meta = reply.meta
     if meta.get("form") == "delta":
         tensors = {k: received[k] + v for k, v in tensors.items()}
     extra = {"control_delta": control} if meta.get("has_control") else {}
+    if meta.get("rank") is not None:
+        extra["rank"] = int(meta["rank"])
     return ClientUpdate(reply.client_id, tensors, dict(meta["num_samples"]),
                         dict(meta.get("quality", {})), int(meta.get("num_steps", 0)),
                         dict(meta.get("metrics", {})), extra, len(reply.payload))
+
+
+def _error_with_residual(states, weights, aggregated, modules, residual) -> float:
+    """The aggregation error of ``B A + residual`` (the folded model) per module."""
+    target = mean_products(states, weights, modules)
+    num = den = 0.0
+    for m, (a, b) in modules.items():
+        model = aggregated[b].double() @ aggregated[a].double() + residual[m].double()
+        num += float(((target[m] - model) ** 2).sum())
+        den += float((target[m] ** 2).sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 class RoundLoop:
@@ -206,6 +255,11 @@ class RoundLoop:
         self.initial_state = adapters.state()
         if hasattr(strategy, "init_state"):
             strategy.init_state(self.initial_state)
+        if cfg.lora.aggregation == "ffa":  # A stays at its seeded initialisation everywhere
+            strategy.frozen = is_lora_a
+        self.residual: dict[str, torch.Tensor] = {}  # exact aggregation: folded so far
+        self.modules = lora_modules(self.initial_state)
+        self.scaling = cfg.lora.alpha / cfg.lora.r
 
     def selected(self, rnd: int) -> list[int]:
         if self.mode == "fl":
@@ -228,6 +282,9 @@ class RoundLoop:
             self.strategy.load_state_dict(ckpt["strategy"])
             states, acc = ckpt["states"], ckpt["counters"]
             self.transport.load_state_dict(ckpt.get("transport", {}))
+            self.residual = dict(ckpt.get("residual", {}))
+            if self.residual:
+                self.adapters.fold_residuals(self.residual)
             d.truncate_metrics(ckpt["round"])
         else:
             start = 0
@@ -252,11 +309,16 @@ class RoundLoop:
             d.save_checkpoint({"round": rnd, "states": states,
                                "strategy": self.strategy.state_dict(),
                                "transport": self.transport.state_dict(),
+                               "residual": self.residual,
                                "counters": {**acc, "wall_before_s": acc["wall_now_s"]},
                                "fingerprint": self.fingerprint})
         t = time.perf_counter()
         final = self._evaluate(states if self.mode == "local" else states[:1], True)
         acc["eval_s"] += time.perf_counter() - t
+        if self.residual:  # exact aggregation: the adapters need these frozen-weight changes
+            (d.path / d.ADAPTERS).mkdir(parents=True, exist_ok=True)
+            save_file({m: r.contiguous() for m, r in self.residual.items()},
+                      str(d.path / d.ADAPTERS / "base_residual.safetensors"))
         return finish_run(cfg, d, self.backbone, self.adapters, self.fingerprint,
                           self.num_clients, states[0], final, acc,
                           acc["wall_before_s"] + time.perf_counter() - t_start)
@@ -268,21 +330,36 @@ class RoundLoop:
         control = ccfg.get("server_control", {})
         wire_cfg = {k: v for k, v in ccfg.items() if k != "server_control"}
         spec = cfg.codec.download
-        if self.mode == "local":  # each client continues from its own adapters
-            jobs = {k: encode(pack(states[k], control), spec) for k in selected}
-        else:
-            payload = encode(pack(states[0], control), spec)
-            jobs = {k: payload for k in selected}
-            acc["download"] += [len(payload)] * len(selected)
-        received = {k: unpack(decode(jobs[k]))[0] for k in dict.fromkeys(
-            selected if self.mode == "local" else selected[:1])}  # what clients start from
+        residual = {RESIDUAL + m: r for m, r in self.residual.items()}
+        by_rank: dict[tuple[int, int], bytes] = {}
+        jobs = {}
+        for k in selected:
+            source = k if self.mode == "local" else 0
+            rank = cfg.lora.rank_of(k)
+            if (source, rank) not in by_rank:  # one payload per (state, rank)
+                state = states[source]
+                if cfg.lora.client_ranks:
+                    state = truncate_ranks(state, rank)
+                by_rank[(source, rank)] = encode({**pack(state, control), **residual}, spec)
+            jobs[k] = by_rank[(source, rank)]
+        if self.mode != "local":
+            acc["download"] += [len(jobs[k]) for k in selected]
+        # what each client starts from (full rank: a truncated state is zero-padded)
+        received = {}
+        for k in selected:
+            source = k if self.mode == "local" else 0
+            got = unpack(split_residual(decode(jobs[k]))[0])[0]
+            received[k] = pad_ranks(got, states[source]) if cfg.lora.client_ranks else got
         t = time.perf_counter()
         replies = self.transport.train(rnd, jobs, wire_cfg, self._on_reply)
         acc["client_train_s"] += time.perf_counter() - t
-        updates, rejected = [], []
+        updates: list[ClientUpdate] = []
+        rejected: list[dict] = []
         for reply in sorted(replies, key=lambda r: r.client_id):  # a fixed aggregation order
-            start = received[reply.client_id if self.mode == "local" else selected[0]]
-            upd = receive(reply, start)
+            if reply.client_id not in received:
+                rejected.append({"client": reply.client_id, "reason": "not selected"})
+                continue
+            upd = receive(reply, received[reply.client_id])
             if isinstance(upd, str):
                 rejected.append({"client": reply.client_id, "reason": upd})
                 continue
@@ -294,13 +371,46 @@ class RoundLoop:
                 states[upd.client_id] = {**states[upd.client_id], **upd.tensors}
         else:
             acc["upload"] += [u.upload_bytes for u in updates]
+            errors = {}
             if updates:
-                states[0] = self.strategy.aggregate(rnd, states[0], updates)
+                new = self.strategy.aggregate(rnd, states[0], updates)
+                errors = self._lora_aggregation(new, updates, received)
+                states[0] = new
         record = round_record(rnd, selected, updates, count_upload=self.mode != "local")
+        if self.mode != "local" and errors:
+            record["aggregation_error"] = errors
         if rejected:
             record["rejected"] = rejected
         self.dir.log(record)
         return states
+
+    def _lora_aggregation(self, new: dict, updates: list[ClientUpdate],
+                          received: dict[int, dict]) -> dict[str, float]:
+        """Per group with LoRA layers, ``||mean_k(B_k A_k) - B A|| / ||mean_k(B_k A_k)||`` of
+        the model after aggregation; with ``lora.aggregation=exact`` the residual is folded
+        into the frozen weights first, so the error is that of the folded model (~0)."""
+        out = {}
+        layout = self.strategy.layout
+        for group in layout.names:
+            modules = {m: ab for m, ab in self.modules.items()
+                       if layout.group_of(ab[0]) == group}
+            trained = [u for u in updates if any(ab[1] in u.tensors for ab in modules.values())]
+            if not modules or not trained:
+                continue
+            weights = self.strategy.group_weights(group, trained)
+            if sum(weights) <= 0:
+                continue
+            clients = [{**received[u.client_id], **u.tensors} for u in trained]
+            if self.cfg.lora.aggregation == "exact":
+                round_residual = exact_residuals(clients, weights, new, modules, self.scaling)
+                for m, r in round_residual.items():
+                    self.residual[m] = self.residual.get(m, 0) + r
+                self.adapters.fold_residuals(self.residual)
+                effective = {m: r / self.scaling for m, r in round_residual.items()}
+                out[group] = _error_with_residual(clients, weights, new, modules, effective)
+            else:
+                out[group] = aggregation_error(clients, weights, new, modules)
+        return out
 
     def _on_reply(self, reply: Reply) -> None:
         self.progress("")

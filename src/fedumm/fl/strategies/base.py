@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from fedumm.config import StrategyConfig
 from fedumm.fl.aggregate import select, weighted_mean
+from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b, rank_weighted_mean
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.protocol import AdapterGroup, AdapterLayout
 
@@ -52,6 +54,8 @@ class Strategy:
         self.num_clients = int(num_clients)
         self.seed = int(seed)
         self.layout = AdapterLayout(groups)
+        # keys no client trains (FFA-LoRA's A): kept as they are, never expected in updates
+        self.frozen: Callable[[str], bool] = lambda key: False
 
     # -- client side ---------------------------------------------------------------------------
 
@@ -109,7 +113,10 @@ class Strategy:
                 raise ValueError(f"client {u.client_id} sent unknown adapter tensors {unknown}")
 
         new = dict(global_state)
-        for group, keys in groups.items():
+        for group, all_keys in groups.items():
+            keys = [k for k in all_keys if not self.frozen(k)]
+            if not keys:
+                continue
             trained = []
             for u in updates:
                 have = sum(k in u.tensors for k in keys)
@@ -122,10 +129,25 @@ class Strategy:
             kept = [(u, w) for u, w in zip(trained, weights, strict=True) if w > 0]
             if not kept:
                 continue
-            avg = weighted_mean([select(u.tensors, keys) for u, _ in kept], [w for _, w in kept])
+            avg = self.mean(keys, [u for u, _ in kept], [w for _, w in kept])
             prev = select(global_state, keys)
             new.update(self.server_update(group, prev, avg, [u for u, _ in kept]))
         return new
+
+    def mean(self, keys: list[str], updates: list[ClientUpdate], weights: list[float]
+             ) -> State:
+        """The weighted mean of the updates' ``keys``. Clients of different LoRA ranks
+        (``extra["rank"]``, tensors zero-padded to the full rank) are averaged per rank
+        component over the clients that train it."""
+        ranks = [u.extra.get("rank") for u in updates]
+        avg = weighted_mean([select(u.tensors, keys) for u in updates], weights)
+        if all(r is None for r in ranks):
+            return avg
+        full = [r if r is not None else 10**9 for r in ranks]
+        for k in keys:
+            if is_lora_a(k) or is_lora_b(k):
+                avg[k] = rank_weighted_mean([u.tensors[k] for u in updates], weights, full, k)
+        return avg
 
     def server_update(self, group: str, prev: State, avg: State,
                       updates: list[ClientUpdate]) -> State:

@@ -81,7 +81,8 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
         if k >= len(clients):
             raise ValueError(f"{site} has no data: the config has {len(clients)} client(s)")
         client = clients[k]
-    endpoint = ClientEndpoint(ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed),
+    endpoint = ClientEndpoint(ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed,
+                            freeze_lora_a=cfg.lora.aggregation == "ffa"),
                               cfg)
     states = SiteStates(Path(args.run_dir) / STATES_DIR / site if args.run_dir else None)
     while flare.is_running():
