@@ -34,7 +34,10 @@ class LocalRuntime:
         self.cfg = cfg
         self.dir = RunDirectory(out)
         self.show_progress = progress
-        torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+        threads = cfg.train.threads or os.cpu_count() or 1
+        per_worker = max(1, threads // cfg.workers)
+        # sequential clients use every thread; forked workers split them
+        torch.set_num_threads(threads)
         self.backbone = load_backbone(cfg)
         fingerprint = self.backbone.fingerprint()  # frozen: hash it once
         val_data = read_samples(cfg.data, "val")
@@ -44,7 +47,8 @@ class LocalRuntime:
                             freeze_lora_a=cfg.lora.aggregation == "ffa")
         strategy = build_strategy(cfg.strategy, len(self.clients), cfg.seed,
                                   self.backbone.groups)
-        self.transport = LocalTransport(self.clients, ClientEndpoint(trainer, cfg))
+        self.transport = LocalTransport(self.clients, ClientEndpoint(trainer, cfg),
+                                        workers=cfg.workers, threads=per_worker)
         self.loop = RoundLoop(cfg, self.dir, self.backbone, adapters, strategy, val_data,
                               len(self.clients), self.transport, fingerprint,
                               progress=self._progress)
@@ -75,6 +79,7 @@ class LocalRuntime:
             return self.loop.run(resume=resume)
         finally:
             self._bar.close()
+            self.transport.close()
 
 
 def run_experiment(cfg: Config | None, out: str | Path, *, resume: bool = False,

@@ -157,29 +157,69 @@ class ClientEndpoint:
 
 
 class LocalTransport:
-    """Every client in this process, one after another, over the one shared frozen backbone
-    (memory: one model plus K adapter states)."""
+    """Every client in this process over the one shared frozen backbone (memory: one model
+    plus K adapter states): one after another, or ``workers`` at a time in worker processes
+    forked after the backbone is built, which share its frozen weights copy-on-write and train
+    with ``threads`` threads each. A client's training depends only on its inputs (its RNG is
+    seeded per client and round), so the results equal sequential training at the same
+    per-client thread count."""
 
-    def __init__(self, clients: list[ClientData], endpoint: ClientEndpoint) -> None:
+    def __init__(self, clients: list[ClientData], endpoint: ClientEndpoint, workers: int = 1,
+                 threads: int = 1) -> None:
         self.clients = clients
         self.endpoint = endpoint
         self.client_states: dict[int, dict] = {}
+        self.workers = workers
+        self.threads = threads
+        self._pool = None
+
+    def _work(self, k: int, rnd: int, payload: bytes, client_config: dict[str, Any],
+              state: dict | None) -> tuple[Reply, dict]:
+        return self.endpoint.handle(self.clients[k], rnd, payload, client_config, state)
 
     def train(self, rnd: int, jobs: dict[int, bytes], client_config: dict[str, Any],
               on_reply: Callable[[Reply], None]) -> list[Reply]:
         replies = []
-        for k, payload in jobs.items():
-            reply, self.client_states[k] = self.endpoint.handle(
-                self.clients[k], rnd, payload, client_config, self.client_states.get(k))
+        tasks = [(k, rnd, payload, client_config, self.client_states.get(k))
+                 for k, payload in jobs.items()]
+        if self.workers > 1 and len(tasks) > 1:
+            results = self._parallel().imap(_pool_task, tasks)
+        else:
+            results = (self._work(*t) for t in tasks)
+        for (k, *_), (reply, state) in zip(tasks, results, strict=True):
+            self.client_states[k] = state
             on_reply(reply)
             replies.append(reply)
         return replies
+
+    def _parallel(self):
+        if self._pool is None:
+            import multiprocessing
+
+            global _POOL_TRANSPORT
+            _POOL_TRANSPORT = self  # what the forked workers inherit
+            self._pool = multiprocessing.get_context("fork").Pool(
+                self.workers, initializer=torch.set_num_threads, initargs=(self.threads,))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"client_states": self.client_states}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.client_states = dict(state.get("client_states", {}))
+
+
+_POOL_TRANSPORT: LocalTransport | None = None  # set in the parent before the workers fork
+
+
+def _pool_task(task: tuple) -> tuple[Reply, dict]:
+    return _POOL_TRANSPORT._work(*task)
 
 
 # --------------------------------------------------------------------------- server side

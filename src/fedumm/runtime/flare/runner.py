@@ -163,11 +163,28 @@ def allow_fedumm_components(prod_dir: Path) -> int:
     return changed
 
 
+def _deploy_poc(env, poc: Path, k: int, job) -> str:
+    """Provision the POC kits, admit fedumm's components, start the services, submit ``job``.
+
+    This is ``PocEnv.deploy`` with one step added, and the one place fedumm calls FLARE's
+    private functions (``_start_poc``, ``PocEnv._get_session_manager``): provisioned kits
+    enforce a ``class_allow_list`` that must name fedumm's components before the services
+    start, and ``PocEnv.deploy`` provisions and starts in one call with no point in between.
+    Revisit on FLARE upgrades (tested with nvflare 2.9)."""
+    from nvflare.recipe.poc_env import SERVICE_START_TIMEOUT
+    from nvflare.tool.poc.poc_commands import _start_poc, prepare_poc_provision
+
+    prepare_poc_provision(clients=[], number_of_clients=k, workspace=str(poc), docker_image=None)
+    allow_fedumm_components(poc)
+    _start_poc(poc_workspace=str(poc), gpu_ids=[], excluded=[env.username], services_list=[])
+    time.sleep(SERVICE_START_TIMEOUT)
+    return env._get_session_manager().submit_job(job)
+
+
 def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> dict[str, Any]:
     """Provision a POC deployment on 127.0.0.1 under the run directory (not ``~/.nvflare``),
     start it, submit the job, wait, and stop every process it started (also on failure)."""
-    from nvflare.recipe.poc_env import SERVICE_START_TIMEOUT, PocEnv
-    from nvflare.tool.poc.poc_commands import _start_poc, prepare_poc_provision
+    from nvflare.recipe.poc_env import PocEnv
 
     d = RunDirectory(out)
     d.create(cfg)
@@ -183,14 +200,8 @@ def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> di
     try:
         with open(flare_dir / "poc_admin.log", "w") as admin_log, \
                 contextlib.redirect_stdout(admin_log):
-            prepare_poc_provision(clients=[], number_of_clients=k, workspace=str(poc),
-                                  docker_image=None)
-            allow_fedumm_components(poc)
-            _start_poc(poc_workspace=str(poc), gpu_ids=[], excluded=[env.username],
-                       services_list=[])
-            time.sleep(SERVICE_START_TIMEOUT)
-            job_id = env._get_session_manager().submit_job(
-                build_job(cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging"))
+            job_id = _deploy_poc(env, poc, k, build_job(
+                cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging"))
             status = env.get_job_result(job_id, timeout=timeout_s)
             if status is None:
                 env.abort_job(job_id)
