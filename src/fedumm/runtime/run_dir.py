@@ -1,19 +1,23 @@
 """The run directory contract (see DESIGN.md): config, metrics, checkpoint, summary, report.
 
 Writes are atomic (temporary file + rename), so an interrupted run never leaves a half-written
-checkpoint or summary that looks complete.
+checkpoint or summary that looks complete. Every metric record is also written as TensorBoard
+scalars in ``tb/`` (:mod:`fedumm.runtime.tracking`), a view of ``metrics.jsonl`` kept consistent
+with it on resume.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedumm.config import Config, load_config
+from fedumm.runtime import tracking
 
 
 class RunDirError(RuntimeError):
@@ -34,9 +38,11 @@ class RunDirectory:
     CONFIG, METRICS, SUMMARY, CHECKPOINT, ADAPTERS, REPORT, PARTITION = (
         "config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "adapters", "report.md",
         "partition.json")
+    TENSORBOARD = "tb"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._tb: tracking.TensorBoardLog | None = None
 
     @property
     def checkpoint_file(self) -> Path:
@@ -56,6 +62,8 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         cfg.save(self.path / self.CONFIG)
         (self.path / self.METRICS).write_text("")
+        self.close()
+        tracking.clear(self.path / self.TENSORBOARD)  # a previous attempt's curves
 
     def load_config(self) -> Config:
         if not (self.path / self.CONFIG).is_file():
@@ -66,8 +74,14 @@ class RunDirectory:
 
     # ---------------------------------------------------------------- metrics
     def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` to ``metrics.jsonl`` and write its TensorBoard scalars (the
+        first record this object logs replays the file into ``tb/``, so ``tb/`` mirrors it)."""
         with open(self.path / self.METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            self._rebuild_tensorboard(self._tolerant_metrics())
+        else:
+            self._tb.log(record)
 
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / self.METRICS
@@ -80,6 +94,35 @@ class RunDirectory:
         keep = [m for m in self.metrics() if m.get("round", -1) <= last_round]
         atomic_write_bytes(self.path / self.METRICS,
                             "".join(json.dumps(m) + "\n" for m in keep).encode())
+        self._rebuild_tensorboard(keep)  # the dropped rounds leave TensorBoard too
+
+    # ---------------------------------------------------------------- TensorBoard
+    def _tolerant_metrics(self) -> list[dict[str, Any]]:
+        """The records of ``metrics.jsonl``, skipping a line a kill cut short."""
+        out = []
+        try:
+            lines = (self.path / self.METRICS).read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def _rebuild_tensorboard(self, records: list[dict[str, Any]]) -> None:
+        """Make ``tb/`` the replay of ``records`` and keep its writer for the next ones."""
+        self.close()
+        self._tb = tracking.TensorBoardLog.rebuild(self.path / self.TENSORBOARD, records)
+        weakref.finalize(self, self._tb.close)  # also at interpreter exit
+
+    def close(self) -> None:
+        """Close the TensorBoard writer (every record is flushed already; logging again
+        reopens it)."""
+        if self._tb is not None:
+            tb, self._tb = self._tb, None
+            tb.close()
 
     # ---------------------------------------------------------------- checkpoint
     def save_checkpoint(self, state: dict[str, Any]) -> None:
@@ -99,3 +142,4 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_json(self.SUMMARY, summary)
+        self.close()  # the run is over
