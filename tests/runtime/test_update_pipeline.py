@@ -103,3 +103,31 @@ def test_a_malformed_update_is_rejected_with_its_reason_and_the_run_finishes(
     assert rounds[0]["rejected"] == [{"client": 1, "reason": rejected[0]["reason"]}]
     assert list(rounds[0]["num_samples"]) == ["0"]  # only client 0 was aggregated
     assert torch.isfinite(torch.tensor(summary["final"]["vqa_accuracy"]))
+
+
+def test_the_client_pipeline_applies_its_transforms_before_the_codec(tmp_path, tiny_overrides):
+    """The privacy slot: a transform sees the trained and the received adapters."""
+    from fedumm.fl.client import ClientTrainer
+    from fedumm.runtime.experiment import build_adapters, client_datasets, load_backbone
+
+    cfg = _cfg(tiny_overrides, "codec.upload=int8")
+    backbone = load_backbone(cfg)
+    adapters = build_adapters(cfg, backbone)
+    clients, _ = client_datasets(cfg, backbone)
+    seen = []
+
+    def halve_the_update(tensors, received, client_state):
+        seen.append(set(tensors) <= set(received))
+        return {k: received[k] + 0.5 * (v - received[k]) for k, v in tensors.items()}
+
+    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed)
+    plain = loop.ClientEndpoint(trainer, cfg)
+    halved = loop.ClientEndpoint(trainer, cfg, transforms=[halve_the_update])
+    start = adapters.state()
+    payload = codec.encode(start, "float32")
+    full, _ = plain.handle(clients[0], 0, payload, {}, None)
+    half, _ = halved.handle(clients[0], 0, payload, {}, None)
+    assert seen == [True]
+    d_full, d_half = codec.decode(full.payload), codec.decode(half.payload)
+    k = max(d_full, key=lambda k: float(d_full[k].abs().max()))
+    assert torch.allclose(d_half[k], 0.5 * d_full[k], atol=2 * float(d_full[k].abs().max()) / 127)

@@ -99,14 +99,22 @@ def sends_values(spec: str) -> bool:
 
 # --------------------------------------------------------------------------- client side
 
+# (trained adapter tensors, the adapters received, the client's state) -> tensors to send
+UpdateTransform = Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor], dict],
+                           dict[str, torch.Tensor]]
+
 class ClientEndpoint:
     """The client's half of a round, the same under every transport: decode what the server
     sent, train, encode the update with the upload codec (keeping the error-feedback residual
     in the client's state)."""
 
-    def __init__(self, trainer: ClientTrainer, cfg: Config) -> None:
+    def __init__(self, trainer: ClientTrainer, cfg: Config,
+                 transforms: list[UpdateTransform] | None = None) -> None:
         self.trainer = trainer
         self.cfg = cfg
+        # the client pipeline's slot between the update and the codec (e.g. clipping and
+        # noise for differential privacy): each maps (update tensors, client state) -> tensors
+        self.transforms = list(transforms or [])
 
     def handle(self, client: ClientData, rnd: int, payload: bytes,
                client_config: dict[str, Any], client_state: dict | None
@@ -131,6 +139,8 @@ class ClientEndpoint:
         meta = {"num_samples": upd.num_samples, "quality": upd.quality,
                 "num_steps": upd.num_steps, "metrics": upd.metrics,
                 "has_control": bool(control_delta), "train_s": train_s}
+        for transform in self.transforms:
+            upd.tensors = transform(upd.tensors, state, client_state)
         if self.cfg.lora.client_ranks:  # only this client's rank components travel
             upd.tensors = truncate_ranks(upd.tensors, rank)
             state = truncate_ranks(state, rank)
