@@ -8,6 +8,7 @@ import torch
 
 from fedumm.config import config_from_dict
 from fedumm.fl import codec
+from fedumm.fl.validate import validate
 from fedumm.runtime import loop
 from fedumm.runtime.local import LocalRuntime, run_experiment
 from fedumm.runtime.run_dir import RunDirectory
@@ -46,11 +47,11 @@ def test_the_server_adds_a_decoded_delta_to_what_the_client_received():
 
 def test_validation_names_what_is_wrong():
     expected = {"a": torch.zeros(2, 3)}
-    assert loop.validate({"a": torch.ones(2, 3)}, expected) is None
-    assert "non-finite" in loop.validate({"a": torch.full((2, 3), float("inf"))}, expected)
-    assert "shape (3, 2), expected (2, 3)" in loop.validate({"a": torch.ones(3, 2)}, expected)
-    assert "unknown adapter tensors ['b']" in loop.validate({"b": torch.ones(1)}, expected)
-    assert "dtype" in loop.validate({"a": torch.ones(2, 3, dtype=torch.int64)}, expected)
+    assert validate({"a": torch.ones(2, 3)}, expected) is None
+    assert "non-finite" in validate({"a": torch.full((2, 3), float("inf"))}, expected)
+    assert "shape (3, 2), expected (2, 3)" in validate({"a": torch.ones(3, 2)}, expected)
+    assert "unknown adapter tensors ['b']" in validate({"b": torch.ones(1)}, expected)
+    assert "dtype" in validate({"a": torch.ones(2, 3, dtype=torch.int64)}, expected)
     reply = loop.Reply(0, b"not a payload", {"num_samples": {}})
     assert loop.receive(reply, expected).startswith("undecodable payload")
 

@@ -33,6 +33,7 @@ from fedumm.fl.lora_aggregation import (
     truncate_ranks,
 )
 from fedumm.fl.updates import ClientUpdate
+from fedumm.fl.validate import validate
 from fedumm.runtime.experiment import (
     evaluate_states,
     finish_run,
@@ -233,22 +234,6 @@ def _pool_task(task: tuple) -> tuple[Reply, dict]:
 
 
 # --------------------------------------------------------------------------- server side
-
-def validate(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
-    """Why an update cannot be aggregated (None when it can): unknown keys, shapes that differ
-    from the global adapters', non-float or non-finite values."""
-    unknown = sorted(set(tensors) - set(expected))
-    if unknown:
-        return f"unknown adapter tensors {unknown[:3]}"
-    for k, v in tensors.items():
-        if tuple(v.shape) != tuple(expected[k].shape):
-            return f"{k}: shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
-        if not v.is_floating_point():
-            return f"{k}: dtype {v.dtype}, expected a float tensor"
-        if not bool(torch.isfinite(v).all()):
-            return f"{k}: non-finite values"
-    return None
-
 
 def receive(reply: Reply, received: dict[str, torch.Tensor]) -> ClientUpdate | str:
     """A reply as a :class:`ClientUpdate`, or the reason it is rejected. ``received``: the
