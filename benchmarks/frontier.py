@@ -71,8 +71,10 @@ def run_seeds() -> None:
     cfg = RUNS / "frontier_seeds.yaml"
     cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
     print(f"{len(chosen)} cells x 2 seeds: {[label(k) for k in chosen]}", flush=True)
-    subprocess.run([sys.executable, "-m", "fedumm.cli", "sweep", str(cfg), "--out",
-                    str(RUNS / "frontier_seeds"), "--quiet"], check=True)
+    exe = Path(sys.executable).with_name("fedumm")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "fedumm.cli"]
+    subprocess.run([*cmd, "sweep", str(cfg), "--out", str(RUNS / "frontier_seeds"), "--quiet"],
+                   check=True)
 
 
 def report() -> None:
