@@ -11,12 +11,11 @@ from __future__ import annotations
 import time
 
 import torch
-from common import OUT, run_config, save
+from common import memory_k1_k16, published_sizes, save
 
 from fedumm.config import BackboneConfig
 from fedumm.data.dataset import generate_shapes
 from fedumm.data.readers.shapes import shapes_samples
-from fedumm.models.info import backbone_info
 from fedumm.models.lora import LoraAdapters
 from fedumm.models.protocol import GENERATION, UNDERSTANDING, build_backbone
 
@@ -109,20 +108,8 @@ def main() -> None:
     print(rows, flush=True)
     rows["coupling_understanding_only_training"] = coupling(und[:16], gen[:16], gen[16:32])
     print(rows["coupling_understanding_only_training"], flush=True)
-    for k in (1, 16):
-        summ = run_config("configs/blip3o_tiny.yaml", OUT / f"blip3o_tiny_k{k}",
-                          [*TINY, f"clients={k}"])
-        rows["tiny_cpu"][f"k{k}"] = {
-            "peak_rss_bytes": summ["memory"]["peak_rss_bytes"],
-            "client_train_s_per_client_round": round(summ["time"]["client_train_s"] / k, 3)}
-        print(k, rows["tiny_cpu"][f"k{k}"], flush=True)
-    t = rows["tiny_cpu"]
-    t["rss_ratio_k16_over_k1"] = round(t["k16"]["peak_rss_bytes"] / t["k1"]["peak_rss_bytes"], 3)
-    for preset in ("blip3o-4b", "blip3o-8b"):
-        info = backbone_info(BackboneConfig(kind="blip3o", preset=preset), r=16)
-        rows[preset] = {k: info[k] for k in ("params_total", "adapter_params",
-                                             "adapter_bytes_per_round", "full_model_bytes",
-                                             "full_over_adapter")}
+    rows["tiny_cpu"].update(memory_k1_k16("configs/blip3o_tiny.yaml", "blip3o_tiny", TINY))
+    rows.update(published_sizes("blip3o", ("blip3o-4b", "blip3o-8b")))
     for k, v in rows.items():
         print(f"{k}: {v}")
     print(f"saved {save('blip3o', rows)}")

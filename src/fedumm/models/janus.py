@@ -39,16 +39,16 @@ from torch import nn
 
 from fedumm.data.records import Sample
 from fedumm.fl.codec import DTYPES
+from fedumm.models.batching import pad_sequences
 from fedumm.models.protocol import (
     GENERATION,
     UNDERSTANDING,
     AdapterGroup,
     Batch,
     ModelPlacement,
-    base_state_dict,
+    check_trainable_preset,
     register_backbone,
     resolve_device,
-    state_fingerprint,
 )
 
 if TYPE_CHECKING:
@@ -211,13 +211,7 @@ def build(cfg: BackboneConfig) -> JanusBackbone:
 
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise ValueError(f"backbone.preset={cfg.preset!r}: the janus backbone has presets "
-                             f"{list(PRESETS)}")
-        if cfg.preset != "tiny":
-            raise ValueError(f"backbone.preset={cfg.preset!r} has real dimensions and random "
-                             "weights: use it with `fedumm backbone info`; train with "
-                             "backbone.preset=tiny or a checkpoint in backbone.path")
+        check_trainable_preset("janus", cfg.preset, PRESETS)
         dims = _tiny_dims()["vision"]
         processor = tiny_processor(dims["image_size"], dims["num_image_tokens"])
         tok = processor.tokenizer
@@ -271,7 +265,6 @@ class JanusBackbone(ModelPlacement):
         if tok.pad_token_id is None:
             raise ValueError("the Janus tokenizer has no pad token")
         self._codes: dict[str, torch.Tensor] = {}
-        self._fingerprint: str | None = None
 
     # --------------------------------------------------------------- properties
     @property
@@ -299,11 +292,6 @@ class JanusBackbone(ModelPlacement):
         self.processor.save_pretrained(str(path))
         return path
 
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:  # the base is frozen: hash it once
-            self._fingerprint = state_fingerprint(base_state_dict(self.model))
-        return self._fingerprint
-
     # --------------------------------------------------------------- inputs
     def _chat(self, text: str, with_image: bool) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
@@ -323,13 +311,7 @@ class JanusBackbone(ModelPlacement):
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
 
     def _pad(self, seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, ...]:
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(seqs), n, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            sl = slice(n - len(s), n) if left else slice(0, len(s))
-            ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, sl] = 1
+        ids, mask = pad_sequences(seqs, left, pad_id=self.tokenizer.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
 
     def _generation_prompts(self, texts: Sequence[str | None], drop: Sequence[bool]

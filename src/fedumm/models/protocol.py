@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from fedumm.data.records import Sample
 
 __all__ = ["GENERATION", "UNDERSTANDING", "AdapterGroup", "AdapterLayout", "Backbone", "Batch",
-           "ModelPlacement",
+           "ModelPlacement", "check_trainable_preset",
            "backbone_kinds", "backbone_skeleton", "base_state_dict", "build_backbone",
            "register_backbone", "resolve_device", "state_fingerprint"]
 
@@ -193,9 +193,16 @@ class Backbone(Protocol):
 
 
 class ModelPlacement:
-    """``device`` and ``dtype`` of a backbone, read off its model's parameters."""
+    """``device`` and ``dtype`` of a backbone, read off its model's parameters, and the
+    fingerprint of its frozen weights (hashed once: the base does not change)."""
 
     model: nn.Module
+    _fingerprint: str | None = None
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = state_fingerprint(base_state_dict(self.model))
+        return self._fingerprint
 
     @property
     def device(self) -> torch.device:
@@ -253,6 +260,18 @@ def backbone_skeleton(cfg: BackboneConfig) -> tuple[nn.Module, tuple[AdapterGrou
 
 
 # --------------------------------------------------------------------------- helpers
+
+def check_trainable_preset(kind: str, preset: str, presets: Sequence[str]) -> None:
+    """A preset name a backbone knows, and one small enough to train (the published sizes
+    have random weights: they are for `fedumm backbone info`)."""
+    if preset not in presets:
+        raise ValueError(f"backbone.preset={preset!r}: the {kind} backbone has presets "
+                         f"{list(presets)}")
+    if preset != "tiny":
+        raise ValueError(f"backbone.preset={preset!r} has real dimensions and random weights: "
+                         "use it with `fedumm backbone info`; train with backbone.preset=tiny "
+                         "or a checkpoint in backbone.path")
+
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> cuda when present, else cpu; anything else as torch spells it."""

@@ -36,6 +36,7 @@ from torch import nn
 
 from fedumm.data.records import Sample
 from fedumm.fl.codec import DTYPES
+from fedumm.models.batching import pad_sequences
 from fedumm.models.blip3o.assembly import (
     CHAT_TEMPLATE,
     IMAGE_PAD,
@@ -52,10 +53,9 @@ from fedumm.models.protocol import (
     AdapterGroup,
     Batch,
     ModelPlacement,
-    base_state_dict,
+    check_trainable_preset,
     register_backbone,
     resolve_device,
-    state_fingerprint,
 )
 
 if TYPE_CHECKING:
@@ -130,13 +130,7 @@ def _shapes_images(size: int, n: int) -> torch.Tensor:
 def build(cfg: BackboneConfig) -> Blip3oBackbone:
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
     if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise ValueError(f"backbone.preset={cfg.preset!r}: the blip3o backbone has presets "
-                             f"{list(PRESETS)}")
-        if cfg.preset != "tiny":
-            raise ValueError(f"backbone.preset={cfg.preset!r} has real dimensions and random "
-                             "weights: use it with `fedumm backbone info`; train with "
-                             "backbone.preset=tiny or a checkpoint in backbone.path")
+        check_trainable_preset("blip3o", cfg.preset, PRESETS)
         dims = preset_dims("tiny")
         tok = tiny_tokenizer()
         torch.manual_seed(0)  # the tiny preset is the same random model everywhere
@@ -183,7 +177,6 @@ class Blip3oBackbone(ModelPlacement):
         self.dims = model.dims
         self.sample_steps = sample_steps or (8 if self.dims.n_query < 64 else 30)
         self.cfg_scale = cfg_scale
-        self._fingerprint: str | None = None
         self._rope: torch.Tensor | None = None
 
     # --------------------------------------------------------------- properties
@@ -199,11 +192,6 @@ class Blip3oBackbone(ModelPlacement):
     @property
     def image_size(self) -> int:
         return int(self.dims.target["image_size"])
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:  # the base is frozen: hash it once
-            self._fingerprint = state_fingerprint(base_state_dict(self.model))
-        return self._fingerprint
 
     def save(self, path: str | Path) -> Path:
         """A checkpoint folder in BLIP3o's published layout (what ``backbone.path`` loads)."""
@@ -236,13 +224,7 @@ class Blip3oBackbone(ModelPlacement):
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def _pad(self, seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, ...]:
-        n = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), n), self.ids["pad"], dtype=torch.long)
-        mask = torch.zeros(len(seqs), n, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            sl = slice(n - len(s), n) if left else slice(0, len(s))
-            ids[i, sl] = torch.tensor(list(s), dtype=torch.long)
-            mask[i, sl] = 1
+        ids, mask = pad_sequences(seqs, left, pad_id=self.ids["pad"])
         return ids.to(self.device), mask.to(self.device)
 
     def _target_pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:

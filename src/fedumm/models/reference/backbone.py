@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fedumm.data.records import Sample
+from fedumm.models.batching import pad_sequences
 from fedumm.models.protocol import (
     GENERATION,
     UNDERSTANDING,
@@ -26,7 +27,6 @@ from fedumm.models.protocol import (
     base_state_dict,
     state_fingerprint,
 )
-from fedumm.models.reference.batching import pad_sequences
 from fedumm.models.reference.text_tokenizer import TextTokenizer
 from fedumm.models.reference.umm import ReferenceUMM, UMMConfig
 from fedumm.models.reference.vq import PatchCodebook

@@ -13,7 +13,7 @@ import torch
 from fedumm.data.dataset import MultimodalDataset
 from fedumm.data.render import COLORS, SHAPES, object_id_map
 from fedumm.data.world import grounding_labels
-from fedumm.models.reference.batching import pad_sequences
+from fedumm.models.batching import pad_sequences
 from fedumm.models.reference.text_tokenizer import TextTokenizer
 from fedumm.models.reference.vq import PatchCodebook
 

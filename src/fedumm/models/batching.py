@@ -7,10 +7,12 @@ from collections.abc import Sequence
 import torch
 
 
-def pad_sequences(seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) of shape (B, longest); ``left`` pads at the start (prompts end aligned)."""
+def pad_sequences(seqs: Sequence[Sequence[int]], left: bool, pad_id: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (B, longest); ``left`` pads at the start (prompts end aligned),
+    with ``pad_id``."""
     n = max((len(s) for s in seqs), default=0)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros(len(seqs), n, dtype=torch.long)
     for i, s in enumerate(seqs):
         if not s:
