@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,20 @@ def test_missing_or_malformed_file(tmp_path):
 def test_every_shipped_config_loads_and_says_how_to_run_it(path):
     load_config(path)
     assert path.read_text().startswith("# fedumm "), "configs start with the command that runs them"
+
+
+@pytest.mark.parametrize("text", ["1e-3", "1E-3", "+1e-3", "0.001"])
+def test_yaml_1_2_numbers_are_numbers(text, tmp_path):
+    assert load_config(None, [f"train.lr={text}"]).train.lr == 0.001
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  lr: {text}\n")
+    assert load_config(path).train.lr == 0.001
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.grad_clip=.nan",
+                                      "partition.alpha=-.inf", "train.lr=nan"])
+def test_non_finite_numbers_are_refused_by_name(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: expected (a finite number|a "
+                                          "number)"):
+        load_config(None, [override])

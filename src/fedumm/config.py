@@ -9,6 +9,8 @@ is saved with a run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,9 +271,17 @@ class Config:
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
+# YAML 1.2 numbers that YAML 1.1 (PyYAML) reads as strings: 1e-3, 2E5, -1.5e+2
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _check_scalar(key: str, value: Any, tp: type, meta: dict) -> Any:
+    if tp is float and isinstance(value, str) and _NUMBER.match(value.strip()):
+        value = float(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
     if not ok:
         raise ConfigError(f"{key}: expected {_TYPE_NAMES[tp]}, got {value!r}")
