@@ -100,6 +100,7 @@ def run_experiment(cfg: Config | None, out: str | Path, *, resume: bool = False,
         from fedumm.runtime.flare.runner import run_flare
 
         return run_flare(cfg, out)
-    else:
-        d.create(cfg)
-    return LocalRuntime(cfg, out, progress=progress).run(resume=resume)
+    with d.lock():
+        if not resume:
+            d.create(cfg)
+        return LocalRuntime(cfg, out, progress=progress).run(resume=resume)

@@ -11,6 +11,8 @@ payloads that travel.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable
@@ -309,10 +311,16 @@ class RoundLoop:
         t_start = time.perf_counter()
         ckpt = d.load_checkpoint() if resume else None
         if resume and ckpt is None:
-            d.truncate_metrics(-1)  # interrupted before the first round finished
+            d.truncate_metrics(-2)  # interrupted before the first round: start over
+        config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()
+                                     ).hexdigest()
         if ckpt is not None:
             if ckpt["fingerprint"] != self.fingerprint:
                 raise RunDirError("the backbone differs from the one this run started with")
+            if ckpt.get("config_hash", config_hash) != config_hash:
+                raise RunDirError(f"{d.path / d.CONFIG} changed since the run started; resume "
+                                  "needs the config it ran with (start a new run to change "
+                                  "settings)")
             start = ckpt["round"] + 1
             self.strategy.load_state_dict(ckpt["strategy"])
             states, acc = ckpt["states"], ckpt["counters"]
@@ -346,7 +354,8 @@ class RoundLoop:
                                "transport": self.transport.state_dict(),
                                "residual": self.residual,
                                "counters": {**acc, "wall_before_s": acc["wall_now_s"]},
-                               "fingerprint": self.fingerprint})
+                               "fingerprint": self.fingerprint,
+                               "config_hash": config_hash})
         t = time.perf_counter()
         final = self._evaluate(states if self.mode == "local" else states[:1], True)
         acc["eval_s"] += time.perf_counter() - t

@@ -8,6 +8,8 @@ with it on resume.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import weakref
@@ -39,6 +41,7 @@ class RunDirectory:
         "config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "adapters", "report.md",
         "partition.json")
     TENSORBOARD = "tb"
+    MARKER, LOCK = ".fedumm-run", ".lock"
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -52,14 +55,22 @@ class RunDirectory:
         return (self.path / self.SUMMARY).is_file()
 
     def create(self, cfg: Config) -> None:
-        """Start a new run; refuses to overwrite a finished or interrupted one."""
+        """Start a new run. Refuses a folder that holds anything but an earlier attempt of a
+        fedumm run that never checkpointed (a finished or interrupted run, or the user's own
+        files, are never overwritten)."""
+        self._refuse_foreign(allow_legacy=False)
         if self.is_finished():
             raise RunDirError(f"{self.path} already holds a finished run (summary.json); choose "
                               "another --out or delete it")
         if self.checkpoint_file.is_file():
             raise RunDirError(f"{self.path} holds an interrupted run; continue it with "
                               f"`fedumm run --resume {self.path}` or choose another --out")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / self.MARKER).write_text("a fedumm run folder\n")
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run folder {self.path}: {exc.strerror}"
+                              ) from exc
         cfg.save(self.path / self.CONFIG)
         (self.path / self.METRICS).write_text("")
         self.close()
@@ -83,6 +94,48 @@ class RunDirectory:
         else:
             self._tb.log(record)
 
+    def _refuse_foreign(self, allow_legacy: bool) -> None:
+        """A clear error unless the folder is new, empty, or a fedumm run folder (marked; with
+        ``allow_legacy`` also one with a config.yaml from before the marker existed)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"{self.path} is a file, not a folder; choose another --out")
+        entries = sorted(p.name for p in self.path.iterdir()
+                         if p.name != self.LOCK) if self.path.is_dir() else []
+        ours = (self.path / self.MARKER).is_file() or (
+            allow_legacy and (self.path / self.CONFIG).is_file())
+        if entries and not ours:
+            shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+            raise RunDirError(f"{self.path} exists and is not a fedumm run folder (it holds "
+                              f"{shown}); choose a new --out: fedumm never writes into a "
+                              "folder it did not create")
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the folder for the lifetime of a run: a second writer is refused."""
+        self._refuse_foreign(allow_legacy=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create the run folder {self.path}: {exc.strerror}"
+                              ) from exc
+        f = open(self.path / self.LOCK, "a+")  # noqa: SIM115 (held until the block ends)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunDirError(f"{self.path} is in use by {holder}; wait for it or choose "
+                              "another --out") from None
+        f.truncate(0)
+        f.write(f"fedumm process {os.getpid()}")
+        f.flush()
+        try:
+            yield self
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
     def metrics(self) -> list[dict[str, Any]]:
         path = self.path / self.METRICS
         if not path.is_file():
@@ -91,7 +144,8 @@ class RunDirectory:
 
     def truncate_metrics(self, last_round: int) -> None:
         """Drop records of rounds after ``last_round`` (written before an interruption)."""
-        keep = [m for m in self.metrics() if m.get("round", -1) <= last_round]
+        # a line a kill cut short is dropped (the rounds it belonged to are redone)
+        keep = [m for m in self._tolerant_metrics() if m.get("round", -1) <= last_round]
         atomic_write_bytes(self.path / self.METRICS,
                             "".join(json.dumps(m) + "\n" for m in keep).encode())
         self._rebuild_tensorboard(keep)  # the dropped rounds leave TensorBoard too
@@ -134,7 +188,12 @@ class RunDirectory:
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_file.is_file():
             return None
-        return torch.load(self.checkpoint_file, weights_only=False)
+        try:  # tensors, numbers and strings only: a checkpoint cannot run code
+            return torch.load(self.checkpoint_file, weights_only=True)
+        except Exception as exc:
+            raise RunDirError(f"{self.checkpoint_file} cannot be read ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); the run cannot resume from "
+                              "it") from exc
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
         atomic_write_bytes(self.path / name,

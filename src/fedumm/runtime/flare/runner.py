@@ -95,7 +95,13 @@ def _kill_leftovers(workspace: Path) -> None:
             time.sleep(0.2)
 
 
-def run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
+def run_flare_sim(cfg: Config, out: str | Path, **kwargs: Any) -> dict[str, Any]:
+    """The job in FLARE's simulator (see :func:`_run_flare_sim`), holding the run folder."""
+    with RunDirectory(out).lock():
+        return _run_flare_sim(cfg, out, **kwargs)
+
+
+def _run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
                   site_overrides: dict[str, list[str]] | None = None,
                   sites: list[str] | None = None, resume: bool = False,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -240,5 +246,6 @@ def run_flare(cfg: Config, out: str | Path) -> dict[str, Any]:
     if cfg.runtime == "flare-sim":
         return run_flare_sim(cfg, out)
     if cfg.runtime == "flare-poc":
-        return run_flare_poc(cfg, out)
+        with RunDirectory(out).lock():
+            return run_flare_poc(cfg, out)
     raise ValueError(f"runtime={cfg.runtime!r} is not a FLARE runtime")
