@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if not args.config:
             raise ValueError("give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR")
         cfg = load_config(args.config, list(args.overrides))
-        out = args.out or f"runs/{cfg.name}"
+        out = args.out = args.out or f"runs/{cfg.name}"
         summary = run_experiment(cfg, out, progress=not args.quiet)
     if args.json:
         print(json.dumps(summary))
@@ -465,12 +466,36 @@ def main(argv: list[str] | None = None) -> int:
                                                  for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    previous = signal.signal(signal.SIGTERM, _terminated)  # ends like Ctrl-C: cleanly
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RunDirError,
             RunFailedError) as exc:
         print(f"fedumm: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        sig = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        print(f"fedumm: stopped ({signal.Signals(sig).name}){_resume_hint(args)}",
+              file=sys.stderr)
+        return 128 + int(sig)
+    except OSError as exc:  # a full disk, a read-only folder, ...: one line naming the file
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"fedumm: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt(signum)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """How to continue an interrupted run, when the command was a run."""
+    out = getattr(args, "resume", None) or getattr(args, "out", None)
+    if getattr(args, "command", "") != "run" or not out:
+        return ""
+    return f"; continue with: fedumm run --resume {out}"
 
 
 if __name__ == "__main__":

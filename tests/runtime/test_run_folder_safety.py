@@ -91,3 +91,41 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_overrides, monkeyp
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     with pytest.raises(RunDirError, match="state.pt cannot be read"):
         run_experiment(None, out, resume=True, progress=False)
+
+
+def test_sigterm_ends_a_run_cleanly_with_a_resume_hint(tmp_path, tiny_overrides):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg_file = tmp_path / "cfg.yaml"
+    _cfg(tiny_overrides, "rounds=40").save(cfg_file)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedumm.cli", "run", str(cfg_file), "--out",
+                             str(out), "--quiet"], stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoint" / "state.pt"
+    deadline = time.monotonic() + 120
+    while not ckpt.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert f"stopped (SIGTERM); continue with: fedumm run --resume {out}" in err
+    assert "Traceback" not in err
+    assert RunDirectory(out).load_checkpoint()["round"] >= 0  # intact
+
+
+def test_a_client_without_data_is_skipped_with_a_reason(tmp_path, tiny_overrides):
+    cfg = _cfg(tiny_overrides, "clients=12", "partition.min_per_client=0",
+               "partition.alpha=0.05", "data.train_scenes=10")
+    summary = run_experiment(cfg, tmp_path / "run", progress=False)
+    sizes = [c["num_samples"] for c in
+             __import__("json").loads((tmp_path / "run" / "partition.json").read_text())[
+                 "clients"]]
+    empty = [k for k, n in enumerate(sizes) if n == 0]
+    assert empty, sizes  # the setting does leave clients without data
+    skipped = {m["client"] for m in RunDirectory(tmp_path / "run").metrics()
+               if m["type"] == "rejected" and m["reason"] == "no training data"}
+    assert set(empty) <= skipped
+    assert summary["rounds"] == 2

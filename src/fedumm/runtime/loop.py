@@ -134,6 +134,10 @@ class ClientEndpoint:
             full = {k: p.detach() for k, p in self.trainer.adapters.params.items()}
             state = pad_ranks(state, full)
             ccfg["lora_rank"] = rank
+        if not client.groups_with_data(self.trainer.adapters):  # nothing it could train
+            return Reply(client.client_id, b"", {"num_samples": client.num_samples,
+                                                 "error": "no training data"}), \
+                dict(client_state or {})
         t = time.perf_counter()
         upd, client_state = self.trainer.train(client, state, rnd, ccfg, client_state)
         train_s = time.perf_counter() - t
