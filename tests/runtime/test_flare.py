@@ -109,8 +109,12 @@ def test_job_builder_rejects_what_flare_cannot_run(tiny_overrides):
         build_job(_cfg(tiny_overrides, "strategy.name=local"))
     with pytest.raises(ConfigError, match="site-9"):
         build_job(_cfg(tiny_overrides), site_overrides={"site-9": ["seed=1"]})
-    with pytest.raises(ConfigError, match="partition.alpha"):
-        build_job(_cfg(tiny_overrides), site_overrides={"site-1": ["partition.alpha=-1"]})
+    for ov in ("partition.alpha=0.9", "seed=7", "lora.r=4", "data.train_scenes=10"):
+        key = ov.split("=")[0]
+        with pytest.raises(ConfigError, match=f"{key} must be the same on every site"):
+            build_job(_cfg(tiny_overrides), site_overrides={"site-1": [ov]})
+    with pytest.raises(ConfigError, match="train.threads"):
+        build_job(_cfg(tiny_overrides), site_overrides={"site-1": ["train.threads=-1"]})
     with pytest.raises(ConfigError, match="3 site names for 2 clients"):
         build_job(_cfg(tiny_overrides), sites=["a", "b", "c"])
     with pytest.raises(ConfigError, match="site name 'a b'"):
@@ -160,7 +164,7 @@ def test_a_named_site_with_its_own_data_trains_on_all_of_it(tmp_path, tiny_overr
 def test_export_command(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "job"
     assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(out),
-                 "--site", "site-1:seed=3", "clients=2"]) == 0
+                 "--site", "site-1:train.threads=2", "clients=2"]) == 0
     assert "nvflare job submit" in capsys.readouterr().out
     assert (out / "fedumm" / "meta.json").is_file()
     assert main(["export-flare-job", "configs/quickstart.yaml", "--out", str(tmp_path / "x"),

@@ -25,6 +25,10 @@ from fedumm.runtime.flare.client import CONFIG_FILE
 from fedumm.runtime.flare.controller import FedUMMController, site_names
 
 JOB_NAME = "fedumm"
+# what may differ between sites: where their data and weights are, and their hardware
+SITE_KEYS = ("data.format", "data.understanding", "data.generation", "data.images",
+             "data.understanding_val", "data.generation_val", "data.heldout_fraction",
+             "data.max_samples", "backbone.path", "backbone.device", "train.threads")
 CLIENT_SCRIPT = Path(__file__).with_name("fedumm_client.py")
 
 
@@ -47,8 +51,15 @@ def build_job(cfg: Config, *, run_dir: str = "", staging: Path | None = None,
     if unknown:
         raise ConfigError(f"site overrides for {unknown}: the job has sites {sites} (name "
                           "the sites with --sites)")
-    for ov in (site_overrides or {}).values():  # validate now, not on the site
-        config_from_dict(cfg.to_dict(), ov)
+    for site, ovs in (site_overrides or {}).items():  # validate now, not on the site
+        for ov in ovs:
+            key = ov.split("=", 1)[0].strip()
+            if key not in SITE_KEYS:
+                raise ConfigError(
+                    f"--site {site}:{ov}: {key} must be the same on every site (the partition, "
+                    f"the model and the algorithm are shared); a site may set only "
+                    f"{', '.join(SITE_KEYS)}")
+        config_from_dict(cfg.to_dict(), ovs)
     job = FedJob(name=JOB_NAME, min_clients=k_total)
     job.set_app_packages(["fedumm"])  # installed on every site: reference it, don't copy it
     job.to_server(FedUMMController(config=cfg.to_dict(), run_dir=run_dir, sites=sites),
