@@ -89,8 +89,45 @@ def test_tampered_weights_are_refused(backbone, tmp_path):
     state = load_file(str(tmp_path / "ck" / "model.safetensors"))
     state["lm_head.weight"][0, 0] += 1.0
     save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(ValueError, match="model.safetensors is corrupt"):
+        ReferenceBackbone.load(tmp_path / "ck")
+    # the checksums rewritten to match: the fingerprint in config.json still refuses it
+    from fedumm.models.reference.backbone import write_checksums
+
+    files = ("model.safetensors", "config.json", "tokenizer.json", "codebook.safetensors")
+    write_checksums(tmp_path / "ck", files)
     with pytest.raises(ValueError, match="do not match the fingerprint"):
         ReferenceBackbone.load(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("damage", ["flip_codebook", "drop_fingerprint", "no_sums",
+                                    "missing_tokenizer"])
+def test_every_checkpoint_file_is_verified(backbone, tmp_path, damage):
+    import json
+
+    ck = backbone.save(tmp_path / "ck")
+    if damage == "flip_codebook":
+        data = bytearray((ck / "codebook.safetensors").read_bytes())
+        data[-1] ^= 0xFF
+        (ck / "codebook.safetensors").write_bytes(bytes(data))
+        message = "codebook.safetensors is corrupt"
+    elif damage == "drop_fingerprint":
+        from fedumm.models.reference.backbone import write_checksums
+
+        info = json.loads((ck / "config.json").read_text())
+        del info["fingerprint"]
+        (ck / "config.json").write_text(json.dumps(info))
+        write_checksums(ck, ("model.safetensors", "config.json", "tokenizer.json",
+                             "codebook.safetensors"))
+        message = "has no fingerprint"
+    elif damage == "no_sums":
+        (ck / "SHA256SUMS.json").unlink()
+        message = "has no SHA256SUMS.json"
+    else:
+        (ck / "tokenizer.json").unlink()
+        message = r"missing \['tokenizer.json'\]"
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        ReferenceBackbone.load(ck)
 
 
 def test_fingerprint_depends_on_every_byte():

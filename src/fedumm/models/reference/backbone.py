@@ -9,6 +9,7 @@ teacher-forced top-1 accuracy of the image codes of held-out generation targets.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,6 +57,34 @@ def resolve_checkpoint(name: str | Path) -> Path:
     if missing:
         raise FileNotFoundError(f"{path} is not a fedumm reference checkpoint: missing {missing}")
     return path
+
+
+SUMS = "SHA256SUMS.json"
+
+
+def write_checksums(path: Path, names: Sequence[str]) -> dict[str, str]:
+    """``SHA256SUMS.json`` of the named files of a checkpoint folder."""
+    sums = {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in sorted(names)}
+    (path / SUMS).write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
+    return sums
+
+
+def verify_checksums(path: Path, required: Sequence[str]) -> None:
+    """Every file ``SHA256SUMS.json`` lists (which must include ``required``) is present and
+    unchanged."""
+    if not (path / SUMS).is_file():
+        raise ValueError(f"{path} has no {SUMS}: the checkpoint cannot be verified (save it "
+                         "again with this version of fedumm)")
+    sums = json.loads((path / SUMS).read_text())
+    missing = [n for n in required if n not in sums]
+    if missing:
+        raise ValueError(f"{path / SUMS} does not list {missing}")
+    for name, digest in sorted(sums.items()):
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"{f} is missing (listed in {SUMS})")
+        if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+            raise ValueError(f"{f} is corrupt: its sha256 differs from {SUMS}")
 
 
 class ReferenceBackbone(ModelPlacement):
@@ -107,21 +136,28 @@ class ReferenceBackbone(ModelPlacement):
         (path / CONFIG).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         self.tokenizer.save(path / TOKENIZER)
         self.codebook.save(path / CODEBOOK)
+        write_checksums(path, (WEIGHTS, CONFIG, TOKENIZER, CODEBOOK))
         return path
 
     @classmethod
     def load(cls, name: str | Path) -> ReferenceBackbone:
+        """A checkpoint folder, every file checked against its SHA256SUMS.json and the weights
+        against their fingerprint (a clear error naming a corrupt or missing file)."""
         from safetensors.torch import load_file
 
         path = resolve_checkpoint(name)
+        verify_checksums(path, (WEIGHTS, CONFIG, TOKENIZER, CODEBOOK))
         info = json.loads((path / CONFIG).read_text())
+        if "fingerprint" not in info:
+            raise ValueError(f"{path / CONFIG} has no fingerprint of the weights; the checkpoint "
+                             "cannot be verified")
         model = ReferenceUMM(UMMConfig(**info["model"]))
         model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
         model.eval()
         meta = {k: v for k, v in info.items() if k != "model"}
         bb = cls(model, TextTokenizer.load(path / TOKENIZER), PatchCodebook.load(path / CODEBOOK),
                  meta)
-        if "fingerprint" in info and bb.fingerprint() != info["fingerprint"]:
+        if bb.fingerprint() != info["fingerprint"]:
             raise ValueError(f"{path}: weights do not match the fingerprint in {CONFIG}")
         return bb
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import sys
@@ -18,6 +17,7 @@ from fedumm.models.reference.backbone import (
     TOKENIZER,
     WEIGHTS,
     ReferenceBackbone,
+    write_checksums,
 )
 
 FILES = (WEIGHTS, CONFIG, TOKENIZER, CODEBOOK, "pretrain_log.jsonl")
@@ -27,12 +27,9 @@ def ship(src: str | Path, dst: Path = SHIPPED_BASE) -> dict[str, str]:
     src = Path(src)
     ReferenceBackbone.load(src)  # refuse anything that does not load or match its fingerprint
     dst.mkdir(parents=True, exist_ok=True)
-    sums = {}
     for name in FILES:
         shutil.copyfile(src / name, dst / name)
-        sums[name] = hashlib.sha256((dst / name).read_bytes()).hexdigest()
-    (dst / "SHA256SUMS.json").write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
-    return sums
+    return write_checksums(dst, FILES)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class SiteStates:
             return self.memory[1]
         path = self.folder / f"round_{rnd - 1}.pt" if self.folder else None
         if path is not None and path.is_file():
-            return torch.load(path, weights_only=False)
+            return torch.load(path, weights_only=True)  # tensors and numbers only
         return None
 
     def after(self, rnd: int, state: dict) -> None:
