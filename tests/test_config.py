@@ -79,3 +79,26 @@ def test_non_finite_numbers_are_refused_by_name(override):
     with pytest.raises(ConfigError, match=rf"{re.escape(key)}: expected (a finite number|a "
                                           "number)"):
         load_config(None, [override])
+
+
+def test_unreadable_configs_are_one_line_errors(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(latin)
+    int_key = tmp_path / "int.yaml"
+    int_key.write_text("train:\n  1: 2\n")
+    with pytest.raises(ConfigError, match=r"key train\.1 is not a name"):
+        load_config(int_key)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path)  # a folder
+
+
+def test_pretraining_never_replaces_a_checkpoint(tmp_path):
+    from fedumm.models.reference.pretrain import PretrainConfig, pretrain
+
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "model.safetensors").write_text("mine")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        pretrain(PretrainConfig(steps=1), tmp_path / "ck")
+    assert (tmp_path / "ck" / "model.safetensors").read_text() == "mine"

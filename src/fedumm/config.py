@@ -388,12 +388,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
+    _check_keys_are_names(raw, p)
     return raw
+
+
+def _check_keys_are_names(node: Any, path: Path, prefix: str = "") -> None:
+    """YAML allows ``1: x`` (an integer key); a config key is always a name."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{path}: key {prefix}{k!r} is not a name (a "
+                                  f"{type(k).__name__}); config keys are words")
+            _check_keys_are_names(v, path, f"{prefix}{k}.")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

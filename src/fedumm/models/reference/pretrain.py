@@ -78,8 +78,12 @@ def initial_backbone(cfg: PretrainConfig, train_images: np.ndarray) -> Reference
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train from scratch and save a checkpoint folder at ``out``; returns its path."""
+    """Train from scratch and save a checkpoint folder at ``out`` (which must not exist or be
+    empty: an existing checkpoint is never replaced); returns its path."""
     out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty; pretraining writes a new "
+                              "checkpoint folder (choose another --out or delete it)")
     t0 = time.time()
     data = generate_shapes("base", cfg.train_scenes, seed=cfg.seed, role="train",
                            image_size=cfg.image_size, annotator_noise=0.0,
