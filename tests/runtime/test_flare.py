@@ -242,3 +242,26 @@ def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny
     rounds = [m["round"] for m in RunDirectory(run).metrics() if m["type"] == "round"]
     assert rounds == [0, 1, 2, 3]
     assert not _processes_mentioning(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_flare_simulator_run_leaves_no_process(tmp_path, tiny_overrides):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg_file = tmp_path / "cfg.yaml"
+    _cfg(tiny_overrides, "runtime=flare-sim", "rounds=30").save(cfg_file)
+    run = tmp_path / "flare"
+    proc = subprocess.Popen([sys.executable, "-m", "fedumm.cli", "run", str(cfg_file), "--out",
+                             str(run), "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (run / "checkpoint" / "state.pt").is_file():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "continue with: fedumm run --resume" in err
+    time.sleep(1)
+    assert not _processes_mentioning(str(run))

@@ -129,3 +129,19 @@ def test_a_client_without_data_is_skipped_with_a_reason(tmp_path, tiny_overrides
                if m["type"] == "rejected" and m["reason"] == "no training data"}
     assert set(empty) <= skipped
     assert summary["rounds"] == 2
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    from fedumm.runtime import run_dir
+
+    target = tmp_path / "summary.json"
+
+    def full_disk(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:3])
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(run_dir.Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_dir.atomic_write_bytes(target, b"{}" * 100)
+    assert list(tmp_path.iterdir()) == []

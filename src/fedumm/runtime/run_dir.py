@@ -30,10 +30,22 @@ class RunFailedError(RuntimeError):
     """A run ended without a result (e.g. a federated site failed); says where and why."""
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _temporary(path: Path):
+    """A temporary file beside ``path`` that replaces it on success and is removed on any
+    failure (a full disk leaves no partial file holding the space)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _temporary(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class RunDirectory:
@@ -181,9 +193,8 @@ class RunDirectory:
     # ---------------------------------------------------------------- checkpoint
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         (self.path / self.CHECKPOINT).mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_file.with_name("state.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_file)
+        with _temporary(self.checkpoint_file) as tmp:
+            torch.save(state, tmp)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if not self.checkpoint_file.is_file():
