@@ -27,3 +27,10 @@ def test_exported_llava_files_check_clean_and_a_bad_record_is_named(tmp_path, ca
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "llava.json: index 3: image not found" in err and "missing.png" in err
+
+
+def test_partition_accepts_the_alpha_it_prints(capsys):
+    assert main(["partition", "--alpha", "0.00001", "--clients", "2", "--json",
+                 "data.train_scenes=20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["clients"]) == 2

@@ -109,6 +109,7 @@ def test_a_folder_without_fedumms_generation_parts_trains_understanding_only(fol
     shutil.copytree(folder, bare)
     shutil.rmtree(bare / "target_encoder")
     (bare / "patch_decoder.safetensors").unlink()
+    (bare / "SHA256SUMS.json").unlink()  # BLIP3o's published folders have none
     with safe_open(str(bare / "model.safetensors"), framework="pt") as st:  # as BLIP3o ships
         state = {k: st.get_tensor(k) for k in st.keys()  # noqa: SIM118
                  if k != "model.dit.model.pad_token"}
@@ -136,6 +137,7 @@ def test_bad_folders_are_refused_by_name(folder, tmp_path):
         load(partial)
     other = tmp_path / "other"
     shutil.copytree(folder, other)
+    (other / "SHA256SUMS.json").unlink()  # a folder edited by hand
     config = json.loads((other / "config.json").read_text())
     del config["n_query"]
     (other / "config.json").write_text(json.dumps(config))
@@ -174,3 +176,13 @@ def test_two_clients_one_round_of_blip3o_tiny(tmp_path):
     assert 0 <= summary["final"]["geneval_overall"] <= 1
     a = (tmp_path / "run" / "adapters" / "adapter_model.safetensors").read_bytes()
     assert a == (tmp_path / "again" / "adapters" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_flipped_byte_in_a_saved_folder_is_refused(folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    data = bytearray((bad / "patch_decoder.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (bad / "patch_decoder.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="patch_decoder.safetensors is corrupt"):
+        build_backbone(BackboneConfig(kind="blip3o", path=str(bad), device="cpu"))

@@ -92,7 +92,7 @@ def test_tampered_weights_are_refused(backbone, tmp_path):
     with pytest.raises(ValueError, match="model.safetensors is corrupt"):
         ReferenceBackbone.load(tmp_path / "ck")
     # the checksums rewritten to match: the fingerprint in config.json still refuses it
-    from fedumm.models.reference.backbone import write_checksums
+    from fedumm.models.checksums import write_checksums
 
     files = ("model.safetensors", "config.json", "tokenizer.json", "codebook.safetensors")
     write_checksums(tmp_path / "ck", files)
@@ -112,7 +112,7 @@ def test_every_checkpoint_file_is_verified(backbone, tmp_path, damage):
         (ck / "codebook.safetensors").write_bytes(bytes(data))
         message = "codebook.safetensors is corrupt"
     elif damage == "drop_fingerprint":
-        from fedumm.models.reference.backbone import write_checksums
+        from fedumm.models.checksums import write_checksums
 
         info = json.loads((ck / "config.json").read_text())
         del info["fingerprint"]

@@ -40,6 +40,7 @@ from torch import nn
 from fedumm.data.records import Sample
 from fedumm.fl.codec import DTYPES
 from fedumm.models.batching import pad_sequences
+from fedumm.models.checksums import verify_checksums, write_folder_checksums
 from fedumm.models.protocol import (
     GENERATION,
     UNDERSTANDING,
@@ -222,6 +223,7 @@ def build(cfg: BackboneConfig) -> JanusBackbone:
     else:
         path = Path(cfg.path)
         check_folder(path)
+        verify_checksums(path, (), optional=True)  # a folder fedumm wrote lists its files
         processor = JanusProcessor.from_pretrained(str(path), local_files_only=True)
         model = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype,
                                                               local_files_only=True)
@@ -290,6 +292,7 @@ class JanusBackbone(ModelPlacement):
         path = Path(path)
         self._janus.save_pretrained(str(path))
         self.processor.save_pretrained(str(path))
+        write_folder_checksums(path)
         return path
 
     # --------------------------------------------------------------- inputs

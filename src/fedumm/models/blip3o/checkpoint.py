@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from fedumm.models.blip3o.assembly import Blip3oModel, PatchDecoder
 from fedumm.models.blip3o.presets import Blip3oDims
+from fedumm.models.checksums import verify_checksums, write_folder_checksums
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
@@ -140,6 +141,7 @@ def load_folder(path: Path) -> tuple[Blip3oModel, Any, Any]:
     )
 
     config = check_folder(path)
+    verify_checksums(path, (), optional=True)  # a folder fedumm wrote lists its files
     tensors = _blip3o_tensors(path)
     dims = folder_dims(path, config, tensors)
     qcfg = Qwen2_5_VLConfig(**{k: v for k, v in config.items()
@@ -240,4 +242,5 @@ def save_folder(model: Blip3oModel, tokenizer, processor, path: Path) -> Path:
     if model.decoder is not None:
         save_file({k: v.contiguous().cpu() for k, v in model.decoder.state_dict().items()},
                   str(path / DECODER_FILE))
+    write_folder_checksums(path)
     return path

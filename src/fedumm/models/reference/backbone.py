@@ -9,7 +9,6 @@ teacher-forced top-1 accuracy of the image codes of held-out generation targets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from fedumm.data.records import Sample
 from fedumm.models.batching import pad_sequences
+from fedumm.models.checksums import verify_checksums, write_checksums
 from fedumm.models.protocol import (
     GENERATION,
     UNDERSTANDING,
@@ -57,34 +57,6 @@ def resolve_checkpoint(name: str | Path) -> Path:
     if missing:
         raise FileNotFoundError(f"{path} is not a fedumm reference checkpoint: missing {missing}")
     return path
-
-
-SUMS = "SHA256SUMS.json"
-
-
-def write_checksums(path: Path, names: Sequence[str]) -> dict[str, str]:
-    """``SHA256SUMS.json`` of the named files of a checkpoint folder."""
-    sums = {n: hashlib.sha256((path / n).read_bytes()).hexdigest() for n in sorted(names)}
-    (path / SUMS).write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
-    return sums
-
-
-def verify_checksums(path: Path, required: Sequence[str]) -> None:
-    """Every file ``SHA256SUMS.json`` lists (which must include ``required``) is present and
-    unchanged."""
-    if not (path / SUMS).is_file():
-        raise ValueError(f"{path} has no {SUMS}: the checkpoint cannot be verified (save it "
-                         "again with this version of fedumm)")
-    sums = json.loads((path / SUMS).read_text())
-    missing = [n for n in required if n not in sums]
-    if missing:
-        raise ValueError(f"{path / SUMS} does not list {missing}")
-    for name, digest in sorted(sums.items()):
-        f = path / name
-        if not f.is_file():
-            raise ValueError(f"{f} is missing (listed in {SUMS})")
-        if hashlib.sha256(f.read_bytes()).hexdigest() != digest:
-            raise ValueError(f"{f} is corrupt: its sha256 differs from {SUMS}")
 
 
 class ReferenceBackbone(ModelPlacement):

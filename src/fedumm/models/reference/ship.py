@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from fedumm.models.checksums import write_checksums
 from fedumm.models.reference.backbone import (
     CODEBOOK,
     CONFIG,
@@ -17,7 +18,6 @@ from fedumm.models.reference.backbone import (
     TOKENIZER,
     WEIGHTS,
     ReferenceBackbone,
-    write_checksums,
 )
 
 FILES = (WEIGHTS, CONFIG, TOKENIZER, CODEBOOK, "pretrain_log.jsonl")
