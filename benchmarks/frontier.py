@@ -36,9 +36,12 @@ EXTRA = ("codec.upload=nf4+zlib lora.aggregation=ffa",
 JANUS_1B_PARAMS = 2_076_636_811  # `fedumm backbone info ... backbone.preset=janus-pro-1b`
 
 
-def cells(sweep: Path) -> list[dict]:
+def cells(sweep: Path, baselines_only: bool = False) -> list[dict]:
+    """The finished cells of a sweep (only its baselines: a sweep without grid axes also runs
+    the plain config once, a duplicate here)."""
     data = json.loads((sweep / "sweep.json").read_text())
-    return [c for c in data["cells"] if c.get("status") == "done"]
+    return [c for c in data["cells"] if c.get("status") == "done"
+            and (c.get("baseline") or not baselines_only)]
 
 
 def key(c: dict) -> tuple[str, str, str]:
@@ -91,7 +94,7 @@ def run_seeds() -> None:
 
 def report() -> None:
     main = cells(RUNS / "frontier")
-    seeds = cells(RUNS / "frontier_seeds") if (RUNS / "frontier_seeds").exists() else []
+    seeds = cells(RUNS / "frontier_seeds", True) if (RUNS / "frontier_seeds").exists() else []
     by: dict[tuple, list[dict]] = {}
     for c in main + seeds:
         by.setdefault(key(c), []).append(c)
@@ -141,7 +144,8 @@ def report() -> None:
         fig.savefig(out_dir / f"frontier_{x}.png", dpi=130)
         plt.close(fig)
 
-    trade = cells(RUNS / "frontier_tradeoff") if (RUNS / "frontier_tradeoff").exists() else []
+    trade = (cells(RUNS / "frontier_tradeoff", True) if (RUNS / "frontier_tradeoff").exists()
+             else [])
     if trade:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
         for e, marker in ((1, "o"), (2, "s"), (4, "^")):
