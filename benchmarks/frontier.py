@@ -192,7 +192,7 @@ def report() -> None:
         "```",
         "",
         "![frontier](communication/frontier_total.png)",
-        "![upload](communication/frontier_upload.png)",
+        "![upload](communication/frontier_up.png)",
         "",
         "| upload codec | aggregation | ranks | n | VQA | GenEval | upload MiB / client-round |"
         " x fewer than fp32 | total MiB | Pareto |",
