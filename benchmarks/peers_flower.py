@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_OUT = "FEDUMM_FLOWER_OUT"  # the run directory (holds config.yaml), for the Ray actors
+ENV_AGG = "FEDUMM_FLOWER_AGGREGATE"  # flower (default) | fedumm
 _SIDE: dict[str, Any] = {}  # per-process cache: backbone, data, adapters, trainer
 
 
@@ -67,7 +68,7 @@ def _client_side() -> dict[str, Any]:
 
 def _client_train(msg, context):
     import torch
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     side = _client_side()
     k = int(context.node_config["partition-id"])
@@ -79,9 +80,11 @@ def _client_train(msg, context):
     tensors = {**received, **{n: v.to(torch.float32) for n, v in upd.tensors.items()}}
     metrics = MetricRecord({"num-examples": int(sum(upd.num_samples.values())),
                             "train_s": train_s, "steps": int(upd.num_steps),
-                            "client": k, "pid": side["pid"]})
+                            "client": k, "pid": side["pid"],
+                            **{f"n-{m}": int(n) for m, n in upd.num_samples.items()}})
     content = RecordDict({"arrays": ArrayRecord.from_torch_state_dict(tensors),
-                          "metrics": metrics})
+                          "metrics": metrics,
+                          "trained": ConfigRecord({"keys": sorted(upd.tensors)})})
     return Message(content=content, reply_to=msg)
 
 
@@ -89,10 +92,41 @@ def _sum_train_metrics(records, weight_key: str):
     """Round metrics: client training seconds summed (not averaged) and the samples."""
     from flwr.app import MetricRecord
 
-    ms = [next(iter(r.metric_records.values())) for r in records]
+    ms = [r["metrics"] for r in records]
     return MetricRecord({"train_s": float(sum(m["train_s"] for m in ms)),
                          weight_key: int(sum(m[weight_key] for m in ms)),
                          "clients": len(ms)})
+
+
+def _fedumm_weighted(base, fedumm_strategy, initial: dict):
+    """Flower's FedAvg with its aggregation replaced by fedumm's strategy (per adapter group,
+    weighted by the samples of the group's modalities): ``--aggregate fedumm``, a check that
+    the Flower client side trains exactly what fedumm's runtimes train."""
+    import torch
+    from flwr.app import ArrayRecord
+
+    from fedumm.fl.updates import ClientUpdate
+
+    class FedummWeighted(base):
+        current = dict(initial)
+
+        def aggregate_train(self, server_round, replies):
+            valid = [m for m in replies if not m.has_error()]
+            updates = []
+            for m in valid:
+                met, arrays = m.content["metrics"], m.content["arrays"]
+                keys = list(m.content["trained"]["keys"])
+                counts = {n[2:]: int(v) for n, v in met.items() if n.startswith("n-")}
+                updates.append(ClientUpdate(
+                    int(met["client"]), {n: torch.from_numpy(arrays[n].numpy().copy())
+                                         for n in keys}, counts, {}, int(met["steps"])))
+            updates.sort(key=lambda u: u.client_id)  # fedumm's fixed aggregation order
+            self.current = fedumm_strategy.aggregate(server_round - 1, self.current, updates)
+            metrics = self.train_metrics_aggr_fn([m.content for m in valid],
+                                                 self.weighted_by_key)
+            return ArrayRecord.from_torch_state_dict(self.current), metrics
+
+    return FedummWeighted
 
 
 def _log(out: Path, record: dict) -> None:
@@ -116,8 +150,14 @@ def _server_main(grid, context) -> None:
     adapters = build_adapters(cfg, backbone)
     val_data = read_samples(cfg.data, "val")
     k = cfg.clients
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=k,
-                      min_available_nodes=k, train_metrics_aggr_fn=_sum_train_metrics)
+    cls = FedAvg
+    if os.environ.get(ENV_AGG) == "fedumm":
+        from fedumm.fl.strategies import build_strategy
+
+        cls = _fedumm_weighted(FedAvg, build_strategy(cfg.strategy, k, cfg.seed,
+                                                      backbone.groups), adapters.state())
+    strategy = cls(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=k,
+                   min_available_nodes=k, train_metrics_aggr_fn=_sum_train_metrics)
     acc = {"client_train_s": 0.0, "eval_s": 0.0}
     last = {"t": time.perf_counter()}
 
@@ -163,6 +203,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", required=True)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs Ray may use (1 per client)")
     ap.add_argument("--json", action="store_true", help="print summary.json")
+    ap.add_argument("--aggregate", choices=("flower", "fedumm"), default="flower",
+                    help="flower: Flower's FedAvg weighted by total samples; fedumm: fedumm's "
+                    "per-group FedAvg (a check: the same accuracy as fedumm's runtimes)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     os.environ["FEDUMM_FLOWER_T0"] = str(time.time())
@@ -181,7 +224,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "metrics.jsonl").write_text("")
     # read by the Ray actors (they inherit this environment) and the ServerApp thread
     os.environ[ENV_OUT] = str(out)
+    os.environ[ENV_AGG] = args.aggregate
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs: quiet
 
     from flwr.simulation import run_simulation
 
@@ -197,7 +242,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     final = json.loads(final_path.read_text())
     acc = json.loads((out / "server_counters.json").read_text())
     summary = {
-        "name": cfg.name, "strategy": "flwr.serverapp.strategy.FedAvg", "rounds": cfg.rounds,
+        "name": cfg.name, "rounds": cfg.rounds,
+        "strategy": "flwr.serverapp.strategy.FedAvg" + (
+            " (fedumm per-group aggregation)" if args.aggregate == "fedumm" else ""),
         "clients": cfg.clients, "seed": cfg.seed, "runtime": "flower-sim (ray)",
         "final": {n: final[n] for n in ("vqa_accuracy", "vqa_by_answer_type", "vqa_by_family",
                                         "geneval_overall", "generation_quality") if n in final},
