@@ -11,6 +11,7 @@ payloads that travel.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -215,6 +216,10 @@ class LocalTransport:
 
             global _POOL_TRANSPORT
             _POOL_TRANSPORT = self  # what the forked workers inherit
+            # the collector would touch every object the parent built and copy its pages in
+            # each worker: freeze them, so the frozen base and the data stay shared
+            gc.collect()
+            gc.freeze()
             self._pool = multiprocessing.get_context("fork").Pool(
                 self.workers, initializer=torch.set_num_threads, initargs=(self.threads,))
         return self._pool
@@ -224,6 +229,7 @@ class LocalTransport:
             self._pool.terminate()
             self._pool.join()
             self._pool = None
+            gc.unfreeze()
 
     def state_dict(self) -> dict[str, Any]:
         return {"client_states": self.client_states}
