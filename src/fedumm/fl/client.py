@@ -197,7 +197,8 @@ class ClientTrainer:
                         sums[k] = sums.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
         self.model.eval()
-        tensors = {k: v for k, v in ad.state(groups).items() if k in set(names)}
+        trained = set(names)
+        tensors = {k: v for k, v in ad.state(groups).items() if k in trained}
         extra = {}
         if c_server is not None and steps > 0:  # SCAFFOLD option II control update
             new_c, extra["control_delta"] = client_control_update(

@@ -86,7 +86,8 @@ FP4_TABLE = torch.tensor(
 
 _TABLES = {"nf4": NF4_TABLE, "fp4": FP4_TABLE}
 _MIDPOINTS = {name: (t[1:] + t[:-1]) / 2 for name, t in _TABLES.items()}
-_FLOAT_BASES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the plain-cast codecs, named as the training / storage dtypes (backbone.dtype)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BLOCK_BASES = ("int8b", "nf4", "fp4")
 DEFAULT_BLOCK = 64
 MAX_BLOCK = 1 << 24
@@ -126,7 +127,7 @@ class CodecSpec:
     entropy: str | None = None
 
     def __post_init__(self) -> None:
-        bases = (*_FLOAT_BASES, "int8", *_BLOCK_BASES)
+        bases = (*DTYPES, "int8", *_BLOCK_BASES)
         if self.base not in bases:
             raise ValueError(f"codec base {self.base!r}: expected one of {bases}")
         if self.base in _BLOCK_BASES:
@@ -209,7 +210,7 @@ def _parse_topk(text: str, arg: str) -> tuple[float | None, int | None]:
 
 
 def _parse_base(text: str, step: str) -> tuple[str, int | None] | None:
-    if step in _FLOAT_BASES or step == "int8":
+    if step in DTYPES or step == "int8":
         return step, None
     if step in _BLOCK_BASES:
         return step, DEFAULT_BLOCK
@@ -292,8 +293,8 @@ def _quantize_table(v: torch.Tensor, absmax: torch.Tensor, name: str) -> torch.T
 
 def _encode_values(v: torch.Tensor, spec: CodecSpec, key: str) -> dict[str, torch.Tensor]:
     """Streams for one flat float32 vector: ``values``, or ``codes`` (+ ``scales``)."""
-    if spec.base in _FLOAT_BASES:
-        out = v.to(_FLOAT_BASES[spec.base])
+    if spec.base in DTYPES:
+        out = v.to(DTYPES[spec.base])
         if spec.base == "float16" and not bool(torch.isfinite(out).all()):
             raise ValueError(f"tensor {key!r}: values exceed the float16 range (|x| > 65504)")
         return {"values": out}
@@ -310,7 +311,7 @@ def _encode_values(v: torch.Tensor, spec: CodecSpec, key: str) -> dict[str, torc
 
 def _decode_values(spec: CodecSpec, n: int, codes: torch.Tensor | None,
                    scales: torch.Tensor | None, values: torch.Tensor | None) -> torch.Tensor:
-    if spec.base in _FLOAT_BASES:
+    if spec.base in DTYPES:
         assert values is not None
         return values.to(torch.float32)
     assert codes is not None and scales is not None
@@ -467,10 +468,6 @@ def _check_tensors(tensors: dict[str, torch.Tensor]
     return rows
 
 
-# Training / storage dtypes by name (backbone.dtype); the plain-cast codecs share the names
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def encode(tensors: dict[str, torch.Tensor], spec: CodecSpec | str = "float32") -> bytes:
     """Encode float tensors under a codec into one self-describing payload."""
     spec = parse_codec(spec)
@@ -592,8 +589,8 @@ def decode(payload: bytes, restore_dtype: bool = False) -> dict[str, torch.Tenso
         raise ValueError("corrupt payload: a kept count exceeds its tensor size")
 
     values = codes = scales = None
-    if spec.base in _FLOAT_BASES:
-        values = _Cursor(streams, "values", _FLOAT_BASES[spec.base])
+    if spec.base in DTYPES:
+        values = _Cursor(streams, "values", DTYPES[spec.base])
     else:
         code_dtype = torch.int8 if spec.base in ("int8", "int8b") else torch.uint8
         codes = _Cursor(streams, "codes", code_dtype)
@@ -646,8 +643,8 @@ def bytes_per_value(spec: CodecSpec | str, numel: int = 1_000_000) -> float:
     if numel <= 0:
         raise ValueError("numel must be positive")
     k = spec.keep(numel)
-    if spec.base in _FLOAT_BASES:
-        nbytes = k * _FLOAT_BASES[spec.base].itemsize
+    if spec.base in DTYPES:
+        nbytes = k * DTYPES[spec.base].itemsize
     elif spec.base in ("int8", "int8b"):
         nbytes = k + 4 * _n_scales(spec, k)
     else:

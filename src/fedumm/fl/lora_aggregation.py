@@ -71,23 +71,29 @@ def mean_products(states: Sequence[State], weights: Sequence[float],
 
 
 def aggregation_error(states: Sequence[State], weights: Sequence[float], aggregated: State,
-                      modules: dict[str, tuple[str, str]]) -> float:
-    """Relative Frobenius error of ``aggregated``'s ``B A`` against the clients' weighted mean
-    of ``B_k A_k``, over ``modules`` (0.0 when the mean product is zero)."""
-    target = mean_products(states, weights, modules)
+                      modules: dict[str, tuple[str, str]], residual: State | None = None,
+                      target: dict[str, torch.Tensor] | None = None) -> float:
+    """Relative Frobenius error of ``aggregated``'s ``B A`` (plus ``residual[m]``, an unscaled
+    product folded beside it) against the clients' weighted mean of ``B_k A_k``, over
+    ``modules`` (0.0 when the mean product is zero). ``target``: that mean, if known."""
+    target = mean_products(states, weights, modules) if target is None else target
     num = den = 0.0
     for m, (a, b) in modules.items():
-        num += float(((target[m] - _product(aggregated, a, b)) ** 2).sum())
+        model = _product(aggregated, a, b)
+        if residual is not None:
+            model = model + residual[m].double()
+        num += float(((target[m] - model) ** 2).sum())
         den += float((target[m] ** 2).sum())
     return (num / den) ** 0.5 if den > 0 else 0.0
 
 
 def exact_residuals(states: Sequence[State], weights: Sequence[float], aggregated: State,
-                    modules: dict[str, tuple[str, str]], scaling: float) -> State:
+                    modules: dict[str, tuple[str, str]], scaling: float,
+                    target: dict[str, torch.Tensor] | None = None) -> State:
     """Per module, what to add to the frozen weight (out x in) so that frozen + scaling * B A
     of ``aggregated`` equals the clients' weighted mean model: ``scaling * (mean_k(B_k A_k) -
-    B A)`` (float32)."""
-    target = mean_products(states, weights, modules)
+    B A)`` (float32). ``target``: the mean product, if known."""
+    target = mean_products(states, weights, modules) if target is None else target
     return {m: (scaling * (target[m] - _product(aggregated, a, b))).float()
             for m, (a, b) in modules.items()}
 

@@ -274,17 +274,6 @@ def receive(reply: Reply, received: dict[str, torch.Tensor]) -> ClientUpdate | s
                         dict(meta.get("metrics", {})), extra, len(reply.payload))
 
 
-def _error_with_residual(states, weights, aggregated, modules, residual) -> float:
-    """The aggregation error of ``B A + residual`` (the folded model) per module."""
-    target = mean_products(states, weights, modules)
-    num = den = 0.0
-    for m, (a, b) in modules.items():
-        model = aggregated[b].double() @ aggregated[a].double() + residual[m].double()
-        num += float(((target[m] - model) ** 2).sum())
-        den += float((target[m] ** 2).sum())
-    return (num / den) ** 0.5 if den > 0 else 0.0
-
-
 class RoundLoop:
     """The rounds of one experiment over any transport, with checkpoints after every round."""
 
@@ -399,11 +388,13 @@ class RoundLoop:
         if self.mode != "local":
             acc["download"] += [len(jobs[k]) for k in selected]
         # what each client starts from (full rank: a truncated state is zero-padded)
-        received = {}
-        for k in selected:
-            source = k if self.mode == "local" else 0
-            got = unpack(split_residual(decode(jobs[k]))[0])[0]
-            received[k] = pad_ranks(got, states[source]) if cfg.lora.client_ranks else got
+        decoded: dict[tuple[int, int], dict] = {}
+        for (source, rank), payload in by_rank.items():  # each distinct payload once
+            got = unpack(split_residual(decode(payload))[0])[0]
+            decoded[(source, rank)] = pad_ranks(got, states[source]) if cfg.lora.client_ranks \
+                else got
+        received = {k: decoded[(k if self.mode == "local" else 0, cfg.lora.rank_of(k))]
+                    for k in selected}
         t = time.perf_counter()
         replies = self.transport.train(rnd, jobs, wire_cfg, self._on_reply)
         acc["client_train_s"] += time.perf_counter() - t
@@ -455,15 +446,16 @@ class RoundLoop:
             if sum(weights) <= 0:
                 continue
             clients = [{**received[u.client_id], **u.tensors} for u in trained]
+            target = mean_products(clients, weights, modules)
+            effective = None
             if self.cfg.lora.aggregation == "exact":
-                round_residual = exact_residuals(clients, weights, new, modules, self.scaling)
+                round_residual = exact_residuals(clients, weights, new, modules, self.scaling,
+                                                 target)
                 for m, r in round_residual.items():
                     self.residual[m] = self.residual.get(m, 0) + r
                 self.adapters.fold_residuals(self.residual)
                 effective = {m: r / self.scaling for m, r in round_residual.items()}
-                out[group] = _error_with_residual(clients, weights, new, modules, effective)
-            else:
-                out[group] = aggregation_error(clients, weights, new, modules)
+            out[group] = aggregation_error(clients, weights, new, modules, effective, target)
         return out
 
     def _on_reply(self, reply: Reply) -> None:

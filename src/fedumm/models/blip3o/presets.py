@@ -8,7 +8,7 @@ tokens of 1792-d features) and EVA-CLIP-E-14-plus targets (448 px, 32x32 patches
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 PRESETS = ("tiny", "blip3o-4b", "blip3o-8b")
@@ -27,7 +27,6 @@ class Blip3oDims:
     pool: int  # average pooling of the target encoder's patch grid
     rope_len: int = 384  # rotary table of the DiT (BLIP3o: 384 x 384)
     image_pixels: int = 448 * 448  # understanding images are resized to about this many pixels
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def grid(self) -> int:
