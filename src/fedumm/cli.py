@@ -142,6 +142,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
            f"generation held-out quality {fin.get('generation_quality', 'n/a')}")
     print(f"  VQA accuracy {summary['base'].get('vqa_accuracy', 'n/a')} (frozen base) -> "
           f"{fin.get('vqa_accuracy', 'n/a')}  |  {gen}")
+    if fin.get("classification"):
+        print(f"  AUC {fin.get('auc')} (hard labels {fin.get('auc_hard')})  |  macro-F1 "
+              f"{fin.get('macro_f1')}")
     print(f"  upload {comm['upload_bytes_per_client_round'] / 2**20:.2f} MiB per client-round "
           f"({comm['reduction_vs_full']}x less than full fine-tuning)  |  wall "
           f"{summary['time']['wall_s']} s")
@@ -159,7 +162,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     raw = read_yaml(path)
     out = Path(args.out or f"runs/sweep_{path.stem}")
     result = run_sweep(raw, out, grid=args.grid, baselines=args.baseline,
-                       overrides=list(args.overrides), progress=not args.quiet)
+                       overrides=list(args.overrides), progress=not args.quiet, jobs=args.jobs)
     report = write_sweep_report(out)
     failed = sum(r["status"] != "done" for r in result["cells"])
     print(f"sweep: {out} ({len(result['cells'])} cells, {failed} failed, "
@@ -388,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
                    " replaces the config's baselines")
     p.add_argument("--out", help="sweep directory (default runs/sweep_<config name>)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N cells at once, each in its own process (set train.threads so "
+                   "that N x threads fits the cores; results equal a one-at-a-time sweep at "
+                   "the same threads)")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("report", help="write report.md with plots for a run or a sweep")

@@ -48,6 +48,12 @@ class DataConfig:
     questions_per_image: int = field(default=2, metadata=_range(1, 20))
     generation_fraction: float = field(default=0.5, metadata=_range(0.0, 1.0))
     annotator_noise: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    # only these question families (default: the split's), e.g. [spatial, shape_at]
+    families: list[str] = field(default_factory=list, metadata=_choices(
+        "existence", "counting", "color", "shape_at", "spatial", "binding"))
+    # > 0: understanding samples get a text modality, a scene description that mentions each
+    # object with this probability (FedMLLM-style modality scenarios need one)
+    scene_text: float = field(default=0.0, metadata=_range(0.0, 1.0))
     # the user's files (format=files): a file, a folder or a glob per modality
     understanding: str = ""  # VQA v2 folder, LLaVA / sharegpt / TRL / question-answer JSON(L)
     generation: str = ""  # metadata.jsonl image folder, image+text JSONL/CSV, WebDataset .tar
@@ -134,12 +140,22 @@ class PartitionConfig:
         ),
     )
     min_per_client: int = field(default=2, metadata=_range(0))
+    # FedMLLM's input-modality scenarios (missing_modality, cross_modal, hybrid: need a text
+    # modality, e.g. data.scene_text > 0, except missing_modality) and the task scenarios of
+    # unified models (task_split: understanding-only and generation-only clients; task_hybrid)
     scenario: str = field(
-        default="none", metadata=_choices("none", "missing_modality", "single_modality", "hybrid")
-    )
+        default="none", metadata=_choices("none", "missing_modality", "cross_modal", "hybrid",
+                                          "task_split", "task_hybrid", "single_modality"))
     missing_rate: float = field(default=0.0, metadata=_range(0.0, 1.0))
-    understanding_clients: int = field(default=1, metadata=_range(0))
-    hybrid_q: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    image_only_clients: int = field(default=1, metadata=_range(0))  # cross_modal
+    understanding_clients: int = field(default=1, metadata=_range(0))  # task_split
+    hybrid_q: float = field(default=0.0, metadata=_range(0.0, 1.0))  # hybrid, task_hybrid
+
+    def validate(self) -> None:
+        if self.scenario == "single_modality":  # renamed when input modalities came in
+            raise ConfigError("partition.scenario=single_modality is now called task_split "
+                              "(understanding-only and generation-only clients); hybrid now "
+                              "means FedMLLM's input-modality hybrid, task_hybrid the old one")
 
 
 @dataclass
@@ -206,6 +222,16 @@ class TrainConfig:
     max_steps: int = field(default=0, metadata=_range(0))  # per round; 0 = local_epochs
     val_fraction: float = field(default=0.1, metadata=_range(0.0, 0.5))
     prompt_dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))
+    # FedMLLM's prompt augmentation: train every question with one modality-agnostic phrase
+    # instead of the one naming the sample's modalities (data with a text modality only)
+    prompt_augmentation: bool = False
+    # FedMLLM's layer-adaptive regulariser, with any server strategy: a proximal term
+    # adaptive_prox_mu / 2 * adaptive_prox_weight * ||w - w_global||^2 on the adapters of the
+    # middle decoder layers s <= l <= L-1-s only (s = adaptive_prox_skip, L the backbone's depth)
+    adaptive_prox: bool = False
+    adaptive_prox_mu: float = field(default=0.01, metadata=_range(0.0))
+    adaptive_prox_weight: float = field(default=0.1, metadata=_range(0.0))
+    adaptive_prox_skip: int = field(default=4, metadata=_range(0))
     threads: int = field(default=0, metadata=_range(0))  # torch threads; 0 = all cores
 
 
@@ -217,6 +243,9 @@ class EvalConfig:
     max_vqa: int = field(default=400, metadata=_range(0))
     max_gen: int = field(default=120, metadata=_range(0))
     gen_every: int = field(default=0, metadata=_range(0))  # 0 = generation only at the end
+    # question families scored as classification tasks with a fixed answer set (FedMLLM's
+    # binary and multi-class tasks): AUC, hard-label AUC and macro-F1 next to VQA accuracy
+    classification: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -227,6 +256,9 @@ class SweepConfig:
     grid: list[str] = field(default_factory=list)
     # extra cells run once each, e.g. "strategy.name=centralized clients=1"
     baselines: list[str] = field(default_factory=list)
+    # named bundles of overrides, one more axis ("method", the last), e.g.
+    # "fedadagrad+adaptive: strategy.name=fedadagrad train.adaptive_prox=true"
+    methods: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -7,12 +7,15 @@ import pytest
 
 from fedumm.data.partition import dirichlet_partition, iid_partition, validate_partition
 from fedumm.data.scenarios import (
+    BOTH_MISSING,
     COMPLETE,
     GENERATION,
     IMAGE_MISSING,
     TEXT_MISSING,
     UNDERSTANDING,
+    cross_modal_clients,
     hybrid_clients,
+    hybrid_modality_clients,
     missing_modality,
     modality_counts,
     single_modality_clients,
@@ -30,17 +33,43 @@ def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
     return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_missing_modality_rate_and_split() -> None:
-    mask = missing_modality(10000, 0.3, seed=0)
-    assert mask.dtype == np.int8 and mask.shape == (10000,)
-    assert set(np.unique(mask).tolist()) <= {COMPLETE, IMAGE_MISSING, TEXT_MISSING}
-    assert (mask != COMPLETE).mean() == pytest.approx(0.3, abs=0.02)
-    missing = mask[mask != COMPLETE]
-    assert (missing == IMAGE_MISSING).mean() == pytest.approx(0.5, abs=0.04)
-    assert np.array_equal(mask, missing_modality(10000, 0.3, seed=0))
-    assert not np.array_equal(mask, missing_modality(10000, 0.3, seed=1))
+def test_missing_modality_drops_image_and_text_independently() -> None:
+    mask = missing_modality(20000, 0.3, seed=0)
+    assert mask.dtype == np.int8 and mask.shape == (20000,)
+    assert set(np.unique(mask).tolist()) == {COMPLETE, IMAGE_MISSING, TEXT_MISSING, BOTH_MISSING}
+    image, text = (mask & IMAGE_MISSING) > 0, (mask & TEXT_MISSING) > 0
+    assert image.mean() == pytest.approx(0.3, abs=0.015)
+    assert text.mean() == pytest.approx(0.3, abs=0.015)
+    assert (mask == BOTH_MISSING).mean() == pytest.approx(0.09, abs=0.01)  # 0.3 * 0.3
+    assert np.array_equal(mask, missing_modality(20000, 0.3, seed=0))
+    assert not np.array_equal(mask, missing_modality(20000, 0.3, seed=1))
     assert (missing_modality(100, 0.0, seed=0) == COMPLETE).all()
-    assert (missing_modality(100, 1.0, seed=0) != COMPLETE).all()
+    assert (missing_modality(100, 1.0, seed=0) == BOTH_MISSING).all()
+
+
+@pytest.mark.parametrize("m", [0, 3, 7, 10])
+def test_cross_modal_clients_are_image_only_or_text_only(m: int) -> None:
+    parts = iid_partition(N, 10, seed=0)
+    mask = cross_modal_clients(parts, N, m, seed=0)
+    kinds = [set(mask[p].tolist()) for p in parts]
+    assert all(len(k) == 1 for k in kinds)  # one kind per client
+    assert sum(k == {TEXT_MISSING} for k in kinds) == m  # image-only clients lack the text
+    assert sum(k == {IMAGE_MISSING} for k in kinds) == 10 - m
+    assert np.array_equal(mask, cross_modal_clients(parts, N, m, seed=0))
+    with pytest.raises(ValueError, match="image_only"):
+        cross_modal_clients(parts, N, 11, seed=0)
+
+
+def test_hybrid_modality_clients_lack_each_modality_with_probability_q() -> None:
+    parts = iid_partition(N, 400, seed=0)
+    mask = hybrid_modality_clients(parts, N, 0.3, seed=0)
+    per_client = np.array([mask[p][0] for p in parts])
+    assert all(len(set(mask[p].tolist())) == 1 for p in parts)
+    assert BOTH_MISSING not in per_client  # drawn to lack both: holds both
+    # P(image only) = P(text only) = 0.3 * 0.7; complete = 0.7^2 + 0.3^2
+    assert (per_client == IMAGE_MISSING).mean() == pytest.approx(0.21, abs=0.06)
+    assert (per_client == TEXT_MISSING).mean() == pytest.approx(0.21, abs=0.06)
+    assert (hybrid_modality_clients(parts, N, 0.0, seed=0) == COMPLETE).all()
 
 
 @pytest.mark.parametrize("m", [1, 3, 9])

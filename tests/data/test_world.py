@@ -122,3 +122,30 @@ def test_subset_and_labels_cover_both_modalities():
     assert len(sub.vqa) == 1 and len(sub.gen) == 1
     with pytest.raises(ValueError, match="unknown label key 'colour'"):
         data.labels("colour")
+
+
+def test_scene_text_describes_only_objects_of_the_scene_and_changes_nothing_else():
+    plain = generate_shapes("downstream", 60, seed=3)
+    text = generate_shapes("downstream", 60, seed=3, scene_text=0.6)
+    assert plain.contexts == [] and len(text.contexts) == len(text.vqa)
+    assert np.array_equal(plain.images, text.images)  # its own random stream
+    assert [r.question for r in plain.vqa] == [r.question for r in text.vqa]
+    mentioned = total = 0
+    for r, ctx in zip(text.vqa, text.contexts, strict=True):
+        objs = text.scene(r.image_id)
+        said = [] if ctx == "image ." else ctx.rstrip(" .").split(" , ")
+        truth = {f"{o.color} {o.shape} {o.position}" for o in objs}
+        assert set(said) <= truth and len(said) == len(set(said))
+        mentioned, total = mentioned + len(said), total + len(objs)
+    assert mentioned / total == pytest.approx(0.6, abs=0.08)
+    full = generate_shapes("downstream", 20, seed=3, scene_text=1.0)
+    assert all(len(c.split(" , ")) == len(full.scene(r.image_id))
+               for r, c in zip(full.vqa, full.contexts, strict=True))
+
+
+def test_families_restrict_the_questions():
+    data = generate_shapes("downstream", 50, seed=0, families=["spatial", "shape_at"])
+    assert {r.family for r in data.vqa} == {"spatial", "shape_at"}
+    assert {r.multiple_choice_answer for r in data.vqa if r.family == "spatial"} == {"yes", "no"}
+    with pytest.raises(ValueError, match="unknown question families"):
+        generate_shapes("downstream", 5, families=["colour"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedumm.config import ConfigError
+from fedumm.config import ConfigError, load_config
 from fedumm.experiments.sweep import expand_grid, merge_axes, parse_axis, parse_baseline, run_sweep
 from fedumm.runtime.run_dir import RunDirectory
 
@@ -143,3 +143,65 @@ def test_sweep_command_reports_a_bad_axis(tmp_path, capsys):
     assert main(["sweep", "configs/quickstart.yaml", "--grid", "clients=0,2",
                  "--out", str(tmp_path)]) == 2
     assert "clients" in capsys.readouterr().err
+
+
+METHODS_RAW = {"name": "bench", "sweep": {
+    "grid": ["partition.scenario=none,missing_modality"],
+    "methods": ["fedavg:", "prox: strategy.name=fedprox strategy.mu=0.1",
+                "aug+adagrad: strategy.name=fedadagrad train.prompt_augmentation=true"],
+    "baselines": ["strategy.name=centralized"]}}
+
+
+def test_methods_are_the_last_axis_and_expand_to_their_overrides(tmp_path):
+    fake = FakeRun()
+    result = run_sweep(METHODS_RAW, tmp_path, run_fn=fake, log=lambda s: None)
+    rows = result["cells"]
+    assert [(r.get("partition.scenario"), r.get("method")) for r in rows[:4]] == [
+        ("none", "fedavg"), ("none", "prox"), ("none", "aug+adagrad"),
+        ("missing_modality", "fedavg")]
+    assert rows[-1]["baseline"] and len(rows) == 2 * 3 + 1
+    saved = load_config(tmp_path / rows[2]["cell"] / RunDirectory.CONFIG)
+    assert (saved.strategy.name, saved.train.prompt_augmentation,
+            saved.partition.scenario) == ("fedadagrad", True, "none")
+    assert load_config(tmp_path / rows[1]["cell"] / RunDirectory.CONFIG).strategy.mu == 0.1
+    assert result["methods"]["prox"] == {"strategy.name": "fedprox", "strategy.mu": 0.1}
+    with pytest.raises(ConfigError, match="name: key=value"):
+        run_sweep({"sweep": {"methods": ["no colon here"]}}, tmp_path / "x", run_fn=fake,
+                  log=lambda s: None)
+    with pytest.raises(ConfigError, match="same name"):
+        run_sweep({"sweep": {"methods": ["a:", "a: seed=1"]}}, tmp_path / "y", run_fn=fake,
+                  log=lambda s: None)
+
+
+def test_cells_in_parallel_give_the_rows_of_a_sequential_sweep(tmp_path):
+    seq = run_sweep(RAW, tmp_path / "seq", run_fn=FakeRun(fail_on={4}), log=lambda s: None)
+    par = run_sweep(RAW, tmp_path / "par", run_fn=FakeRun(fail_on={4}), jobs=2,
+                    log=lambda s: None)
+    strip = [{k: v for k, v in r.items() if k != "error"} for r in seq["cells"]]
+    assert [{k: v for k, v in r.items() if k != "error"} for r in par["cells"]] == strip
+    on_disk = json.loads((tmp_path / "par" / "sweep.json").read_text())
+    assert [r["cell"] for r in on_disk["cells"]] == [r["cell"] for r in seq["cells"]]
+    with pytest.raises(ValueError, match="jobs"):
+        run_sweep(RAW, tmp_path / "z", run_fn=FakeRun(), jobs=0, log=lambda s: None)
+
+
+def test_fedmllm_benchmark_config_runs_every_scenario_with_every_method():
+    import yaml
+
+    from fedumm.config import config_from_dict
+    from fedumm.experiments.sweep import parse_method
+
+    raw = yaml.safe_load(Path("configs/fedmllm_benchmark.yaml").read_text())
+    cfg = config_from_dict(raw)
+    methods = dict(parse_method(m) for m in cfg.sweep.methods)
+    cells = expand_grid(merge_axes(cfg.sweep.grid, []),
+                        [parse_baseline(b) for b in cfg.sweep.baselines], methods)
+    scenarios = {c.values["partition.scenario"] for c in cells if not c.baseline}
+    assert scenarios == {"none", "missing_modality", "cross_modal", "hybrid", "task_split"}
+    names = {methods[m].get("strategy.name") for m in methods}
+    assert names >= {"local", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad",
+                     "fedyogi", "fedadam", "fedumm"}
+    both = methods["prompt_aug+adaptive_prox"]
+    assert both["train.prompt_augmentation"] and both["train.adaptive_prox"]
+    for c in cells:  # every cell's config is valid
+        config_from_dict(raw, c.overrides())

@@ -54,3 +54,38 @@ def test_report_command_for_a_sweep_a_run_and_neither(tiny_sweep, tmp_path, caps
     assert "Run report" in (tmp_path / "r" / "report.md").read_text()
     assert main(["report", str(tmp_path)]) == 2
     assert "neither a sweep" in capsys.readouterr().err
+
+
+def test_a_benchmark_sweep_reports_one_table_and_plot_per_scenario(tmp_path, micro_checkpoint):
+    import numpy as np
+
+    from fedumm.models.reference.micro import MICRO_IMAGE_SIZE
+
+    overrides = [f"backbone.path={micro_checkpoint}", f"data.image_size={MICRO_IMAGE_SIZE}",
+                 "data.train_scenes=40", "data.val_scenes=8", "rounds=1", "train.max_steps=2",
+                 "train.batch_size=8", "eval.max_vqa=16", "eval.max_gen=2", "train.threads=1",
+                 "clients=4", "data.scene_text=0.6", "data.families=[spatial,shape_at]",
+                 "eval.classification=[spatial,shape_at]", "eval.every=1",
+                 "partition.image_only_clients=2", "train.adaptive_prox_skip=0"]
+    raw = {"name": "bench", "sweep": {
+        "grid": ["partition.scenario=none,cross_modal", "seed=0,1"],
+        "methods": ["fedavg:", "both: strategy.name=fedadagrad strategy.server_lr=0.01 "
+                    "train.prompt_augmentation=true train.adaptive_prox=true"],
+        "baselines": ["strategy.name=centralized"]}}
+    result = run_sweep(raw, tmp_path / "s", overrides=overrides, progress=False,
+                       log=lambda s: None)
+    assert [r["status"] for r in result["cells"]] == ["done"] * 9
+    text = write_sweep_report(tmp_path / "s", tmp_path / "doc").read_text()
+    assert "Table 1" not in text and "Mean ± std over seeds [0, 1]" in text
+    for scenario in ("none", "cross_modal"):
+        section = text.split(f"## partition.scenario = {scenario}")[1].split("## ")[0]
+        assert (tmp_path / "doc" / f"scenario_{scenario}.png").stat().st_size > 1000
+        lines = {line.split(" | ")[0].lstrip("| "): line for line in section.splitlines()
+                 if line.startswith("| ") and "---" not in line and "method" not in line}
+        assert list(lines) == ["zero-shot (frozen base)", "fedavg", "both", "centralized"]
+        vqa = [r["final.vqa_accuracy"] for r in result["cells"]
+               if r.get("method") == "fedavg" and r.get("partition.scenario") == scenario]
+        assert f"{np.mean(vqa):.2f} ± {np.std(vqa):.2f}" in lines["fedavg"]
+        assert "**" in lines["fedavg"] + lines["both"]  # the best method per column
+    row = result["cells"][0]
+    assert row["final.auc"] is not None and row["final.macro_f1"] is not None

@@ -88,12 +88,12 @@ def test_every_strategy_runs_end_to_end(tmp_path, tiny_overrides, strategy):
 
 
 def test_generation_only_clients_leave_the_vision_adapters_untouched(tmp_path, tiny_overrides):
-    cfg = _cfg(tiny_overrides, "partition.scenario=single_modality",
+    cfg = _cfg(tiny_overrides, "partition.scenario=task_split",
                "partition.understanding_clients=0", "data.generation_fraction=0.5",
                "partition.method=iid")
     with pytest.raises(ValueError):  # understanding samples exist but no client may hold them
         run_experiment(cfg, tmp_path / "bad", progress=False)
-    rt = LocalRuntime(_cfg(tiny_overrides, "partition.scenario=single_modality",
+    rt = LocalRuntime(_cfg(tiny_overrides, "partition.scenario=task_split",
                            "partition.understanding_clients=1", "partition.method=iid"),
                       tmp_path / "x", progress=False)
     kinds = [c.num_samples for c in rt.clients]

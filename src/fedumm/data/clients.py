@@ -11,9 +11,12 @@ from fedumm.config import PartitionConfig
 from fedumm.data.partition import heterogeneity, label_counts, partition
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import (
+    COMPLETE,
     GENERATION,
     UNDERSTANDING,
+    cross_modal_clients,
     hybrid_clients,
+    hybrid_modality_clients,
     missing_modality,
     single_modality_clients,
 )
@@ -47,7 +50,7 @@ class ClientSplit:
 
     parts: list[np.ndarray]
     labels: list[str]  # the partition label of every sample
-    missing: np.ndarray  # per sample: 0 complete, 1 image dropped, 2 text dropped
+    missing: np.ndarray  # per sample: 0 complete, 1 image dropped, 2 text dropped, 3 both
 
     def summary(self) -> dict:
         """The ``fedumm partition --json`` contract: per-client counts and heterogeneity."""
@@ -71,10 +74,25 @@ def split_clients(samples: Sequence[Sample], cfg: PartitionConfig, num_clients: 
         min_per_client=cfg.min_per_client,
     )
     modality = [s.task for s in samples]
-    if cfg.scenario == "single_modality":
+    n = len(samples)
+    if cfg.scenario in ("cross_modal", "hybrid") and not any(
+            s.context is not None for s in samples if s.task == UNDERSTANDING):
+        raise ValueError(f"partition.scenario={cfg.scenario} needs understanding samples with "
+                         "a text modality (e.g. data.scene_text > 0, or memes with their "
+                         "text); the task scenario is task_hybrid")
+    if cfg.scenario == "task_split":
         parts = single_modality_clients(parts, modality, cfg.understanding_clients, seed)
-    elif cfg.scenario == "hybrid":
+    elif cfg.scenario == "task_hybrid":
         parts = hybrid_clients(parts, modality, cfg.hybrid_q, seed)
-    rate = cfg.missing_rate if cfg.scenario == "missing_modality" else 0.0
-    return ClientSplit(parts, labels, missing_modality(len(samples), rate, seed))
+    if cfg.scenario == "missing_modality":
+        missing = missing_modality(n, cfg.missing_rate, seed)
+    elif cfg.scenario == "cross_modal":
+        missing = cross_modal_clients(parts, n, cfg.image_only_clients, seed)
+    elif cfg.scenario == "hybrid":
+        missing = hybrid_modality_clients(parts, n, cfg.hybrid_q, seed)
+    else:
+        missing = np.full(n, COMPLETE, dtype=np.int8)
+    if cfg.scenario in ("cross_modal", "hybrid"):  # input modalities of understanding only
+        missing[np.array([s.task != UNDERSTANDING for s in samples], dtype=bool)] = COMPLETE
+    return ClientSplit(parts, labels, missing)
 

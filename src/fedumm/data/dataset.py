@@ -19,6 +19,7 @@ from fedumm.data.world import (
     SPLITS,
     get_split,
     human_answers,
+    partial_description,
     sample_prompt,
     sample_scene,
 )
@@ -38,6 +39,8 @@ class MultimodalDataset:
     gen: list[GenEvalRecord]
     gen_image: list[int]  # per generation record: image id of its target
     scenes: list[list[SceneObject]] = field(default_factory=list)
+    # per understanding record: its text modality (a partial scene description); empty: none
+    contexts: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._row = {iid: i for i, iid in enumerate(self.image_ids)}
@@ -99,14 +102,27 @@ def generate_shapes(
     generation_fraction: float = 0.5,
     annotator_noise: float = 0.1,
     tag_weights: dict[str, float] | None = None,
+    families: Sequence[str] = (),
+    scene_text: float = 0.0,
 ) -> MultimodalDataset:
     """Generate a ShapesWorld dataset; a pure function of its arguments.
 
     ``role`` (train / val / test) picks an independent random stream, so held-out data never
     repeats training draws for the same seed. ``tag_weights`` (relative; 1 for a tag not named)
     skews the mix of generation prompts; by default every tag of the split is equally likely.
+    ``families`` restricts the understanding questions to these families (default: the
+    split's). ``scene_text`` > 0 gives every understanding sample a text modality: a scene
+    description that mentions each object with that probability, drawn from its own random
+    stream (the images, questions and prompts stay what they are without it).
     """
     spec = get_split(split)
+    unknown = sorted(set(families) - set(QUESTION_FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown question families {unknown}; expected some of "
+                         f"{list(QUESTION_FAMILIES)}")
+    if not 0.0 <= scene_text <= 1.0:
+        raise ValueError(f"scene_text must be in [0, 1], got {scene_text}")
+    family_pool = tuple(families) or spec.families
     if role not in _ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {sorted(_ROLES)}")
     if not 0.0 <= generation_fraction < 1.0:
@@ -126,7 +142,7 @@ def generate_shapes(
         for k in range(questions_per_image):
             qa = None
             while qa is None:  # some families need e.g. a unique shape in the scene
-                family = str(rng.choice(spec.families))
+                family = str(rng.choice(family_pool))
                 qa = QUESTION_FAMILIES[family](rng, objs, spec)
             q, ans, qtype, atype = qa
             vqa.append(VQARecord(
@@ -147,7 +163,12 @@ def generate_shapes(
         gen.append(record)
         gen_image.append(image_id)
     arr = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return MultimodalDataset(split, arr, ids, domains, vqa, gen, gen_image, scenes)
+    contexts: list[str] = []
+    if scene_text > 0:
+        text_rng = np.random.default_rng([seed, 1 + list(SPLITS).index(split), _ROLES[role], 5])
+        contexts = [partial_description(text_rng, scenes[r.image_id - 1], scene_text)
+                    for r in vqa]
+    return MultimodalDataset(split, arr, ids, domains, vqa, gen, gen_image, scenes, contexts)
 
 
 def _tag_probabilities(tags: tuple[str, ...],
@@ -169,7 +190,8 @@ def subset_samples(data: MultimodalDataset, indices: Sequence[int]) -> Multimoda
     nv = len(data.vqa)
     vqa = [data.vqa[i] for i in idx[idx < nv]]
     gsel = idx[idx >= nv] - nv
+    contexts = [data.contexts[i] for i in idx[idx < nv]] if data.contexts else []
     return MultimodalDataset(
         data.split, data.images, data.image_ids, data.domains, vqa,
-        [data.gen[i] for i in gsel], [data.gen_image[i] for i in gsel], data.scenes,
+        [data.gen[i] for i in gsel], [data.gen_image[i] for i in gsel], data.scenes, contexts,
     )

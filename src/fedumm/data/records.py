@@ -101,10 +101,12 @@ class Sample:
 
     ``task`` is ``understanding`` (``text`` is a question about ``image``, ``answer`` the
     target) or ``generation`` (``text`` is a prompt, ``image`` the target). ``text`` None or
-    ``image`` None mark a missing modality. ``answers`` keeps the 10 human answers where known
-    (the official VQA metric); ``labels`` holds what partitioners can split on (answer,
-    question_type, answer_type, family, tag, domain, object_class, ...); ``spec`` GenEval's
-    metadata record (``GenEvalRecord.to_json``) where known, for scoring generated images.
+    ``image`` None mark a missing modality. ``context`` is an understanding sample's text
+    modality where its data has one (a meme's caption, a tweet, a scene description; None when
+    missing), given to the model with the question. ``answers`` keeps the 10 human answers
+    where known (the official VQA metric); ``labels`` holds what partitioners can split on
+    (answer, question_type, answer_type, family, tag, domain, object_class, ...); ``spec``
+    GenEval's metadata record (``GenEvalRecord.to_json``) where known, for scoring generated images.
     """
 
     id: str
@@ -115,6 +117,7 @@ class Sample:
     answers: tuple[str, ...] = ()
     labels: dict[str, str] = field(default_factory=dict)
     spec: dict[str, Any] | None = None
+    context: str | None = None
 
     def load_image(self) -> Any:
         if self.image is None:

@@ -1,11 +1,18 @@
 """Multimodal-heterogeneity scenarios of FedMLLM (arXiv 2411.14717), applied to a partition.
 
 A partition (see :mod:`fedumm.data.partition`) decides which samples each client holds; the
-scenarios here then restrict which *modalities* a client holds, moving samples of a modality a
-client lacks to clients that have it, so that every sample still lands on exactly one client.
-In fedumm a sample's modality is its task: ``"understanding"`` (VQA-style) or ``"generation"``
-(GenEval-style text-to-image). ``missing_modality`` is the per-sample variant: it masks the
-image or the text of some samples instead of moving them.
+scenarios here then restrict what a client holds, in two senses:
+
+* input modalities, as in FedMLLM: an understanding sample has an image and, where the data has
+  one, a text modality (``Sample.context``). ``missing_modality`` (per sample),
+  ``cross_modal_clients`` (image-only and text-only clients) and ``hybrid_modality_clients``
+  (each client lacks each modality with probability q) give a per-sample mask of what is
+  missing; samples stay where the partition put them.
+* tasks, unique to unified models: a sample's task is ``"understanding"`` (VQA-style) or
+  ``"generation"`` (GenEval-style text-to-image). ``single_modality_clients`` (the task split:
+  understanding-only and generation-only clients) and ``hybrid_clients`` (each client lacks each
+  task with probability q) move samples of a task a client lacks to clients that have it, so
+  that every sample still lands on exactly one client.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "BOTH_MISSING",
     "COMPLETE",
     "GENERATION",
     "IMAGE_MISSING",
@@ -32,10 +40,11 @@ UNDERSTANDING = "understanding"
 GENERATION = "generation"
 MODALITIES = (UNDERSTANDING, GENERATION)
 
-# Values of the missing_modality mask.
+# Values of a per-sample modality mask (bit flags: both missing is IMAGE | TEXT).
 COMPLETE = 0
 IMAGE_MISSING = 1
 TEXT_MISSING = 2
+BOTH_MISSING = 3
 
 
 def _understanding_mask(modality: Sequence[str], parts: Sequence[np.ndarray]) -> np.ndarray:
@@ -87,28 +96,57 @@ def _reassign(
 
 
 def missing_modality(num_samples: int, rate: float, seed: int) -> np.ndarray:
-    """Per-sample missing-modality mask.
-
-    Each sample is independently incomplete with probability ``rate``; an incomplete sample
-    lacks its image or its text with equal probability.
+    """FedMLLM's per-sample missing-modality mask: each sample drops its image with probability
+    ``rate`` and, independently, its text with probability ``rate`` (so both can be missing).
 
     Returns
     -------
     np.ndarray
         ``int8`` array of length ``num_samples`` with values :data:`COMPLETE`,
-        :data:`IMAGE_MISSING` or :data:`TEXT_MISSING`.
+        :data:`IMAGE_MISSING`, :data:`TEXT_MISSING` or :data:`BOTH_MISSING`.
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be in [0, 1], got {rate}")
     rng = np.random.default_rng(seed)
-    missing = rng.random(num_samples) < rate
-    image = rng.random(num_samples) < 0.5
+    image = rng.random(num_samples) < rate
+    text = rng.random(num_samples) < rate
+    return (image * IMAGE_MISSING + text * TEXT_MISSING).astype(np.int8)
+
+
+def _client_mask(parts: Sequence[np.ndarray], num_samples: int,
+                 per_client: Sequence[int]) -> np.ndarray:
     mask = np.full(num_samples, COMPLETE, dtype=np.int8)
-    mask[missing & image] = IMAGE_MISSING
-    mask[missing & ~image] = TEXT_MISSING
+    for p, value in zip(parts, per_client, strict=True):
+        mask[np.asarray(p, dtype=np.int64)] = value
     return mask
+
+
+def cross_modal_clients(parts: Sequence[np.ndarray], num_samples: int, image_only: int,
+                        seed: int) -> np.ndarray:
+    """FedMLLM's cross-modal scenario as a per-sample mask: ``image_only`` of the K clients
+    (chosen by the seeded rng) hold their samples' images only, the others their texts only."""
+    k_total = len(parts)
+    if not 0 <= image_only <= k_total:
+        raise ValueError(f"image_only must be in [0, {k_total}], got {image_only}")
+    chosen = set(np.random.default_rng(seed).choice(k_total, size=image_only,
+                                                    replace=False).tolist())
+    return _client_mask(parts, num_samples,
+                        [TEXT_MISSING if k in chosen else IMAGE_MISSING for k in range(k_total)])
+
+
+def hybrid_modality_clients(parts: Sequence[np.ndarray], num_samples: int, q: float,
+                            seed: int) -> np.ndarray:
+    """FedMLLM's hybrid scenario as a per-sample mask: each client holds the image modality and,
+    independently, the text modality with probability ``1 - q``; a client drawn to hold
+    neither holds both (as a complete client), so every client can train."""
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q must be in [0, 1], got {q}")
+    lacks = np.random.default_rng(seed).random((len(parts), 2)) < q
+    values = [COMPLETE if lack_i and lack_t else IMAGE_MISSING * lack_i + TEXT_MISSING * lack_t
+              for lack_i, lack_t in lacks.tolist()]
+    return _client_mask(parts, num_samples, values)
 
 
 def single_modality_clients(

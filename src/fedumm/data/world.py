@@ -231,6 +231,18 @@ def describe_scene(objs: list[SceneObject]) -> str:
     return " , ".join(f"{o.color} {o.shape} {o.position}" for o in ordered) + " ."
 
 
+def partial_description(rng: np.random.Generator, objs: list[SceneObject],
+                        mention: float) -> str:
+    """A scene description in words that mentions each object with probability ``mention``,
+    in random order (``"red circle top left , blue ring center ."``): the text modality of an
+    understanding sample, which answers some questions alone and others only with the image.
+    A scene with no object mentioned is described as ``"image ."``."""
+    keep = [o for o in objs if rng.random() < mention]
+    order = rng.permutation(len(keep)) if keep else []
+    words = [f"{keep[i].color} {keep[i].shape} {keep[i].position}" for i in order]
+    return (" , ".join(words) if words else "image") + " ."
+
+
 QUESTION_FAMILIES: dict[str, Callable[..., QA | None]] = {
     "existence": _q_existence, "counting": _q_counting, "color": _q_color,
     "shape_at": _q_shape_at, "spatial": _q_spatial, "binding": _q_binding,

@@ -10,6 +10,7 @@ import numpy as np
 
 from fedumm.data.geneval import record_from_json
 from fedumm.data.records import GenEvalRecord, Sample, VQARecord
+from fedumm.eval.classification import classification_metrics, summarise_tasks
 from fedumm.eval.geneval import Detector, score_geneval
 from fedumm.eval.vqa_metric import normalize_answer, score_answers
 from fedumm.models.protocol import GENERATION, UNDERSTANDING
@@ -57,9 +58,35 @@ def heldout_quality(backbone, samples: Sequence[Sample],
     return out
 
 
+def classify_samples(backbone, samples: Sequence[Sample], answers: Sequence[str],
+                     tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Classification metrics (:mod:`fedumm.eval.classification`) of the understanding
+    samples whose ``family`` label is one of ``tasks``; a task's classes are the reference
+    answers its samples hold. AUC from answer probabilities needs the backbone's
+    ``answer_likelihoods``; without it only the hard-label metrics are given."""
+    scorer = getattr(backbone, "answer_likelihoods", None)
+    out: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        rows = [i for i, s in enumerate(samples) if s.labels.get("family") == task]
+        if not rows:
+            continue
+        classes = sorted({normalize_answer(samples[i].answer) for i in rows})
+        if len(classes) < 2:
+            continue
+        sub = [samples[i] for i in rows]
+        ll = None
+        if scorer is not None:
+            ll = scorer([s.load_image() if s.image is not None else None for s in sub],
+                        [s.text or "" for s in sub], classes)
+        out[task] = classification_metrics([s.answer for s in sub], [answers[i] for i in rows],
+                                           classes, ll)
+    return out
+
+
 def evaluate_backbone(
     backbone, samples: Sequence[Sample], *, max_vqa: int | None = None,
     max_gen: int | None = None, seed: int = 0, detector: Detector | None = None,
+    classification: Sequence[str] = (),
 ) -> dict[str, Any]:
     """VQA accuracy (0-100, official metric) and GenEval scores (0-1) of ``backbone``.
 
@@ -68,7 +95,10 @@ def evaluate_backbone(
     and data give the same numbers. Generation samples without GenEval clauses (the user's
     prompt-image pairs) are scored by the backbone's held-out ``quality`` instead
     (``generation_quality``, in [0, 1]; teacher-forced image-code accuracy for the built-in
-    backbones).
+    backbones). ``classification`` names question families with a fixed answer set (FedMLLM's
+    binary and multi-class tasks): their accuracy, macro-F1, AUC and hard-label AUC go under
+    ``classification``, and the means over binary tasks (``auc``, ``auc_hard``) and over
+    multi-class tasks (``macro_f1``) next to ``vqa_accuracy``.
     """
     out: dict[str, Any] = {}
     und = [s for s in samples if s.task == UNDERSTANDING]
@@ -84,6 +114,9 @@ def evaluate_backbone(
             key = r.family or r.question_type
             fam.setdefault(key, []).append(res["perQuestion"][r.question_id])
         out["vqa_by_family"] = {k: round(float(np.mean(v)), 2) for k, v in sorted(fam.items())}
+        if classification:
+            tasks = classify_samples(backbone, und, answers, classification)
+            out.update(summarise_tasks(tasks), classification=tasks)
     plain = [s for s in samples if s.task == GENERATION and not s.spec]
     plain = plain[:max_gen] if max_gen is not None else plain
     if plain:  # the user's prompts carry no GenEval clauses: the backbone's held-out quality

@@ -90,6 +90,11 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         f"| GenEval overall, final | {fin.get('geneval_overall', 'n/a')} |",
         *([f"| generation held-out quality, final | {fin['generation_quality']} |"]
           if "generation_quality" in fin else []),
+        *([f"| {name}, final (base) | {fin.get(key, 'n/a')} ({base.get(key, 'n/a')}) |"
+           for key, name in (("auc", "AUC, binary tasks"),
+                             ("auc_hard", "AUC from hard labels (FedMLLM)"),
+                             ("macro_f1", "macro-F1, multi-class tasks"))]
+          if fin.get("classification") else []),
         f"| upload per client per round | {fmt_bytes(comm['upload_bytes_per_client_round'])} |",
         f"| full model (same dtype) | {fmt_bytes(comm['full_model_bytes'])} |",
         f"| reduction vs full fine-tuning | {comm.get('reduction_vs_full')}x |",
@@ -103,6 +108,15 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
                   "|---|---|---|"]
         bf = base.get("vqa_by_family", {})
         lines += [f"| {k} | {bf.get(k, 'n/a')} | {v} |" for k, v in fin["vqa_by_family"].items()]
+        lines.append("")
+    if fin.get("classification"):
+        lines += ["Classification tasks (final):", "",
+                  "| task | classes | n | accuracy | macro-F1 | AUC | AUC, hard labels | "
+                  "unparseable |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {k} | {len(v['classes'])} | {v['n']} | {v['accuracy']} | {v['macro_f1']} "
+                  f"| {v['auc'] if v['auc'] is not None else 'n/a'} | "
+                  f"{v['auc_hard'] if v['auc_hard'] is not None else 'n/a'} | {v['unparseable']} |"
+                  for k, v in fin["classification"].items()]
         lines.append("")
     if fin.get("geneval_by_task"):
         lines += ["GenEval by task:", "", "| task | score |", "|---|---|"]

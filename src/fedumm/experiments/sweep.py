@@ -39,17 +39,22 @@ SWEEP_JSON, SWEEP_CSV = "sweep.json", "sweep.csv"
 ROW_PREFIXES = ("final.", "base.", "communication.", "time.", "memory.")
 
 
+METHOD = "method"  # the axis of named override bundles (``sweep.methods``)
+
+
 @dataclass
 class Cell:
     """One run of a sweep: a name (its folder) and the overrides that make its config."""
 
     name: str
-    values: dict[str, Any]  # axis (or baseline) key -> value
+    values: dict[str, Any]  # axis (or baseline) key -> value; "method" names a bundle
     baseline: bool = False
+    bundle: dict[str, Any] | None = None  # the overrides of its method
 
     def overrides(self) -> list[str]:
-        return [f"{k}={json.dumps(v) if isinstance(v, str) else v}"
-                for k, v in self.values.items()]
+        items = {k: v for k, v in self.values.items() if k != METHOD}
+        items.update(self.bundle or {})
+        return [f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in items.items()]
 
 
 def parse_axis(text: str) -> tuple[str, list[Any]]:
@@ -75,20 +80,38 @@ def parse_baseline(text: str) -> dict[str, Any]:
     return out
 
 
+def parse_method(text: str) -> tuple[str, dict[str, Any]]:
+    """``"fedprox: strategy.name=fedprox strategy.mu=0.01"`` -> ("fedprox", {...}); a method
+    with no overrides (``"fedavg:"``) runs the base config."""
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise ConfigError(f"sweep method {text!r}: expected 'name: key=value ...' with a name "
+                          "of letters, digits and _ . + -")
+    return name, parse_baseline(rest) if rest.strip() else {}
+
+
 def _slug(values: dict[str, Any]) -> str:
     text = "_".join(f"{k}-{v}" for k, v in values.items())
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", text) or "default"
 
 
 def expand_grid(axes: list[tuple[str, list[Any]]],
-                baselines: list[dict[str, Any]] | None = None) -> list[Cell]:
-    """Every combination of the axes (first axis slowest), then one cell per baseline."""
+                baselines: list[dict[str, Any]] | None = None,
+                methods: dict[str, dict[str, Any]] | None = None) -> list[Cell]:
+    """Every combination of the axes (first axis slowest; the methods, when given, are the
+    last axis), then one cell per baseline."""
     keys = [k for k, _ in axes]
-    if len(set(keys)) != len(keys):
-        raise ConfigError(f"grid: an axis is given twice ({keys})")
-    cells = [Cell(_slug(dict(zip(keys, combo, strict=True))),
-                  dict(zip(keys, combo, strict=True)))
-             for combo in itertools.product(*[v for _, v in axes])]
+    if len(set(keys)) != len(keys) or METHOD in keys:
+        raise ConfigError(f"grid: an axis is given twice or is named {METHOD!r} ({keys})")
+    lists = [v for _, v in axes]
+    if methods:
+        keys, lists = [*keys, METHOD], [*lists, list(methods)]
+    cells = []
+    for combo in itertools.product(*lists):
+        values = dict(zip(keys, combo, strict=True))
+        cells.append(Cell(_slug(values), values,
+                          bundle=methods.get(values[METHOD]) if methods else None))
     for b in baselines or []:
         cells.append(Cell("baseline_" + _slug(b), dict(b), baseline=True))
     names = [c.name for c in cells]
@@ -154,20 +177,26 @@ RunFn = Callable[..., dict[str, Any]]
 
 def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = None,
               baselines: list[str] | None = None, overrides: list[str] | None = None,
-              run_fn: RunFn | None = None, progress: bool = True,
+              run_fn: RunFn | None = None, progress: bool = True, jobs: int = 1,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every cell of a sweep into ``out``; returns the ``sweep.json`` content.
 
     ``raw`` is the YAML mapping of the base config (its ``sweep`` section gives the default
     grid and baselines); ``grid`` / ``baselines`` add to or replace them; ``overrides`` apply
-    to every cell. Every cell's config is validated before the first run starts.
+    to every cell. Every cell's config is validated before the first run starts. ``jobs`` > 1
+    runs that many cells at once, each in its own process (give each ``train.threads``).
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     if run_fn is None:
         from fedumm.runtime.local import run_experiment as run_fn
     base = config_from_dict(raw, overrides)
     axes = merge_axes(base.sweep.grid, grid or [])
     base_lines = baselines if baselines else base.sweep.baselines
-    cells = expand_grid(axes, [parse_baseline(b) for b in base_lines])
+    methods = dict(parse_method(m) for m in base.sweep.methods)
+    if len(methods) != len(base.sweep.methods):
+        raise ConfigError("sweep.methods: two methods have the same name")
+    cells = expand_grid(axes, [parse_baseline(b) for b in base_lines], methods)
     configs = {}
     for cell in cells:
         try:
@@ -180,39 +209,92 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"name": base.name, "axes": [[k, v] for k, v in axes],
-            "baselines": [c.values for c in cells if c.baseline]}
-    rows: list[dict[str, Any]] = []
+            "baselines": [c.values for c in cells if c.baseline],
+            "methods": {k: v for k, v in methods.items()}}
+    rows: dict[int, dict[str, Any]] = {}
     t0 = time.perf_counter()
+    todo: list[tuple[int, Cell, bool]] = []
     for i, cell in enumerate(cells):
-        cfg, run = configs[cell.name], out / cell.name
-        d = RunDirectory(run)
-        row: dict[str, Any] = {"cell": cell.name, "baseline": cell.baseline, **cell.values}
-        head = f"[{i + 1}/{len(cells)}] {cell.name}"
+        run = out / cell.name
         if (run / RunDirectory.CONFIG).is_file():
-            _check_same_config(run, cfg)
+            _check_same_config(run, configs[cell.name])
+        d = RunDirectory(run)
         if d.is_finished():
             summary = json.loads((run / RunDirectory.SUMMARY).read_text())
-            row.update(status="done", reused=True, **summary_row(summary))
-            log(f"{head}: finished earlier, skipped")
+            rows[i] = {"cell": cell.name, "baseline": cell.baseline, **cell.values,
+                       "status": "done", "reused": True, **summary_row(summary)}
+            log(f"[{i + 1}/{len(cells)}] {cell.name}: finished earlier, skipped")
         else:
-            resume = d.checkpoint_file.is_file()
-            log(f"{head}: {'resuming' if resume else 'running'}")
-            try:
-                summary = run_fn(None if resume else cfg, run, resume=resume, progress=progress)
-            except Exception as exc:  # a failed cell is recorded; the sweep goes on
-                run.mkdir(parents=True, exist_ok=True)
-                (run / "error.txt").write_text(traceback.format_exc())
-                row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-                log(f"{head}: FAILED ({row['error']}); details in {run / 'error.txt'}")
-            else:
-                (run / "error.txt").unlink(missing_ok=True)
-                row.update(status="done", reused=False, **summary_row(summary))
-                log(f"{head}: VQA {row.get('final.vqa_accuracy')} | GenEval "
-                    f"{row.get('final.geneval_overall')} | {row.get('time.wall_s')} s")
-        rows.append(row)
-        meta.update(wall_s=round(time.perf_counter() - t0, 2), cells_wall_s=cells_wall_s(rows))
-        _write_tables(out, meta, rows)
-    return {**meta, "cells": rows}
+            todo.append((i, cell, d.checkpoint_file.is_file()))
+
+    def record(i: int, row: dict[str, Any]) -> None:
+        rows[i] = row
+        done = [rows[j] for j in sorted(rows)]
+        meta.update(wall_s=round(time.perf_counter() - t0, 2), cells_wall_s=cells_wall_s(done))
+        _write_tables(out, meta, done)
+
+    if jobs > 1 and len(todo) > 1:
+        _run_parallel(todo, configs, out, run_fn, jobs, len(cells), record, log)
+    else:
+        for i, cell, resume in todo:
+            log(f"[{i + 1}/{len(cells)}] {cell.name}: {'resuming' if resume else 'running'}")
+            row = _run_cell(cell, configs[cell.name], out / cell.name, resume, run_fn, progress)
+            log(_cell_line(i, len(cells), row))
+            record(i, row)
+    final = [rows[j] for j in sorted(rows)]
+    meta.update(wall_s=round(time.perf_counter() - t0, 2), cells_wall_s=cells_wall_s(final))
+    _write_tables(out, meta, final)
+    return {**meta, "cells": final}
+
+
+def _run_cell(cell: Cell, cfg: Config, run: Path, resume: bool, run_fn: RunFn,
+              progress: bool) -> dict[str, Any]:
+    """Run (or resume) one cell; its row, also when it fails (the sweep goes on)."""
+    row: dict[str, Any] = {"cell": cell.name, "baseline": cell.baseline, **cell.values}
+    try:
+        summary = run_fn(None if resume else cfg, run, resume=resume, progress=progress)
+    except Exception as exc:  # a failed cell is recorded; the sweep goes on
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "error.txt").write_text(traceback.format_exc())
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    else:
+        (run / "error.txt").unlink(missing_ok=True)
+        row.update(status="done", reused=False, **summary_row(summary))
+    return row
+
+
+def _cell_line(i: int, n: int, row: dict[str, Any]) -> str:
+    head = f"[{i + 1}/{n}] {row['cell']}"
+    if row["status"] != "done":
+        return f"{head}: FAILED ({row['error']}); details in error.txt of the cell"
+    return (f"{head}: VQA {row.get('final.vqa_accuracy')} | GenEval "
+            f"{row.get('final.geneval_overall')} | {row.get('time.wall_s')} s")
+
+
+_PARALLEL: tuple | None = None  # (configs, out, run_fn) for the forked cell processes
+
+
+def _parallel_cell(task: tuple[int, Cell, bool]) -> tuple[int, dict[str, Any]]:
+    configs, out, run_fn = _PARALLEL
+    i, cell, resume = task
+    return i, _run_cell(cell, configs[cell.name], out / cell.name, resume, run_fn, False)
+
+
+def _run_parallel(todo: list[tuple[int, Cell, bool]], configs: dict[str, Config], out: Path,
+                  run_fn: RunFn, jobs: int, n: int, record: Callable, log: Callable) -> None:
+    """Cells ``jobs`` at a time in forked processes (each run sets its own thread count,
+    ``train.threads``), rows recorded as cells finish; the results are those of running the
+    cells one after another at the same thread count."""
+    import multiprocessing
+
+    global _PARALLEL
+    _PARALLEL = (configs, out, run_fn)
+    log(f"running {len(todo)} cells, {jobs} at a time")
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(jobs, maxtasksperchild=1) as pool:  # a fresh process per cell
+        for i, row in pool.imap_unordered(_parallel_cell, todo):
+            log(_cell_line(i, n, row))
+            record(i, row)
 
 
 def cells_wall_s(rows: list[dict[str, Any]]) -> float:

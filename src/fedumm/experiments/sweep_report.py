@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from fedumm.experiments.benchmark_report import benchmark_sections  # noqa: E402
 from fedumm.experiments.plots import partition_heatmap, save_figure  # noqa: E402
 from fedumm.experiments.report import fmt_bytes  # noqa: E402
 from fedumm.experiments.sweep import cells_wall_s, load_sweep  # noqa: E402
@@ -203,8 +204,16 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> 
              f"{len(rows)} cells ({len(failed)} failed); axes: "
              + ", ".join(f"`{k}` = {v}" for k, v in sweep["axes"])
              + (f"; baselines: {sweep['baselines']}" if sweep.get("baselines") else "")
-             + f". Time in the cells' runs: {cells_wall_s(rows) / 60:.1f} min.", "",
-             "## Table 1: VQA accuracy (official metric, %)", ""]
+             + f". Time in the cells' runs: {cells_wall_s(rows) / 60:.1f} min.", ""]
+    if sweep.get("methods"):  # a benchmark over named methods: one table per scenario
+        lines += benchmark_sections(sweep, out)
+        if failed:
+            lines += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error')}"
+                                                 for r in failed] + [""]
+        path = out / "report.md"
+        path.write_text("\n".join(lines))
+        return path
+    lines += ["## Table 1: VQA accuracy (official metric, %)", ""]
     lines += table1(sweep)
     png = plot_table1(sweep, out / "table1.png")
     if png:

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 
 from fedumm.config import TrainConfig
+from fedumm.data.prompts import compose_prompt
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import IMAGE_MISSING, TEXT_MISSING
 from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b
 from fedumm.fl.strategies.scaffold import client_control_update
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
 from fedumm.models.lora import LoraAdapters
+from fedumm.models.protocol import DecoderLayers
 
 
 @dataclass
@@ -45,15 +47,23 @@ class ClientData:
 
 
 def make_client_data(client_id: int, samples: Sequence[Sample], sample_idx: np.ndarray,
-                     missing: np.ndarray, val_fraction: float, seed: int) -> ClientData:
+                     missing: np.ndarray, val_fraction: float, seed: int, *,
+                     text_modality: bool = False, agnostic: bool = False) -> ClientData:
     """Split a client's samples (indices into ``samples``) into local train / held-out parts
-    and apply the missing-modality mask: an understanding sample without text and a generation
-    sample without image have no target and are dropped; an understanding sample without image
-    sees the backbone's placeholder; a prompt without text trains the unconditional (guidance)
-    branch."""
+    and apply the modality mask (bit flags, see :mod:`fedumm.data.scenarios`) to the training
+    part. Understanding: a missing image is the backbone's placeholder; a missing text drops
+    the sample's text modality where the data has one (``text_modality``: then every question
+    is asked with the prompt that names the modalities it has, or the modality-agnostic one
+    with ``agnostic``, see :mod:`fedumm.data.prompts`), else the sample, which has no question
+    left. Generation: a sample without its image has no target and is dropped; a prompt
+    without text trains the unconditional (guidance) branch. The local held-out part stays
+    complete and is asked with the full-modality prompt."""
     idx = np.asarray(sample_idx, dtype=np.int64)
-    und = [int(i) for i in idx if samples[i].task == UNDERSTANDING and missing[i] != TEXT_MISSING]
-    gen = [int(i) for i in idx if samples[i].task == GENERATION and missing[i] != IMAGE_MISSING]
+    image_gone = (np.asarray(missing) & IMAGE_MISSING) > 0
+    text_gone = (np.asarray(missing) & TEXT_MISSING) > 0
+    und = [int(i) for i in idx if samples[i].task == UNDERSTANDING
+           and (text_modality or not text_gone[i])]
+    gen = [int(i) for i in idx if samples[i].task == GENERATION and not image_gone[i]]
     rng = np.random.default_rng([seed, 7, client_id])
 
     def split(items: list[int]) -> tuple[list[int], list[int]]:
@@ -63,13 +73,20 @@ def make_client_data(client_id: int, samples: Sequence[Sample], sample_idx: np.n
             n_val = max(1, n_val)
         return sorted(items[n_val:]), items[:n_val]
 
+    def understanding(i: int) -> Sample:
+        s = samples[i]
+        if image_gone[i]:
+            s = replace(s, image=None)
+        if text_gone[i]:
+            s = replace(s, context=None)
+        return compose_prompt(s, agnostic) if text_modality else s
+
     tu, vu = split(und)
     tg, vg = split(gen)
-    train = [replace(samples[i], image=None) if missing[i] == IMAGE_MISSING else samples[i]
-             for i in tu]
-    train += [replace(samples[i], text=None) if missing[i] == TEXT_MISSING else samples[i]
-              for i in tg]
-    return ClientData(client_id, train, [samples[i] for i in vu + vg])
+    train = [understanding(i) for i in tu]
+    train += [replace(samples[i], text=None) if text_gone[i] else samples[i] for i in tg]
+    held = [compose_prompt(samples[i]) if text_modality else samples[i] for i in vu]
+    return ClientData(client_id, train, held + [samples[i] for i in vg])
 
 
 def rank_masks(params: dict[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
@@ -89,6 +106,22 @@ def rank_masks(params: dict[str, torch.Tensor], rank: int | None) -> dict[str, t
     return masks
 
 
+def middle_layer_keys(keys: Sequence[str], decoder: DecoderLayers, skip: int) -> list[str]:
+    """The adapter keys of the middle decoder layers ``skip <= l <= L-1-skip`` (FedMLLM's
+    layer-adaptive regulariser). Raises ValueError when that range is empty for depth L."""
+    lo, hi = skip, decoder.count - 1 - skip
+    if lo > hi:
+        raise ValueError(f"train.adaptive_prox_skip={skip} leaves no middle layer of the "
+                         f"backbone's {decoder.count} decoder layers (needs skip <= "
+                         f"{(decoder.count - 1) // 2})")
+    out = []
+    for k in keys:
+        i = decoder.index(k)
+        if i is not None and lo <= i <= hi:
+            out.append(k)
+    return out
+
+
 class ClientTrainer:
     """Trains one client's adapters for one round. Holds no per-client state itself: what must
     persist between rounds (optimizer, SCAFFOLD control variate) comes in and goes out in
@@ -103,6 +136,12 @@ class ClientTrainer:
         self.freeze_lora_a = freeze_lora_a  # FFA-LoRA: A keeps its shared initialisation
         self.backbone = adapters.backbone
         self.model = adapters.model
+        # FedMLLM's layer-adaptive proximal term: which adapter tensors, and its weight
+        self.layer_prox_keys: set[str] = set()
+        self.layer_prox_mu = cfg.adaptive_prox_mu * cfg.adaptive_prox_weight
+        if cfg.adaptive_prox:
+            self.layer_prox_keys = set(middle_layer_keys(
+                list(adapters.params), self.backbone.decoder_layers, cfg.adaptive_prox_skip))
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "sgd":
@@ -156,7 +195,10 @@ class ClientTrainer:
             opt.load_state_dict(client_state["optimizer"])
         mu = float(client_config.get("prox_mu", 0.0))
         dev = {k: ad.params[k].device for k in names}
-        anchor = {k: global_state[k].to(dev[k]) for k in names} if mu > 0 else None
+        layer_keys = [k for k in names if k in self.layer_prox_keys]
+        layer_mu = self.layer_prox_mu if layer_keys else 0.0
+        anchor = ({k: global_state[k].to(dev[k]) for k in names}
+                  if mu > 0 or layer_mu > 0 else None)
         c_server = client_config.get("server_control")
         c_local = client_state.get("control") if c_server is not None else None
         if c_server is not None and c_local is None:
@@ -177,9 +219,12 @@ class ClientTrainer:
                     if steps >= budget:
                         break
                     loss, parts = self._loss(client, batch, rng)
-                    if anchor is not None:  # FedProx proximal term on the trained adapters
+                    if mu > 0:  # FedProx proximal term on the trained adapters
                         loss = loss + 0.5 * mu * sum(((ad.params[k] - anchor[k]) ** 2).sum()
                                                      for k in names)
+                    if layer_mu > 0:  # the layer-adaptive one, middle decoder layers only
+                        loss = loss + 0.5 * layer_mu * sum(
+                            ((ad.params[k] - anchor[k]) ** 2).sum() for k in layer_keys)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     for k, m in masks.items():

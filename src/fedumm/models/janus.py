@@ -46,6 +46,7 @@ from fedumm.models.protocol import (
     UNDERSTANDING,
     AdapterGroup,
     Batch,
+    DecoderLayers,
     ModelPlacement,
     check_trainable_preset,
     register_backbone,
@@ -272,6 +273,11 @@ class JanusBackbone(ModelPlacement):
     @property
     def groups(self) -> tuple[AdapterGroup, ...]:
         return janus_groups(self.boi_id, self.eoi_id)
+
+    @property
+    def decoder_layers(self) -> DecoderLayers:
+        return DecoderLayers(r"model\.language_model\.layers\.(\d+)\.",
+                             int(self._janus.config.text_config.num_hidden_layers))
 
     @property
     def _janus(self):

@@ -45,6 +45,21 @@ _PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
+class DecoderLayers:
+    """Where a backbone's language decoder layers are: ``pattern`` finds a parameter's layer
+    index (its one group), ``count`` is the decoder depth L. Layer-wise methods (FedMLLM's
+    layer-adaptive regulariser) read the depth from here instead of assuming one model."""
+
+    pattern: str
+    count: int
+
+    def index(self, key: str) -> int | None:
+        """The decoder layer a parameter name belongs to, or None outside the decoder."""
+        m = re.search(self.pattern, key)
+        return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
 class AdapterGroup:
     """One adapter group of a backbone.
 
@@ -141,13 +156,23 @@ Image = np.ndarray  # uint8 (H, W, 3)
 
 @runtime_checkable
 class Backbone(Protocol):
-    """A frozen unified multimodal model that fedumm can adapt, federate and evaluate."""
+    """A frozen unified multimodal model that fedumm can adapt, federate and evaluate.
+
+    Optional capability: ``answer_likelihoods(images, questions, candidates) -> (N, C)``, the
+    log-likelihood of each candidate answer per question; with it classification tasks get
+    an AUC from answer probabilities (the reference backbone has it), without it only the
+    hard-label metrics."""
 
     kind: str
     model: nn.Module  # what PEFT wraps; module names are what the group targets match
 
     @property
     def groups(self) -> tuple[AdapterGroup, ...]: ...
+
+    @property
+    def decoder_layers(self) -> DecoderLayers:
+        """The language decoder's layers (parameter-name pattern and depth)."""
+        ...
 
     @property
     def device(self) -> torch.device: ...

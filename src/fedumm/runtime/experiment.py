@@ -15,6 +15,7 @@ import torch
 
 from fedumm.config import Config
 from fedumm.data.clients import split_clients
+from fedumm.data.prompts import compose_prompt, has_text_modality
 from fedumm.data.readers import read_samples
 from fedumm.data.records import Sample
 from fedumm.eval.model_eval import evaluate_backbone
@@ -81,9 +82,18 @@ def client_datasets(cfg: Config, backbone: Backbone
     else:
         split = split_clients(train, cfg.partition, cfg.clients, cfg.seed)
         parts, missing, summary = split.parts, split.missing, split.summary()
-    clients = [make_client_data(k, train, p, missing, cfg.train.val_fraction, cfg.seed)
+    text = has_text_modality(train)
+    clients = [make_client_data(k, train, p, missing, cfg.train.val_fraction, cfg.seed,
+                                text_modality=text, agnostic=cfg.train.prompt_augmentation)
                for k, p in enumerate(parts)]
     return clients, summary
+
+
+def eval_samples(cfg: Config) -> list[Sample]:
+    """The held-out samples, asked with the full-modality prompt where the data has a text
+    modality (as FedMLLM evaluates, with or without prompt augmentation in training)."""
+    val = read_samples(cfg.data, "val")
+    return [compose_prompt(s) for s in val] if has_text_modality(val) else val
 
 
 def site_client_data(cfg: Config, backbone: Backbone, client_id: int) -> ClientData:
@@ -94,7 +104,9 @@ def site_client_data(cfg: Config, backbone: Backbone, client_id: int) -> ClientD
     backbone.prepare(samples)
     n = len(samples)
     return make_client_data(client_id, samples, np.arange(n), np.zeros(n, dtype=np.int8),
-                            cfg.train.val_fraction, cfg.seed)
+                            cfg.train.val_fraction, cfg.seed,
+                            text_modality=has_text_modality(samples),
+                            agnostic=cfg.train.prompt_augmentation)
 
 
 def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: list[Sample],
@@ -105,19 +117,23 @@ def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: list[Sample],
     for s in states:
         adapters.load_state(s)
         results.append(evaluate_backbone(adapters.backbone, val_data, max_vqa=ev.max_vqa,
-                                         max_gen=ev.max_gen if with_gen else 0, seed=cfg.seed))
+                                         max_gen=ev.max_gen if with_gen else 0, seed=cfg.seed,
+                                         classification=ev.classification))
     if len(results) == 1:
         return results[0]
     out = dict(results[0])
-    for key in ("vqa_accuracy", "geneval_overall", "generation_quality"):
+    for key in ("vqa_accuracy", "geneval_overall", "generation_quality", "auc", "auc_hard",
+                "macro_f1"):
+        vals = [r[key] for r in results if r.get(key) is not None]
         if key in out:
-            out[key] = round(float(np.mean([r[key] for r in results])), 4)
+            out[key] = round(float(np.mean(vals)), 4) if vals else None
     for key in ("vqa_by_answer_type", "geneval_by_task"):
         if key in out:
             out[key] = {k: round(float(np.mean([r[key][k] for r in results])), 4)
                         for k in out[key]}
     out["per_client"] = [{k: r.get(k) for k in ("vqa_accuracy", "geneval_overall",
-                                                 "generation_quality")}
+                                                 "generation_quality", "auc", "macro_f1")
+                          if k in r}
                          for r in results]
     return out
 
@@ -141,10 +157,12 @@ def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapter
         "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds,
         "clients": clients, "seed": cfg.seed, "runtime": cfg.runtime,
         "final": {k: final[k] for k in ("vqa_accuracy", "vqa_by_answer_type", "vqa_by_family",
+                                        "auc", "auc_hard", "macro_f1", "classification",
                                         "geneval_overall", "geneval_by_task", "generation_quality",
                                         "per_client")
                   if k in final},
-        "base": {k: base[k] for k in ("vqa_accuracy", "vqa_by_family") if base and k in base},
+        "base": {k: base[k] for k in ("vqa_accuracy", "vqa_by_family", "auc", "auc_hard",
+                                      "macro_f1") if base and k in base},
         "communication": {
             "upload_bytes_per_client_round": per_up,
             "download_bytes_per_client_round": float(np.mean(down)) if down else 0.0,

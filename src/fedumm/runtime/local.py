@@ -18,10 +18,14 @@ import torch
 from tqdm import tqdm
 
 from fedumm.config import Config
-from fedumm.data.readers import read_samples
 from fedumm.fl.client import ClientTrainer
 from fedumm.fl.strategies import build_strategy
-from fedumm.runtime.experiment import build_adapters, client_datasets, load_backbone
+from fedumm.runtime.experiment import (
+    build_adapters,
+    client_datasets,
+    eval_samples,
+    load_backbone,
+)
 from fedumm.runtime.loop import ClientEndpoint, LocalTransport, RoundLoop
 from fedumm.runtime.run_dir import RunDirectory, RunDirError
 
@@ -40,7 +44,7 @@ class LocalRuntime:
         torch.set_num_threads(threads)
         self.backbone = load_backbone(cfg)
         fingerprint = self.backbone.fingerprint()  # frozen: hash it once
-        val_data = read_samples(cfg.data, "val")
+        val_data = eval_samples(cfg)
         self.clients, self.partition_summary = client_datasets(cfg, self.backbone)
         adapters = build_adapters(cfg, self.backbone)
         trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed,

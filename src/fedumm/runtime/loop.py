@@ -15,6 +15,7 @@ import gc
 import hashlib
 import json
 import math
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -221,7 +222,7 @@ class LocalTransport:
             gc.collect()
             gc.freeze()
             self._pool = multiprocessing.get_context("fork").Pool(
-                self.workers, initializer=torch.set_num_threads, initargs=(self.threads,))
+                self.workers, initializer=_worker_init, initargs=(self.threads,))
         return self._pool
 
     def close(self) -> None:
@@ -239,6 +240,15 @@ class LocalTransport:
 
 
 _POOL_TRANSPORT: LocalTransport | None = None  # set in the parent before the workers fork
+
+
+def _worker_init(threads: int) -> None:
+    """A forked worker: its threads, and the default signal handlers. It inherits the CLI's
+    handlers, which turn SIGTERM into a clean exit of the *run*; a worker is stopped by the
+    parent (``Pool.terminate`` sends SIGTERM) and leaves Ctrl-C to it."""
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _pool_task(task: tuple) -> tuple[Reply, dict]:

@@ -7,7 +7,9 @@ or a glob, and its format is detected from what is there:
 =================  ===========================================================================
 understanding      a VQA v2 folder or questions file (``v2_OpenEnded_mscoco_*_questions.json``);
                    a conversation file (``.json`` / ``.jsonl``: LLaVA, sharegpt, TRL, or
-                   question/answer records; ``.csv`` with question, answer, image columns)
+                   question/answer records; ``.csv`` with question, answer, image columns);
+                   FedMLLM's datasets (Hateful Memes ``.jsonl``, CrisisMMD ``.tsv``, VQA-RAD
+                   ``.json``, see :mod:`fedumm.data.readers.fedmllm`)
 generation         an image folder with ``metadata.jsonl``; a ``.jsonl`` / ``.json`` / ``.csv``
                    table of image path + text; WebDataset ``.tar`` shards (or a folder of them)
 either             a Hugging Face dataset folder (``save_to_disk``) or ``.parquet`` files
@@ -119,7 +121,7 @@ def read_path(modality: str, spec: str, cfg: DataConfig) -> list[Sample]:
 
 def detect_format(modality: str, path: Path) -> Reader:
     """The reader for one path of ``modality`` data, from what is there (see the module doc)."""
-    from fedumm.data.readers import hf, vqa
+    from fedumm.data.readers import fedmllm, hf, vqa
     from fedumm.data.readers.text_image import metadata_file
 
     if hf.is_hf_dataset(path):
@@ -127,10 +129,15 @@ def detect_format(modality: str, path: Path) -> Reader:
     if modality == UNDERSTANDING:
         if vqa.find_vqa_split(path) is not None:
             return _read_vqa
+        kind = fedmllm.detect(path)
+        if kind is not None:
+            return lambda p, cfg: fedmllm.read_fedmllm(
+                p, kind, ImageResolver(image_root(cfg.images, p)), cfg.max_samples)
         if path.is_file() and path.suffix in (".json", ".jsonl", ".csv"):
             return _read_conversations
         expected = ("a VQA v2 folder or questions file, a .json/.jsonl/.csv conversation file, "
-                    "a Hugging Face dataset folder or .parquet file")
+                    "Hateful Memes .jsonl, CrisisMMD .tsv, VQA-RAD .json, a Hugging Face "
+                    "dataset folder or .parquet file")
     else:
         if path.is_dir() and metadata_file(path):
             return _read_image_folder

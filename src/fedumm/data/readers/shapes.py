@@ -19,6 +19,7 @@ def shapes_world(cfg: DataConfig, role: str = "train") -> MultimodalDataset:
         role=role, image_size=cfg.image_size, max_objects=cfg.max_objects,
         questions_per_image=cfg.questions_per_image,
         generation_fraction=cfg.generation_fraction, annotator_noise=cfg.annotator_noise,
+        families=cfg.families, scene_text=cfg.scene_text,
     )
 
 
@@ -34,7 +35,8 @@ def shapes_samples(data: MultimodalDataset) -> list[Sample]:
         out.append(Sample(
             id=f"q{r.question_id}", task=UNDERSTANDING, text=r.question,
             image=ImageRef(array=data.image(r.image_id)), answer=r.multiple_choice_answer,
-            answers=tuple(r.answers), labels={k: str(v[i]) for k, v in columns.items()}))
+            answers=tuple(r.answers), labels={k: str(v[i]) for k, v in columns.items()},
+            context=data.contexts[i] if data.contexts else None))
     for j, (g, image_id) in enumerate(zip(data.gen, data.gen_image, strict=True)):
         out.append(Sample(
             id=f"g{image_id}", task=GENERATION, text=g.prompt,

@@ -52,6 +52,7 @@ from fedumm.models.protocol import (
     UNDERSTANDING,
     AdapterGroup,
     Batch,
+    DecoderLayers,
     ModelPlacement,
     check_trainable_preset,
     register_backbone,
@@ -183,6 +184,11 @@ class Blip3oBackbone(ModelPlacement):
     @property
     def groups(self) -> tuple[AdapterGroup, ...]:
         return GROUPS
+
+    @property
+    def decoder_layers(self) -> DecoderLayers:
+        return DecoderLayers(r"qwen\.model\.language_model\.layers\.(\d+)\.",
+                             int(self._parts.qwen.config.text_config.num_hidden_layers))
 
     @property
     def _parts(self) -> Blip3oModel:

@@ -24,6 +24,7 @@ from fedumm.models.protocol import (
     UNDERSTANDING,
     AdapterGroup,
     Batch,
+    DecoderLayers,
     ModelPlacement,
     base_state_dict,
     state_fingerprint,
@@ -80,6 +81,10 @@ class ReferenceBackbone(ModelPlacement):
     @property
     def groups(self) -> tuple[AdapterGroup, ...]:
         return REFERENCE_GROUPS
+
+    @property
+    def decoder_layers(self) -> DecoderLayers:
+        return DecoderLayers(r"language_model\.layers\.(\d+)\.", self.config.layers)
 
     @property
     def image_size(self) -> int:
@@ -218,27 +223,53 @@ class ReferenceBackbone(ModelPlacement):
         return heldout_quality(self, samples, code_accuracy)
 
     # --------------------------------------------------------------- capabilities
+    def _question_batch(self, images: Sequence[np.ndarray | None], questions: Sequence[str]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Images (uint8), left-padded question ids and mask, and which images are present
+        (None when all are); a None image is a missing one (the model's learned placeholder)."""
+        tok, dev = self.tokenizer, self.device
+        size = self.config.image_size
+        present = None
+        if any(im is None for im in images):
+            present = torch.tensor([im is not None for im in images], device=dev)
+            images = [np.zeros((size, size, 3), np.uint8) if im is None else im for im in images]
+        q_ids, q_mask = pad_sequences([tok.encode(q) + [tok.sep_id] for q in questions], True)
+        pixels = torch.from_numpy(np.ascontiguousarray(np.stack(images))).to(dev)
+        return pixels, q_ids.to(dev), q_mask.to(dev), present
+
     @torch.no_grad()
     def answer(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
                batch_size: int = 64) -> list[str]:
         """Greedy answers; a None image is a missing one (the model's learned placeholder)."""
         was = self.model.training
         self.model.eval()
-        tok, dev = self.tokenizer, self.device
-        size = self.config.image_size
+        tok = self.tokenizer
         out: list[str] = []
         for s in range(0, len(questions), batch_size):
-            imgs = images[s:s + batch_size]
-            present = None
-            if any(im is None for im in imgs):
-                present = torch.tensor([im is not None for im in imgs], device=dev)
-                imgs = [np.zeros((size, size, 3), np.uint8) if im is None else im for im in imgs]
-            q_ids, q_mask = pad_sequences(
-                [tok.encode(q) + [tok.sep_id] for q in questions[s:s + batch_size]], True)
-            ids = self.model.answer(torch.from_numpy(np.ascontiguousarray(np.stack(imgs))).to(dev),
-                                    q_ids.to(dev), q_mask.to(dev), tok.eos_id,
-                                    image_present=present)
+            pixels, q_ids, q_mask, present = self._question_batch(
+                images[s:s + batch_size], questions[s:s + batch_size])
+            ids = self.model.answer(pixels, q_ids, q_mask, tok.eos_id, image_present=present)
             out += [tok.decode(x) for x in ids]
+        self.model.train(was)
+        return out
+
+    @torch.no_grad()
+    def answer_likelihoods(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
+                           candidates: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """(N, C) log-likelihood of each candidate answer (its tokens and EOS) per question."""
+        was = self.model.training
+        self.model.eval()
+        tok, dev = self.tokenizer, self.device
+        out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
+        for s in range(0, len(questions), batch_size):
+            pixels, q_ids, q_mask, present = self._question_batch(
+                images[s:s + batch_size], questions[s:s + batch_size])
+            for j, cand in enumerate(candidates):
+                a = torch.tensor(tok.encode(cand) + [tok.eos_id], device=dev)
+                a_ids = a.expand(q_ids.shape[0], -1)
+                ll = self.model.answer_log_likelihood(pixels, q_ids, q_mask, a_ids,
+                                                      torch.ones_like(a_ids), present)
+                out[s:s + len(ll), j] = ll.double().cpu().numpy()
         self.model.train(was)
         return out
 

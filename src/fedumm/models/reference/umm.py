@@ -201,11 +201,8 @@ class ReferenceUMM(nn.Module):
         pretraining losses: ``probe`` (B, patches, 2) labels supervise the vision encoder per
         patch; ``ground`` (B, image tokens) marks the cells the question refers to, predicted
         from the decoder's hidden state at each image token."""
-        prefix, mask, feats = self._understanding_prefix(images, q_ids, q_mask, image_present)
-        embeds = torch.cat([prefix, self._embed_text(a_ids)], dim=1)
-        hidden, _ = self._decode(embeds, torch.cat([mask, a_mask], dim=1))
-        start = prefix.shape[1] - 1  # the final SEP predicts the first answer token
-        logits = self.lm_head(hidden[:, start:start + a_ids.shape[1]])
+        logits, hidden, start, feats = self._answer_logits(images, q_ids, q_mask, a_ids, a_mask,
+                                                           image_present)
         labels = a_ids.masked_fill(a_mask == 0, -100)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         if probe is not None:
@@ -218,6 +215,23 @@ class ReferenceUMM(nn.Module):
             pred = self.ground_head(cells).squeeze(-1)
             loss = loss + ground_weight * F.binary_cross_entropy_with_logits(pred, ground.float())
         return loss
+
+    def _answer_logits(self, images, q_ids, q_mask, a_ids, a_mask, image_present=None):
+        """Teacher-forced logits (B, A, V) of the answer tokens, the decoder's hidden states,
+        the position that predicts the first answer token, and the vision features."""
+        prefix, mask, feats = self._understanding_prefix(images, q_ids, q_mask, image_present)
+        embeds = torch.cat([prefix, self._embed_text(a_ids)], dim=1)
+        hidden, _ = self._decode(embeds, torch.cat([mask, a_mask], dim=1))
+        start = prefix.shape[1] - 1  # the final SEP predicts the first answer token
+        return self.lm_head(hidden[:, start:start + a_ids.shape[1]]), hidden, start, feats
+
+    @torch.no_grad()
+    def answer_log_likelihood(self, images, q_ids, q_mask, a_ids, a_mask,
+                              image_present=None) -> torch.Tensor:
+        """(B,) summed log-probability of each row's answer tokens (``a_mask`` marks them)."""
+        logits, *_ = self._answer_logits(images, q_ids, q_mask, a_ids, a_mask, image_present)
+        logp = logits.float().log_softmax(-1).gather(-1, a_ids[..., None]).squeeze(-1)
+        return (logp * a_mask).sum(1)
 
     def _generation_prefix(self, p_ids, p_mask):
         b = p_ids.shape[0]

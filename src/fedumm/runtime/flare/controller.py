@@ -23,9 +23,8 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from fedumm.config import config_from_dict
-from fedumm.data.readers import read_samples
 from fedumm.fl.strategies import build_strategy
-from fedumm.runtime.experiment import build_adapters, load_backbone, num_clients
+from fedumm.runtime.experiment import build_adapters, eval_samples, load_backbone, num_clients
 from fedumm.runtime.loop import Reply, RoundLoop
 from fedumm.runtime.run_dir import RunDirectory
 
@@ -87,7 +86,7 @@ class FedUMMController(ModelController):
         k_total = num_clients(cfg)
         strategy = build_strategy(cfg.strategy, k_total, cfg.seed, backbone.groups)
         transport = FlareTransport(self, site_names(k_total, self.sites), cfg.rounds)
-        loop = RoundLoop(cfg, d, backbone, adapters, strategy, read_samples(cfg.data, "val"),
+        loop = RoundLoop(cfg, d, backbone, adapters, strategy, eval_samples(cfg),
                          k_total, transport, backbone.fingerprint())
         loop.run(resume=d.load_checkpoint() is not None)
         self.info(f"fedumm run directory: {d.path}")
