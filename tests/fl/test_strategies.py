@@ -23,6 +23,7 @@ from fedumm.fl.strategies import (
 )
 from fedumm.fl.strategies.scaffold import client_control_update
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
+from fedumm.models.protocol import IMAGE_INPUTS
 from fedumm.models.reference import REFERENCE_GROUPS as REF
 
 V = "base_model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
@@ -36,10 +37,12 @@ def t(*values: float) -> torch.Tensor:
 
 
 def upd(cid: int, tensors: dict, und: int = 0, gen: int = 0, quality: dict | None = None,
-        control_delta: dict | None = None) -> ClientUpdate:
+        control_delta: dict | None = None, und_images: int | None = None) -> ClientUpdate:
+    """An update; ``und_images`` of its understanding samples hold their image (all)."""
     extra = {} if control_delta is None else {"control_delta": control_delta}
     return ClientUpdate(client_id=cid, tensors=tensors,
-                        num_samples={UNDERSTANDING: und, GENERATION: gen},
+                        num_samples={UNDERSTANDING: und, GENERATION: gen,
+                                     IMAGE_INPUTS: und if und_images is None else und_images},
                         quality=quality or {}, extra=extra)
 
 
@@ -101,6 +104,21 @@ def test_fedavg_per_group_weights() -> None:
     assert torch.equal(new[G], t(4.0, 8.0))
     assert new[A] is glob[A]  # nobody trained the alignment tokens: unchanged
     assert list(new) == list(glob)
+
+
+@pytest.mark.parametrize("strategy", [FedAvg, FedUMM])
+def test_text_only_clients_give_the_image_encoder_no_weight(strategy) -> None:
+    glob = {V: t(0.0, 0.0), L: t(0.0, 0.0)}
+    q = {UNDERSTANDING: 0.5}
+    images = upd(0, {V: t(2.0, 4.0), L: t(1.0, 1.0)}, und=10, quality=q)
+    # understanding samples without their images (a text-only client): the vision adapters
+    # see only the placeholder, so they do not count for the vision group
+    text = upd(1, {V: t(0.0, 0.0), L: t(3.0, 3.0)}, und=30, und_images=0, quality=q)
+    s = strategy(StrategyConfig(), 2, 0, groups=REF)
+    assert s.client_weight(text, "vision") == 0.0 and s.client_weight(text, "language") > 0
+    new = s.aggregate(0, glob, [images, text])
+    assert torch.equal(new[V], t(2.0, 4.0))  # not diluted towards the text-only client's zeros
+    assert close(new[L], 2.5, 2.5)  # (10 * 1 + 30 * 3) / 40
 
 
 def test_fedavg_one_client_is_exact() -> None:

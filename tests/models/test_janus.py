@@ -116,7 +116,7 @@ def test_two_clients_one_round_of_janus_tiny_on_llava_and_metadata_files(tmp_pat
     assert len(train) + len(held) == len(data.vqa) + len(data.gen)
     partition = json.loads((tmp_path / "run" / "partition.json").read_text())
     assert sum(c["num_samples"] for c in partition["clients"]) == len(train)
-    trained = sum(n for c in rounds[0]["num_samples"].values() for n in c.values())
+    trained = sum(c["understanding"] + c["generation"] for c in rounds[0]["num_samples"].values())
     assert len(train) - 8 <= trained < len(train)  # less each client's own quality samples
     final = summary["final"]  # no GenEval clauses in the user's prompts: held-out quality
     assert "geneval_overall" not in final and 0 <= final["generation_quality"] <= 1

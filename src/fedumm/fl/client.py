@@ -23,7 +23,7 @@ from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b
 from fedumm.fl.strategies.scaffold import client_control_update
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
 from fedumm.models.lora import LoraAdapters
-from fedumm.models.protocol import DecoderLayers
+from fedumm.models.protocol import IMAGE_INPUTS, DecoderLayers
 
 
 @dataclass
@@ -37,13 +37,16 @@ class ClientData:
 
     @property
     def num_samples(self) -> dict[str, int]:
-        n_und = sum(s.task == UNDERSTANDING for s in self.train)
-        return {UNDERSTANDING: n_und, GENERATION: len(self.train) - n_und}
+        """Training samples per modality, and the understanding ones holding their image."""
+        und = [s for s in self.train if s.task == UNDERSTANDING]
+        return {UNDERSTANDING: len(und), GENERATION: len(self.train) - len(und),
+                IMAGE_INPUTS: sum(s.image is not None for s in und)}
 
     def groups_with_data(self, adapters: LoraAdapters) -> list[str]:
+        """The groups this client's data trains (e.g. no image encoder for text-only data)."""
         n = self.num_samples
         return [g for g in adapters.groups
-                if any(n[m] > 0 for m in adapters.layout.modalities(g))]
+                if any(n.get(m, 0) > 0 for m in adapters.layout.sample_keys(g))]
 
 
 def make_client_data(client_id: int, samples: Sequence[Sample], sample_idx: np.ndarray,

@@ -75,7 +75,7 @@ def _group_regexes() -> dict[str, str]:
 def janus_groups(boi_id: int, eoi_id: int) -> tuple[AdapterGroup, ...]:
     rx = _group_regexes()
     return (
-        AdapterGroup("vision", rx["vision"], (UNDERSTANDING,)),
+        AdapterGroup("vision", rx["vision"], (UNDERSTANDING,), needs_images=True),
         AdapterGroup("language", rx["language"], (UNDERSTANDING, GENERATION)),
         AdapterGroup("generation", rx["generation"], (GENERATION,)),
         AdapterGroup("alignment", None, (UNDERSTANDING, GENERATION),

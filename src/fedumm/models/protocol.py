@@ -38,6 +38,9 @@ __all__ = ["GENERATION", "UNDERSTANDING", "AdapterGroup", "AdapterLayout", "Back
            "backbone_kinds", "backbone_skeleton", "base_state_dict", "build_backbone",
            "register_backbone", "resolve_device", "state_fingerprint"]
 
+# the num_samples key of understanding samples that hold their image (see needs_images)
+IMAGE_INPUTS = "understanding_with_image"
+
 # PEFT names adapter tensors ``<module path>.lora_A.weight`` etc.; the module path is what a
 # group's target regex matches.
 _LORA_SUFFIX = re.compile(r"\.(lora_[A-Za-z_]+|lora_embedding_[AB])(\.weight|\.bias)?$")
@@ -77,12 +80,18 @@ class AdapterGroup:
     modalities: tuple[str, ...]
     modules_to_save: tuple[str, ...] = ()
     trainable_tokens: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    # an image encoder: only understanding samples that hold their image train it, and its
+    # aggregation weight counts those (a text-only client gives it no weight)
+    needs_images: bool = False
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad or not self.modalities:
             raise ValueError(f"adapter group {self.name!r}: modalities must be a non-empty "
                              f"subset of {list(MODALITIES)}, got {list(self.modalities)}")
+        if self.needs_images and self.modalities != (UNDERSTANDING,):
+            raise ValueError(f"adapter group {self.name!r}: an image encoder (needs_images) is "
+                             f"trained by understanding samples only, not {self.modalities}")
         if self.target is None and not self.modules_to_save and not self.trainable_tokens:
             raise ValueError(f"adapter group {self.name!r} trains nothing (no target, "
                              "modules_to_save or trainable_tokens)")
@@ -125,6 +134,11 @@ class AdapterLayout:
 
     def modalities(self, group: str) -> tuple[str, ...]:
         return self.groups[group].modalities
+
+    def sample_keys(self, group: str) -> tuple[str, ...]:
+        """The ``num_samples`` keys that count a client's samples training ``group``."""
+        g = self.groups[group]
+        return (IMAGE_INPUTS,) if g.needs_images else g.modalities
 
     def select(self, names: Sequence[str]) -> list[AdapterGroup]:
         """The named groups in declaration order; an unknown or empty selection is an error."""

@@ -79,8 +79,9 @@ class Strategy:
     # -- weights -------------------------------------------------------------------------------
 
     def client_weight(self, update: ClientUpdate, group: str) -> float:
-        """A client's weight for one group: its samples of the modalities that train the group."""
-        return float(update.samples_for(self.layout.modalities(group)))
+        """A client's weight for one group: its samples that train the group (of its
+        modalities; for an image encoder, the understanding samples holding their image)."""
+        return float(update.samples_for(self.layout.sample_keys(group)))
 
     def group_weights(self, group: str, updates: list[ClientUpdate]) -> list[float]:
         """The weights of ``updates`` (all of which trained ``group``), one per update."""

@@ -29,12 +29,15 @@ class FedUMM(FedAvg):
 
     def client_weight(self, update: ClientUpdate, group: str) -> float:
         weight = 0.0
-        for m in self.layout.modalities(group):
+        # each count of a group (per modality; image inputs for an image encoder) times the
+        # quality of its modality
+        for m, key in zip(self.layout.modalities(group), self.layout.sample_keys(group),
+                          strict=True):
             q = float(update.quality.get(m, 0.0))
             if not 0.0 <= q <= 1.0:  # NaN fails too
                 raise ValueError(f"client {update.client_id}: quality[{m!r}] = {q} is not in "
                                  f"[0, 1]")
-            weight += update.num_samples.get(m, 0) * q
+            weight += update.num_samples.get(key, 0) * q
         return weight
 
     def group_weights(self, group: str, updates: list[ClientUpdate]) -> list[float]:

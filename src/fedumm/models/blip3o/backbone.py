@@ -64,7 +64,8 @@ if TYPE_CHECKING:
 
 GROUPS = (
     AdapterGroup("vision", r"qwen\.model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)"
-                           r"|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])", (UNDERSTANDING,)),
+                           r"|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])", (UNDERSTANDING,),
+                 needs_images=True),
     AdapterGroup("language", r"qwen\.model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
                              r"|mlp\.(gate|up|down)_proj)", (UNDERSTANDING, GENERATION)),
     AdapterGroup("generation", r"dit\.layers\.\d+\.(attn1\.to_[qkv]|attn2\.(to_[qkv]|to_out\.0)"

@@ -42,7 +42,7 @@ SHIPPED_BASE = Path(__file__).resolve().parents[2] / "assets" / "base"
 # decoder and the alignment tokens see both.
 REFERENCE_GROUPS = (
     AdapterGroup("vision", r"vision_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj"
-                           r"|mlp\.fc[12])|aligner\.fc[12]", (UNDERSTANDING,)),
+                           r"|mlp\.fc[12])|aligner\.fc[12]", (UNDERSTANDING,), needs_images=True),
     AdapterGroup("language", r"language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
                              r"|mlp\.(gate|up|down)_proj)", (UNDERSTANDING, GENERATION)),
     AdapterGroup("generation", r"gen_embed|gen_head", (GENERATION,)),
