@@ -201,7 +201,7 @@ def test_fedmllm_benchmark_config_runs_every_scenario_with_every_method():
     names = {methods[m].get("strategy.name") for m in methods}
     assert names >= {"local", "fedavg", "fedprox", "scaffold", "fedavgm", "fedadagrad",
                      "fedyogi", "fedadam", "fedumm"}
-    both = methods["prompt_aug+adaptive_prox"]
-    assert both["train.prompt_augmentation"] and both["train.adaptive_prox"]
+    for name in ("fedavg+both", "fedadagrad+both"):
+        assert methods[name]["train.prompt_augmentation"] and methods[name]["train.adaptive_prox"]
     for c in cells:  # every cell's config is valid
         config_from_dict(raw, c.overrides())

@@ -56,7 +56,7 @@ def _train_all(tiny_overrides, tmp_path, clients, methods):
 
 
 def test_every_scenario_trains_at_k10(tmp_path, tiny_overrides):
-    _train_all(tiny_overrides, tmp_path, 10, ["fedavg", "prompt_aug+adaptive_prox"])
+    _train_all(tiny_overrides, tmp_path, 10, ["fedavg", "fedadagrad+both"])
 
 
 @pytest.mark.slow

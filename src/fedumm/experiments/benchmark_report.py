@@ -52,9 +52,11 @@ def scenario_rows(sweep: dict, scenario: Any) -> dict[str, dict[str, Any]]:
     cells = [r for r in done if not r.get("baseline") and r.get(skey) == scenario]
     central = [r for r in done if r.get("baseline") and r.get("strategy") == "centralized"]
     out: dict[str, dict[str, Any]] = {}
-    base = [r for r in cells + central if r.get("base.vqa_accuracy") is not None]
-    if base:  # the frozen base on the same held-out set, whatever the cell
-        out[ZERO_SHOT] = {k: _stats(base, k.replace("final.", "base."), ) for k, _ in COLUMNS}
+    # the frozen base on the held-out set: the same in every cell of one seed
+    base = {r.get("seed"): r for r in cells + central if r.get("base.vqa_accuracy") is not None}
+    if base:
+        out[ZERO_SHOT] = {k: _stats(list(base.values()), k.replace("final.", "base."))
+                          for k, _ in COLUMNS}
     for name in sweep.get("methods", {}):
         mine = [r for r in cells if r.get(METHOD) == name]
         if mine:

@@ -291,7 +291,10 @@ def _run_parallel(todo: list[tuple[int, Cell, bool]], configs: dict[str, Config]
     _PARALLEL = (configs, out, run_fn)
     log(f"running {len(todo)} cells, {jobs} at a time")
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(jobs, maxtasksperchild=1) as pool:  # a fresh process per cell
+    from fedumm.runtime.loop import worker_signals
+
+    with ctx.Pool(jobs, initializer=worker_signals,  # stopped by the sweep, not Ctrl-C
+                  maxtasksperchild=1) as pool:  # a fresh process per cell
         for i, row in pool.imap_unordered(_parallel_cell, todo):
             log(_cell_line(i, n, row))
             record(i, row)

@@ -242,13 +242,17 @@ class LocalTransport:
 _POOL_TRANSPORT: LocalTransport | None = None  # set in the parent before the workers fork
 
 
-def _worker_init(threads: int) -> None:
-    """A forked worker: its threads, and the default signal handlers. It inherits the CLI's
-    handlers, which turn SIGTERM into a clean exit of the *run*; a worker is stopped by the
+def worker_signals() -> None:
+    """In a forked worker process: the default SIGTERM and no Ctrl-C. It inherits the CLI's
+    handlers, which turn SIGTERM into a clean exit of the *run*; a worker is stopped by its
     parent (``Pool.terminate`` sends SIGTERM) and leaves Ctrl-C to it."""
-    torch.set_num_threads(threads)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    worker_signals()
 
 
 def _pool_task(task: tuple) -> tuple[Reply, dict]:
