@@ -157,7 +157,8 @@ def test_a_named_site_with_its_own_data_trains_on_all_of_it(tmp_path, tiny_overr
     rounds = [m for m in RunDirectory(tmp_path / "run").metrics() if m["type"] == "round"]
     n = len(own.vqa)
     held = max(1, round(n * cfg.train.val_fraction))  # the client's own quality samples
-    assert rounds[0]["num_samples"]["0"] == {"understanding": n - held, "generation": 0}
+    assert rounds[0]["num_samples"]["0"] == {"understanding": n - held, "generation": 0,
+                                              "understanding_with_image": n - held}
     assert rounds[0]["num_samples"]["1"]["generation"] > 0  # bank_b: its share of the config
 
 
