@@ -21,3 +21,14 @@ def pad_sequences(seqs: Sequence[Sequence[int]], left: bool, pad_id: int = 0
         ids[i, sl] = torch.tensor(list(s))
         mask[i, sl] = 1
     return ids, mask
+
+
+def label_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probability of each row's supervised tokens (``labels`` != -100, in the
+    causal-LM convention: position t predicts label t + 1), what a mean cross-entropy loss
+    over those tokens averages."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    target = labels[:, 1:]
+    keep = target != -100
+    picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * keep).sum(1)

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedumm.data.records import Sample
+from fedumm.data.records import ImageRef, Sample
 from fedumm.fl.codec import DTYPES
-from fedumm.models.batching import pad_sequences
+from fedumm.models.batching import label_log_likelihood, pad_sequences
 from fedumm.models.checksums import verify_checksums, write_folder_checksums
 from fedumm.models.protocol import (
     GENERATION,
@@ -469,6 +469,30 @@ class JanusBackbone(ModelPlacement):
                                     position_ids=last, cache=cache, use_cache=True).logits
             out += [t.strip() for t in self.tokenizer.batch_decode(tokens,
                                                                    skip_special_tokens=True)]
+        self.model.train(was)
+        return out
+
+    @torch.no_grad()
+    def answer_likelihoods(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
+                           candidates: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        """(N, C) log-likelihood of each candidate answer (its tokens and EOS) per question,
+        teacher-forced as in training."""
+        was = self.model.training
+        self.model.eval()
+        out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
+        for s in range(0, len(questions), batch_size):
+            refs = [None if im is None else ImageRef(array=im)
+                    for im in images[s:s + batch_size]]
+            for j, cand in enumerate(candidates):
+                u = self.collate([Sample(id=f"q{s + i}", task=UNDERSTANDING, text=q, image=r,
+                                         answer=cand)
+                                  for i, (q, r) in enumerate(zip(questions[s:s + batch_size],
+                                                                 refs, strict=True))]
+                                 ).parts[UNDERSTANDING]
+                logits = self.model(input_ids=u["input_ids"], attention_mask=u["attention_mask"],
+                                    pixel_values=u["pixel_values"]).logits
+                ll = label_log_likelihood(logits, u["labels"])
+                out[s:s + len(refs), j] = ll.double().cpu().numpy()
         self.model.train(was)
         return out
 

@@ -174,8 +174,8 @@ class Backbone(Protocol):
 
     Optional capability: ``answer_likelihoods(images, questions, candidates) -> (N, C)``, the
     log-likelihood of each candidate answer per question; with it classification tasks get
-    an AUC from answer probabilities (the reference backbone has it), without it only the
-    hard-label metrics."""
+    an AUC from answer probabilities (the reference and Janus backbones have it), without it
+    only the hard-label metrics."""
 
     kind: str
     model: nn.Module  # what PEFT wraps; module names are what the group targets match
