@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -122,3 +123,25 @@ def test_answer_generate_quality_and_fingerprint(kind, samples):
         next(iter(base_state_dict(bb2.model).values())).view(-1)[0] += 1.0
     bb2._fingerprint = None  # the transformers backbones cache their hash; the weights changed
     assert bb2.fingerprint() != before
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_answer_likelihoods_equal_the_training_loss(kind, samples):
+    """Two paths to one number: a candidate answer's summed log-probability is minus the
+    training loss (a mean cross-entropy over the supervised tokens) times their count."""
+    bb = make(kind)
+    und = samples[:2]
+    images = [und[0].load_image(), None]  # the second question without its image
+    candidates = ["yes", "red circle"]
+    ll = bb.answer_likelihoods(images, [s.text for s in und], candidates)
+    assert ll.shape == (2, 2) and np.isfinite(ll).all() and (ll < 0).all()
+    bb.model.eval()
+    for i, s in enumerate(und):
+        for j, cand in enumerate(candidates):
+            one = replace(s, answer=cand, image=s.image if images[i] is not None else None)
+            batch = bb.collate([one])
+            u = batch.parts[UNDERSTANDING]
+            n = int(u["a_mask"].sum()) if "a_mask" in u else int((u["labels"] != -100).sum())
+            with torch.no_grad():
+                loss = bb.loss(batch)[UNDERSTANDING].item()
+            assert ll[i, j] == pytest.approx(-loss * n, rel=1e-4, abs=1e-4)

@@ -12,7 +12,6 @@ from fedumm.config import BackboneConfig, config_from_dict
 from fedumm.data.dataset import generate_shapes
 from fedumm.data.readers import read_samples
 from fedumm.data.readers.shapes import shapes_samples
-from fedumm.data.records import ImageRef, Sample
 from fedumm.models.info import backbone_info
 from fedumm.models.janus import JanusBackbone
 from fedumm.models.protocol import build_backbone
@@ -126,24 +125,3 @@ def test_two_clients_one_round_of_janus_tiny_on_llava_and_metadata_files(tmp_pat
     assert last["num_generation_quality"] == sum(s.task == "generation" for s in held) > 0
     assert np.isfinite(final["vqa_accuracy"])
 
-
-def test_answer_likelihoods_equal_the_training_loss():
-    """Two paths to one number: a candidate's summed log-probability is minus the mean
-    cross-entropy of the training loss times its supervised tokens (answer + EOS)."""
-    bb = tiny()
-    data = generate_shapes("downstream", 2, seed=1, image_size=bb.image_size)
-    images = [data.image(r.image_id) for r in data.vqa[:2]]
-    images[1] = None  # a question without its image
-    questions = [r.question for r in data.vqa[:2]]
-    candidates = ["yes", "red circle"]
-    ll = bb.answer_likelihoods(images, questions, candidates)
-    assert ll.shape == (2, 2) and (ll < 0).all()
-    for i in range(2):
-        for j, cand in enumerate(candidates):
-            u = bb.collate([Sample(id="s", task="understanding", text=questions[i], answer=cand,
-                                   image=None if images[i] is None else ImageRef(
-                                       array=images[i]))]).parts["understanding"]
-            with torch.no_grad():
-                loss = bb._understanding_loss(u).item()
-            n = int((u["labels"] != -100).sum())
-            assert ll[i, j] == pytest.approx(-loss * n, rel=1e-4, abs=1e-4)

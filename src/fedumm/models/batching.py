@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
+
+from fedumm.data.records import ImageRef, Sample
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], left: bool, pad_id: int = 0
@@ -32,3 +35,23 @@ def label_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     keep = target != -100
     picked = logp.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
     return (picked * keep).sum(1)
+
+
+def candidate_log_likelihoods(collate: Callable[[list[Sample]], dict],
+                              logits_of: Callable[[dict], torch.Tensor],
+                              images: Sequence[np.ndarray | None], questions: Sequence[str],
+                              candidates: Sequence[str], batch_size: int) -> np.ndarray:
+    """(N, C) log-likelihood of each candidate answer per question for a chat backbone whose
+    ``collate`` gives the understanding part of a batch (``labels`` marking the answer) and
+    ``logits_of`` its teacher-forced logits: the answers scored as in training."""
+    out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
+    for s in range(0, len(questions), batch_size):
+        refs = [None if im is None else ImageRef(array=im) for im in images[s:s + batch_size]]
+        for j, cand in enumerate(candidates):
+            u = collate([Sample(id=f"q{s + i}", task="understanding", text=q, image=r,
+                                answer=cand)
+                         for i, (q, r) in enumerate(zip(questions[s:s + batch_size], refs,
+                                                        strict=True))])
+            ll = label_log_likelihood(logits_of(u), u["labels"])
+            out[s:s + len(refs), j] = ll.double().cpu().numpy()
+    return out

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedumm.data.records import ImageRef, Sample
+from fedumm.data.records import Sample
 from fedumm.fl.codec import DTYPES
-from fedumm.models.batching import label_log_likelihood, pad_sequences
+from fedumm.models.batching import candidate_log_likelihoods, pad_sequences
 from fedumm.models.checksums import verify_checksums, write_folder_checksums
 from fedumm.models.protocol import (
     GENERATION,
@@ -479,20 +479,11 @@ class JanusBackbone(ModelPlacement):
         teacher-forced as in training."""
         was = self.model.training
         self.model.eval()
-        out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
-        for s in range(0, len(questions), batch_size):
-            refs = [None if im is None else ImageRef(array=im)
-                    for im in images[s:s + batch_size]]
-            for j, cand in enumerate(candidates):
-                u = self.collate([Sample(id=f"q{s + i}", task=UNDERSTANDING, text=q, image=r,
-                                         answer=cand)
-                                  for i, (q, r) in enumerate(zip(questions[s:s + batch_size],
-                                                                 refs, strict=True))]
-                                 ).parts[UNDERSTANDING]
-                logits = self.model(input_ids=u["input_ids"], attention_mask=u["attention_mask"],
-                                    pixel_values=u["pixel_values"]).logits
-                ll = label_log_likelihood(logits, u["labels"])
-                out[s:s + len(refs), j] = ll.double().cpu().numpy()
+        out = candidate_log_likelihoods(
+            lambda samples: self.collate(samples).parts[UNDERSTANDING],
+            lambda u: self.model(input_ids=u["input_ids"], attention_mask=u["attention_mask"],
+                                 pixel_values=u["pixel_values"]).logits,
+            images, questions, candidates, batch_size)
         self.model.train(was)
         return out
 

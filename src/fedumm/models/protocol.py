@@ -174,7 +174,7 @@ class Backbone(Protocol):
 
     Optional capability: ``answer_likelihoods(images, questions, candidates) -> (N, C)``, the
     log-likelihood of each candidate answer per question; with it classification tasks get
-    an AUC from answer probabilities (the reference and Janus backbones have it), without it
+    an AUC from answer probabilities (the built-in backbones have it), without it
     only the hard-label metrics."""
 
     kind: str

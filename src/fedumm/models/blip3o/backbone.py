@@ -36,7 +36,7 @@ from torch import nn
 
 from fedumm.data.records import Sample
 from fedumm.fl.codec import DTYPES
-from fedumm.models.batching import pad_sequences
+from fedumm.models.batching import candidate_log_likelihoods, pad_sequences
 from fedumm.models.blip3o.assembly import (
     CHAT_TEMPLATE,
     IMAGE_PAD,
@@ -379,6 +379,20 @@ class Blip3oBackbone(ModelPlacement):
                                    generation_config=self._greedy(max_new_tokens))
             out += [t.strip() for t in self.tokenizer.batch_decode(
                 tokens[:, ids.shape[1]:], skip_special_tokens=True)]
+        self.model.train(was)
+        return out
+
+    @torch.no_grad()
+    def answer_likelihoods(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
+                           candidates: Sequence[str], batch_size: int = 16) -> np.ndarray:
+        """(N, C) log-likelihood of each candidate answer (its tokens and end token) per
+        question, teacher-forced as in training."""
+        was = self.model.training
+        self.model.eval()
+        out = candidate_log_likelihoods(
+            lambda samples: self.collate(samples).parts[UNDERSTANDING],
+            lambda u: self._parts.qwen(**{k: v for k, v in u.items() if k != "labels"}).logits,
+            images, questions, candidates, batch_size)
         self.model.train(was)
         return out
 
