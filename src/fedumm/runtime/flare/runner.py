@@ -42,11 +42,19 @@ def _site_env(threads: int) -> dict[str, str]:
 
 
 def _check_result(d: RunDirectory, flare_dir: Path) -> dict[str, Any]:
-    errors = sorted((d.path / ERRORS_DIR).glob("*.txt"))
+    errors = list((d.path / ERRORS_DIR).glob("*.txt"))
     if errors:
-        last = errors[0].read_text().strip().splitlines()
-        raise FlareRunError(f"{errors[0].stem} failed: {last[-1] if last else '?'} "
-                            f"(traceback: {errors[0]}; FLARE logs under {flare_dir})")
+        def last_line(p: Path) -> str:
+            lines = p.read_text().strip().splitlines()
+            return lines[-1] if lines else "?"
+
+        # the cause first: a site whose own error it is, not one FLARE aborted because of it
+        first = min(errors, key=lambda p: ("abort" in last_line(p).lower(),
+                                           p.stat().st_mtime, p.name))
+        others = sorted(p.stem for p in errors if p != first)
+        also = f"; also stopped: {', '.join(others)}" if others else ""
+        raise FlareRunError(f"{first.stem} failed: {last_line(first)} "
+                            f"(traceback: {first}; FLARE logs under {flare_dir}){also}")
     if not d.is_finished():
         logs = sorted(str(p) for p in flare_dir.rglob("log.txt"))[:3]
         raise FlareRunError(f"the FLARE job ended without a global model (no summary.json); "
