@@ -35,9 +35,16 @@ def geneval_record(sample: Sample) -> GenEvalRecord | None:
     return record_from_json({**sample.spec, "prompt": sample.text or ""})
 
 
-def answer_samples(backbone, samples: Sequence[Sample]) -> list[str]:
-    """The backbone's answers to understanding samples (a missing image is passed as None)."""
-    return backbone.answer([s.load_image() if s.image is not None else None for s in samples],
+def sample_images(samples: Sequence[Sample]) -> list[Any]:
+    """The samples' images, loaded (None for a missing one)."""
+    return [s.load_image() if s.image is not None else None for s in samples]
+
+
+def answer_samples(backbone, samples: Sequence[Sample], images: Sequence[Any] | None = None
+                   ) -> list[str]:
+    """The backbone's answers to understanding samples (a missing image is passed as None);
+    ``images``: the samples' images when already loaded."""
+    return backbone.answer(sample_images(samples) if images is None else images,
                            [s.text or "" for s in samples])
 
 
@@ -59,11 +66,12 @@ def heldout_quality(backbone, samples: Sequence[Sample],
 
 
 def classify_samples(backbone, samples: Sequence[Sample], answers: Sequence[str],
-                     tasks: Sequence[str]) -> dict[str, dict[str, Any]]:
+                     tasks: Sequence[str], images: Sequence[Any]) -> dict[str, dict[str, Any]]:
     """Classification metrics (:mod:`fedumm.eval.classification`) of the understanding
     samples whose ``family`` label is one of ``tasks``; a task's classes are the reference
     answers its samples hold. AUC from answer probabilities needs the backbone's
-    ``answer_likelihoods``; without it only the hard-label metrics are given."""
+    ``answer_likelihoods``; without it only the hard-label metrics are given. ``images``: the
+    samples' images, loaded once for the answers and the likelihoods."""
     scorer = getattr(backbone, "answer_likelihoods", None)
     out: dict[str, dict[str, Any]] = {}
     for task in tasks:
@@ -76,8 +84,7 @@ def classify_samples(backbone, samples: Sequence[Sample], answers: Sequence[str]
         sub = [samples[i] for i in rows]
         ll = None
         if scorer is not None:
-            ll = scorer([s.load_image() if s.image is not None else None for s in sub],
-                        [s.text or "" for s in sub], classes)
+            ll = scorer([images[i] for i in rows], [s.text or "" for s in sub], classes)
         out[task] = classification_metrics([s.answer for s in sub], [answers[i] for i in rows],
                                            classes, ll)
     return out
@@ -105,7 +112,8 @@ def evaluate_backbone(
     und = und[:max_vqa] if max_vqa is not None else und
     if und:
         vqa = [vqa_record(s, i) for i, s in enumerate(und)]
-        answers = answer_samples(backbone, und)
+        images = sample_images(und)
+        answers = answer_samples(backbone, und, images)
         res = score_answers({r.question_id: a for r, a in zip(vqa, answers, strict=True)}, vqa)
         out.update(vqa_accuracy=res["overall"], vqa_by_answer_type=res["perAnswerType"],
                    vqa_by_question_type=res["perQuestionType"], num_vqa=len(vqa))
@@ -115,7 +123,7 @@ def evaluate_backbone(
             fam.setdefault(key, []).append(res["perQuestion"][r.question_id])
         out["vqa_by_family"] = {k: round(float(np.mean(v)), 2) for k, v in sorted(fam.items())}
         if classification:
-            tasks = classify_samples(backbone, und, answers, classification)
+            tasks = classify_samples(backbone, und, answers, classification, images)
             out.update(summarise_tasks(tasks), classification=tasks)
     plain = [s for s in samples if s.task == GENERATION and not s.spec]
     plain = plain[:max_gen] if max_gen is not None else plain

@@ -210,7 +210,7 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
     out.mkdir(parents=True, exist_ok=True)
     meta = {"name": base.name, "axes": [[k, v] for k, v in axes],
             "baselines": [c.values for c in cells if c.baseline],
-            "methods": {k: v for k, v in methods.items()}}
+            "methods": dict(methods)}
     rows: dict[int, dict[str, Any]] = {}
     t0 = time.perf_counter()
     todo: list[tuple[int, Cell, bool]] = []
@@ -287,12 +287,12 @@ def _run_parallel(todo: list[tuple[int, Cell, bool]], configs: dict[str, Config]
     cells one after another at the same thread count."""
     import multiprocessing
 
+    from fedumm.runtime.loop import worker_signals
+
     global _PARALLEL
     _PARALLEL = (configs, out, run_fn)
     log(f"running {len(todo)} cells, {jobs} at a time")
     ctx = multiprocessing.get_context("fork")
-    from fedumm.runtime.loop import worker_signals
-
     with ctx.Pool(jobs, initializer=worker_signals,  # stopped by the sweep, not Ctrl-C
                   maxtasksperchild=1) as pool:  # a fresh process per cell
         for i, row in pool.imap_unordered(_parallel_cell, todo):

@@ -193,27 +193,10 @@ def _curve(run: Path) -> tuple[list[int], list[float]]:
     return [m["round"] + 1 for m in evals], [m["vqa_accuracy"] for m in evals]
 
 
-def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
-    sweep_dir = Path(sweep_dir)
-    out = Path(out) if out else sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
-    sweep = load_sweep(sweep_dir)
+def grid_sections(sweep: dict, sweep_dir: Path, out: Path) -> list[str]:
+    """Table 1, GenEval per task, communication, convergence and partitions of a grid sweep."""
     rows = sweep["cells"]
-    failed = [r for r in rows if r["status"] != "done"]
-    lines = [f"# Sweep report: {sweep['name']}", "",
-             f"{len(rows)} cells ({len(failed)} failed); axes: "
-             + ", ".join(f"`{k}` = {v}" for k, v in sweep["axes"])
-             + (f"; baselines: {sweep['baselines']}" if sweep.get("baselines") else "")
-             + f". Time in the cells' runs: {cells_wall_s(rows) / 60:.1f} min.", ""]
-    if sweep.get("methods"):  # a benchmark over named methods: one table per scenario
-        lines += benchmark_sections(sweep, out)
-        if failed:
-            lines += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error')}"
-                                                 for r in failed] + [""]
-        path = out / "report.md"
-        path.write_text("\n".join(lines))
-        return path
-    lines += ["## Table 1: VQA accuracy (official metric, %)", ""]
+    lines = ["## Table 1: VQA accuracy (official metric, %)", ""]
     lines += table1(sweep)
     png = plot_table1(sweep, out / "table1.png")
     if png:
@@ -237,6 +220,25 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> 
                                           out / f"partition_{r['cell']}.png", title=title))
     if heat:
         lines += ["## Partitions", ""] + [f"![partition]({p.name})" for p in heat] + [""]
+    return lines
+
+
+def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
+    sweep_dir = Path(sweep_dir)
+    out = Path(out) if out else sweep_dir
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = load_sweep(sweep_dir)
+    rows = sweep["cells"]
+    failed = [r for r in rows if r["status"] != "done"]
+    lines = [f"# Sweep report: {sweep['name']}", "",
+             f"{len(rows)} cells ({len(failed)} failed); axes: "
+             + ", ".join(f"`{k}` = {v}" for k, v in sweep["axes"])
+             + (f"; baselines: {sweep['baselines']}" if sweep.get("baselines") else "")
+             + f". Time in the cells' runs: {cells_wall_s(rows) / 60:.1f} min.", ""]
+    if sweep.get("methods"):  # a benchmark over named methods: one table per scenario
+        lines += benchmark_sections(sweep, out)
+    else:
+        lines += grid_sections(sweep, sweep_dir, out)
     if failed:
         lines += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error')}"
                                              for r in failed] + [""]
