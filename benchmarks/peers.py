@@ -4,8 +4,8 @@ The workload is ``configs/quickstart.yaml`` (reference backbone, ShapesWorld, 4 
 r=16) with ``clients=K eval.every=0`` (only the final evaluation), run by
 
 * ``local``      fedumm's local runtime, clients one after another, ``train.threads=1``
-* ``local-w2``   fedumm's local runtime, 2 forked workers of 1 thread (``train.threads=2
-  workers=2``)
+* ``local-w2``   fedumm's local runtime, 2 clients at once: the run's process and 1 forked
+  worker, 1 thread each (``train.threads=2 workers=2``)
 * ``flare-sim``  fedumm on NVIDIA FLARE's simulator (one process per site, 1 thread each),
   ``train.threads=1 runtime=flare-sim``
 * ``flower``     Flower's simulation (Ray backend) driving fedumm's ClientTrainer

@@ -267,8 +267,9 @@ class Config:
 
     name: str = "experiment"
     runtime: str = field(default="local", metadata=_choices("local", "flare-sim", "flare-poc"))
-    # local runtime: clients trained at once in forked worker processes that share the frozen
-    # backbone copy-on-write; train.threads (0: all cores) is split between them
+    # local runtime: clients trained at once, by this process and workers-1 forked worker
+    # processes that share the frozen backbone copy-on-write; train.threads (0: all cores) is
+    # split between them
     workers: int = field(default=1, metadata=_range(1, 256))
     seed: int = field(default=0, metadata=_range(0))
     clients: int = field(default=4, metadata=_range(1, 1000))

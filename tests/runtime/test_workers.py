@@ -30,17 +30,23 @@ def test_parallel_workers_equal_sequential_training(tmp_path, tiny_overrides):
 
 
 class _Probe:
-    """An endpoint that reports how a worker handles signals; its client 1 fails."""
+    """An endpoint that reports which process trained and how it handles signals; its client 1
+    fails."""
 
     def handle(self, client, rnd, payload, client_config, state):
+        import os
         import signal
+        import time
 
         if client == 1:
             raise RuntimeError("client 1 broke")
-        return (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)), {}
+        time.sleep(0.2)  # long enough for the forked worker to take some of the tasks
+        return (os.getpid(), signal.getsignal(signal.SIGTERM),
+                signal.getsignal(signal.SIGINT)), {}
 
 
 def test_workers_leave_signals_to_the_parent_and_errors_reach_it():
+    import os
     import signal
 
     import pytest
@@ -51,13 +57,21 @@ def test_workers_leave_signals_to_the_parent_and_errors_reach_it():
         raise KeyboardInterrupt(signum)
 
     old = signal.signal(signal.SIGTERM, raise_interrupt)
-    transport = LocalTransport([0, 1, 2], _Probe(), workers=2, threads=1)
+    transport = LocalTransport(list(range(8)), _Probe(), workers=2, threads=1)
     try:
-        replies = transport.train(0, {0: b"", 2: b""}, {}, lambda reply: None)
-        # SIGTERM (Pool.terminate) ends a worker; Ctrl-C is the parent's to handle
-        assert replies == [(signal.SIG_DFL, signal.SIG_IGN)] * 2
+        jobs = {k: b"" for k in (0, 2, 3, 4, 5, 6, 7)}
+        replies = transport.train(0, jobs, {}, lambda reply: None)
+        assert len(replies) == len(jobs)
+        # this process trains too, and its handlers stay; SIGTERM (Pool.terminate) ends a
+        # worker, and Ctrl-C is the parent's to handle
+        workers = {r[1:] for r in replies if r[0] != os.getpid()}
+        ours = {r[1:] for r in replies if r[0] == os.getpid()}
+        assert workers == {(signal.SIG_DFL, signal.SIG_IGN)}
+        assert ours == {(raise_interrupt, signal.default_int_handler)}
         with pytest.raises(RuntimeError, match="client 1 broke"):
             transport.train(1, {0: b"", 1: b""}, {}, lambda reply: None)
+        # and the next round still runs on both
+        assert len(transport.train(2, jobs, {}, lambda reply: None)) == len(jobs)
     finally:
         transport.close()
         signal.signal(signal.SIGTERM, old)

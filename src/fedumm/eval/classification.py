@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import f1_score, roc_auc_score
 
 from fedumm.eval.vqa_metric import normalize_answer
 
@@ -44,6 +43,10 @@ def classification_metrics(truth: Sequence[str], answers: Sequence[str], classes
     log-likelihood of each class answer. A metric that is undefined on these samples (an AUC
     when the truth holds one class only) is None.
     """
+    # here, not at the top: scikit-learn (and the scipy and pandas it brings) costs ~2 s and
+    # ~90 MiB in every run that imports the evaluation, and only this function needs it
+    from sklearn.metrics import f1_score, roc_auc_score
+
     classes = list(classes)
     if len(classes) < 2:
         raise ValueError(f"a classification task needs at least 2 classes, got {classes}")

@@ -40,7 +40,7 @@ class LocalRuntime:
         self.show_progress = progress
         threads = cfg.train.threads or os.cpu_count() or 1
         per_worker = max(1, threads // cfg.workers)
-        # sequential clients use every thread; forked workers split them
+        # sequential clients use every thread; clients trained at once split them
         torch.set_num_threads(threads)
         self.backbone = load_backbone(cfg)
         fingerprint = self.backbone.fingerprint()  # frozen: hash it once

@@ -38,6 +38,7 @@ from fedumm.fl.lora_aggregation import (
 )
 from fedumm.fl.updates import ClientUpdate
 from fedumm.fl.validate import validate
+from fedumm.runtime.allocator import fix_mmap_threshold
 from fedumm.runtime.experiment import (
     evaluate_states,
     finish_run,
@@ -72,6 +73,10 @@ class Transport(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def training_done(self) -> None:
+        """The rounds are over: free what only training needs before the final evaluation."""
+        ...
 
 
 # --------------------------------------------------------------------------- the wire
@@ -177,11 +182,12 @@ class ClientEndpoint:
 
 class LocalTransport:
     """Every client in this process over the one shared frozen backbone (memory: one model
-    plus K adapter states): one after another, or ``workers`` at a time in worker processes
-    forked after the backbone is built, which share its frozen weights copy-on-write and train
-    with ``threads`` threads each. A client's training depends only on its inputs (its RNG is
-    seeded per client and round), so the results equal sequential training at the same
-    per-client thread count."""
+    plus K adapter states): one after another, or ``workers`` at a time: this process and
+    ``workers - 1`` worker processes forked after the backbone is built, which share its frozen
+    weights copy-on-write. Each of them takes the round's next untrained client until none is
+    left, training with ``threads`` threads. A client's training depends only on its inputs
+    (its RNG is seeded per client and round), so the results equal sequential training at the
+    same per-client thread count."""
 
     def __init__(self, clients: list[ClientData], endpoint: ClientEndpoint, workers: int = 1,
                  threads: int = 1) -> None:
@@ -191,6 +197,7 @@ class LocalTransport:
         self.workers = workers
         self.threads = threads
         self._pool = None
+        self._next = None  # the round's next unclaimed task, shared with the workers
 
     def _work(self, k: int, rnd: int, payload: bytes, client_config: dict[str, Any],
               state: dict | None) -> tuple[Reply, dict]:
@@ -198,32 +205,76 @@ class LocalTransport:
 
     def train(self, rnd: int, jobs: dict[int, bytes], client_config: dict[str, Any],
               on_reply: Callable[[Reply], None]) -> list[Reply]:
-        replies = []
         tasks = [(k, rnd, payload, client_config, self.client_states.get(k))
                  for k, payload in jobs.items()]
         if self.workers > 1 and len(tasks) > 1:
-            results = self._parallel().imap(_pool_task, tasks)
+            results = self._parallel(tasks, on_reply)
         else:
-            results = (self._work(*t) for t in tasks)
-        for (k, *_), (reply, state) in zip(tasks, results, strict=True):
+            results = []
+            for task in tasks:
+                results.append(self._work(*task))
+                on_reply(results[-1][0])
+        for (k, *_), (_, state) in zip(tasks, results, strict=True):
             self.client_states[k] = state
-            on_reply(reply)
-            replies.append(reply)
-        return replies
+        return [reply for reply, _ in results]
 
-    def _parallel(self):
+    def _claim(self) -> int:
+        with self._next.get_lock():
+            i = self._next.value
+            self._next.value += 1
+        return i
+
+    def drain(self, tasks: list[tuple]) -> list[tuple[int, tuple[Reply, dict]]]:
+        """Train the round's unclaimed tasks one by one until none is left."""
+        done = []
+        while (i := self._claim()) < len(tasks):
+            done.append((i, self._work(*tasks[i])))
+        return done
+
+    def _parallel(self, tasks: list[tuple], on_reply: Callable[[Reply], None]
+                  ) -> list[tuple[Reply, dict]]:
+        pool = self._start_workers()
+        self._next.value = 0
+        pending = [pool.apply_async(_pool_drain, (tasks,)) for _ in range(self.workers - 1)]
+        results: dict[int, tuple[Reply, dict]] = {}
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # this process trains like a worker meanwhile
+        try:
+            while (i := self._claim()) < len(tasks):
+                results[i] = self._work(*tasks[i])
+                on_reply(results[i][0])
+        except BaseException:
+            with self._next.get_lock():
+                self._next.value = len(tasks)  # the workers take nothing more
+            for p in pending:
+                p.wait()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+        for p in pending:
+            for i, result in p.get():
+                results[i] = result
+                on_reply(result[0])
+        return [results[i] for i in range(len(tasks))]
+
+    def _start_workers(self):
         if self._pool is None:
             import multiprocessing
 
             global _POOL_TRANSPORT
             _POOL_TRANSPORT = self  # what the forked workers inherit
+            ctx = multiprocessing.get_context("fork")
+            self._next = ctx.Value("i", 0)
             # the collector would touch every object the parent built and copy its pages in
             # each worker: freeze them, so the frozen base and the data stay shared
             gc.collect()
             gc.freeze()
-            self._pool = multiprocessing.get_context("fork").Pool(
-                self.workers, initializer=_worker_init, initargs=(self.threads,))
+            self._pool = ctx.Pool(self.workers - 1, initializer=_worker_init,
+                                  initargs=(self.threads,))
         return self._pool
+
+    def training_done(self) -> None:
+        self.close()  # the workers' memory is not the final evaluation's
 
     def close(self) -> None:
         if self._pool is not None:
@@ -253,10 +304,11 @@ def worker_signals() -> None:
 def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
     worker_signals()
+    fix_mmap_threshold()  # a worker's heap would grow to ~2x what it holds (allocator.py)
 
 
-def _pool_task(task: tuple) -> tuple[Reply, dict]:
-    return _POOL_TRANSPORT._work(*task)
+def _pool_drain(tasks: list[tuple]) -> list[tuple[int, tuple[Reply, dict]]]:
+    return _POOL_TRANSPORT.drain(tasks)
 
 
 # --------------------------------------------------------------------------- server side
@@ -369,6 +421,7 @@ class RoundLoop:
                                "counters": {**acc, "wall_before_s": acc["wall_now_s"]},
                                "fingerprint": self.fingerprint,
                                "config_hash": config_hash})
+        self.transport.training_done()
         t = time.perf_counter()
         final = self._evaluate(states if self.mode == "local" else states[:1], True)
         acc["eval_s"] += time.perf_counter() - t

@@ -125,3 +125,6 @@ class FlareTransport:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def training_done(self) -> None:
+        pass  # the sites stay up until FLARE ends the job
