@@ -183,6 +183,13 @@ def test_cells_in_parallel_give_the_rows_of_a_sequential_sweep(tmp_path):
     assert [r["cell"] for r in on_disk["cells"]] == [r["cell"] for r in seq["cells"]]
     with pytest.raises(ValueError, match="jobs"):
         run_sweep(RAW, tmp_path / "z", run_fn=FakeRun(), jobs=0, log=lambda s: None)
+    # a cell's process cannot fork client workers: refused before anything runs
+    with pytest.raises(ConfigError, match="workers=2 with --jobs 2"):
+        run_sweep(RAW, tmp_path / "w", overrides=["workers=2"], run_fn=FakeRun(), jobs=2,
+                  log=lambda s: None)
+    assert not (tmp_path / "w").exists()
+    run_sweep(RAW, tmp_path / "w1", overrides=["workers=2"], run_fn=FakeRun(), jobs=1,
+              log=lambda s: None)
 
 
 def test_fedmllm_benchmark_config_runs_every_scenario_with_every_method():

@@ -38,7 +38,7 @@ class _Probe:
         import signal
         import time
 
-        if client == 1:
+        if client.client_id == 1:
             raise RuntimeError("client 1 broke")
         time.sleep(0.2)  # long enough for the forked worker to take some of the tasks
         return (os.getpid(), signal.getsignal(signal.SIGTERM),
@@ -57,7 +57,10 @@ def test_workers_leave_signals_to_the_parent_and_errors_reach_it():
         raise KeyboardInterrupt(signum)
 
     old = signal.signal(signal.SIGTERM, raise_interrupt)
-    transport = LocalTransport(list(range(8)), _Probe(), workers=2, threads=1)
+    from types import SimpleNamespace
+
+    clients = [SimpleNamespace(client_id=k, train=[None] * k) for k in range(8)]
+    transport = LocalTransport(clients, _Probe(), workers=2, threads=1)
     try:
         jobs = {k: b"" for k in (0, 2, 3, 4, 5, 6, 7)}
         replies = transport.train(0, jobs, {}, lambda reply: None)
@@ -75,3 +78,26 @@ def test_workers_leave_signals_to_the_parent_and_errors_reach_it():
     finally:
         transport.close()
         signal.signal(signal.SIGTERM, old)
+
+
+def test_trainers_take_the_largest_clients_first():
+    import multiprocessing
+    from types import SimpleNamespace
+
+    from fedumm.runtime.loop import LocalTransport
+
+    sizes = [3, 9, 1, 9, 5]
+    clients = [SimpleNamespace(client_id=k, train=[None] * n) for k, n in enumerate(sizes)]
+    seen = []
+
+    class Record:
+        def handle(self, client, rnd, payload, client_config, state):
+            seen.append(client.client_id)
+            return client.client_id, {}
+
+    transport = LocalTransport(clients, Record(), workers=2)
+    transport._next = multiprocessing.get_context("fork").Value("i", 0)
+    tasks = [(k, 0, b"", {}, None) for k in (4, 3, 2, 1, 0)]  # the jobs' order: 4, 3, 2, 1, 0
+    done = list(transport.drain(tasks, transport.largest_first(tasks)))
+    assert seen == [3, 1, 4, 0, 2]  # 9, 9 (ties: job order), 5, 3, 1
+    assert [tasks[i][0] for i, _ in done] == seen and [r for _, (r, _) in done] == seen

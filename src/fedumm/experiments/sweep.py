@@ -205,6 +205,11 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
             raise ConfigError(f"sweep cell {cell.name}: {exc}") from exc
         cfg.name = f"{base.name}/{cell.name}"
         cfg.sweep = SweepConfig()  # a cell is a plain run; the grid lives in sweep.json
+        if jobs > 1 and cfg.workers > 1:  # a cell's process may not fork workers of its own
+            raise ConfigError(f"sweep cell {cell.name}: workers={cfg.workers} with --jobs "
+                              f"{jobs}; cells run in parallel processes, which cannot start "
+                              "client workers: use either (workers=1 with --jobs N, or "
+                              "--jobs 1 with workers=N)")
         configs[cell.name] = cfg
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

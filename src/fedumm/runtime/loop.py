@@ -17,7 +17,7 @@ import json
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -184,10 +184,10 @@ class LocalTransport:
     """Every client in this process over the one shared frozen backbone (memory: one model
     plus K adapter states): one after another, or ``workers`` at a time: this process and
     ``workers - 1`` worker processes forked after the backbone is built, which share its frozen
-    weights copy-on-write. Each of them takes the round's next untrained client until none is
-    left, training with ``threads`` threads. A client's training depends only on its inputs
-    (its RNG is seeded per client and round), so the results equal sequential training at the
-    same per-client thread count."""
+    weights copy-on-write. Each of them takes the round's next untrained client, largest first,
+    until none is left, training with ``threads`` threads. A client's training depends only on
+    its inputs (its RNG is seeded per client and round), so the results equal sequential
+    training at the same per-client thread count."""
 
     def __init__(self, clients: list[ClientData], endpoint: ClientEndpoint, workers: int = 1,
                  threads: int = 1) -> None:
@@ -224,25 +224,33 @@ class LocalTransport:
             self._next.value += 1
         return i
 
-    def drain(self, tasks: list[tuple]) -> list[tuple[int, tuple[Reply, dict]]]:
-        """Train the round's unclaimed tasks one by one until none is left."""
-        done = []
-        while (i := self._claim()) < len(tasks):
-            done.append((i, self._work(*tasks[i])))
-        return done
+    def largest_first(self, tasks: list[tuple]) -> list[int]:
+        """The order the trainers take the tasks in: the clients with the most training samples
+        first, so that the last ones to start are short and the trainers end close together
+        (the quickstart's 4 clients: the round's longest trainer does 52 % of the samples
+        instead of 57 % in task order)."""
+        return sorted(range(len(tasks)), key=lambda i: -len(self.clients[tasks[i][0]].train))
+
+    def drain(self, tasks: list[tuple], order: list[int]
+              ) -> Iterator[tuple[int, tuple[Reply, dict]]]:
+        """Train the round's unclaimed tasks, in ``order``, until none is left."""
+        while (n := self._claim()) < len(order):
+            yield order[n], self._work(*tasks[order[n]])
 
     def _parallel(self, tasks: list[tuple], on_reply: Callable[[Reply], None]
                   ) -> list[tuple[Reply, dict]]:
         pool = self._start_workers()
+        order = self.largest_first(tasks)
         self._next.value = 0
-        pending = [pool.apply_async(_pool_drain, (tasks,)) for _ in range(self.workers - 1)]
+        pending = [pool.apply_async(_pool_drain, (tasks, order))
+                   for _ in range(self.workers - 1)]
         results: dict[int, tuple[Reply, dict]] = {}
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # this process trains like a worker meanwhile
         try:
-            while (i := self._claim()) < len(tasks):
-                results[i] = self._work(*tasks[i])
-                on_reply(results[i][0])
+            for i, result in self.drain(tasks, order):
+                results[i] = result
+                on_reply(result[0])
         except BaseException:
             with self._next.get_lock():
                 self._next.value = len(tasks)  # the workers take nothing more
@@ -307,8 +315,8 @@ def _worker_init(threads: int) -> None:
     fix_mmap_threshold()  # a worker's heap would grow to ~2x what it holds (allocator.py)
 
 
-def _pool_drain(tasks: list[tuple]) -> list[tuple[int, tuple[Reply, dict]]]:
-    return _POOL_TRANSPORT.drain(tasks)
+def _pool_drain(tasks: list[tuple], order: list[int]) -> list[tuple[int, tuple[Reply, dict]]]:
+    return list(_POOL_TRANSPORT.drain(tasks, order))
 
 
 # --------------------------------------------------------------------------- server side
