@@ -78,7 +78,9 @@ def _client_train(msg, context):
     upd, _ = side["trainer"].train(side["clients"][k], received, rnd, {}, None)
     train_s = time.perf_counter() - t
     tensors = {**received, **{n: v.to(torch.float32) for n, v in upd.tensors.items()}}
-    metrics = MetricRecord({"num-examples": int(sum(upd.num_samples.values())),
+    # Flower's FedAvg weight: the client's training samples (num_samples also counts the
+    # understanding samples that hold their image, a subset, under a key of its own)
+    metrics = MetricRecord({"num-examples": len(side["clients"][k].train),
                             "train_s": train_s, "steps": int(upd.num_steps),
                             "client": k, "pid": side["pid"],
                             **{f"n-{m}": int(n) for m, n in upd.num_samples.items()}})
