@@ -2,12 +2,12 @@
 
 A forked worker grows its own heap while it trains. With glibc's defaults, tensors below a
 threshold that glibc raises up to 32 MiB come from the heap, and training frees and reallocates
-them in an order that leaves the heap about twice as large as what it holds at any time: on the
-quickstart a worker's heap grew by ~134 MiB past the fork for ~66 MiB in use. Tensors from
-256 KiB up served by ``mmap`` go back to the system when freed, so the worker holds about what it
-uses. Measured on the quickstart at K=4, 2 workers (parent + 1 forked): peak PSS of the run
-807-841 MiB with glibc's defaults, 744-745 MiB with the fixed threshold, training time the same
-(19.2-19.4 s vs 19.4-20.4 s); a 128 KiB threshold also saves memory but trains ~18% slower.
+them in an order that leaves the heap far larger than what it holds: on the quickstart a
+worker's heap grew by 134 MiB past the fork while at most 66 MiB more than at the fork was in
+use. Tensors from 256 KiB up served by ``mmap`` go back to the system when freed; the heap then
+grew by 86-92 MiB. Peak PSS of the quickstart with ``workers=2`` (K=4 and 16): 827-868 MiB
+without it, 789-827 MiB with it, training no slower; a 128 KiB threshold saved a little more but
+trained ~18% slower. Numbers and commands: docs/peers.md.
 """
 
 from __future__ import annotations
