@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from fedumm.data.records import ImageRef, Sample
+from fedumm.data.scenarios import UNDERSTANDING
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], left: bool, pad_id: int = 0
@@ -37,21 +38,25 @@ def label_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return (picked * keep).sum(1)
 
 
-def candidate_log_likelihoods(collate: Callable[[list[Sample]], dict],
-                              logits_of: Callable[[dict], torch.Tensor],
+def candidate_log_likelihoods(backbone, logits_of: Callable[[dict], torch.Tensor],
                               images: Sequence[np.ndarray | None], questions: Sequence[str],
                               candidates: Sequence[str], batch_size: int) -> np.ndarray:
-    """(N, C) log-likelihood of each candidate answer per question for a chat backbone whose
+    """(N, C) log-likelihood of each candidate answer per question for a chat backbone: its
     ``collate`` gives the understanding part of a batch (``labels`` marking the answer) and
-    ``logits_of`` its teacher-forced logits: the answers scored as in training."""
+    ``logits_of`` that part's teacher-forced logits, in eval mode: the answers scored as in
+    training."""
+    was = backbone.model.training
+    backbone.model.eval()
     out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
     for s in range(0, len(questions), batch_size):
         refs = [None if im is None else ImageRef(array=im) for im in images[s:s + batch_size]]
         for j, cand in enumerate(candidates):
-            u = collate([Sample(id=f"q{s + i}", task="understanding", text=q, image=r,
-                                answer=cand)
-                         for i, (q, r) in enumerate(zip(questions[s:s + batch_size], refs,
-                                                        strict=True))])
+            u = backbone.collate([Sample(id=f"q{s + i}", task=UNDERSTANDING, text=q, image=r,
+                                         answer=cand)
+                                  for i, (q, r) in enumerate(zip(questions[s:s + batch_size],
+                                                                 refs, strict=True))]
+                                 ).parts[UNDERSTANDING]
             ll = label_log_likelihood(logits_of(u), u["labels"])
             out[s:s + len(refs), j] = ll.double().cpu().numpy()
+    backbone.model.train(was)
     return out

@@ -477,15 +477,10 @@ class JanusBackbone(ModelPlacement):
                            candidates: Sequence[str], batch_size: int = 16) -> np.ndarray:
         """(N, C) log-likelihood of each candidate answer (its tokens and EOS) per question,
         teacher-forced as in training."""
-        was = self.model.training
-        self.model.eval()
-        out = candidate_log_likelihoods(
-            lambda samples: self.collate(samples).parts[UNDERSTANDING],
-            lambda u: self.model(input_ids=u["input_ids"], attention_mask=u["attention_mask"],
-                                 pixel_values=u["pixel_values"]).logits,
+        return candidate_log_likelihoods(
+            self, lambda u: self.model(input_ids=u["input_ids"], attention_mask=u["attention_mask"],
+                                       pixel_values=u["pixel_values"]).logits,
             images, questions, candidates, batch_size)
-        self.model.train(was)
-        return out
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,

@@ -387,14 +387,10 @@ class Blip3oBackbone(ModelPlacement):
                            candidates: Sequence[str], batch_size: int = 16) -> np.ndarray:
         """(N, C) log-likelihood of each candidate answer (its tokens and end token) per
         question, teacher-forced as in training."""
-        was = self.model.training
-        self.model.eval()
-        out = candidate_log_likelihoods(
-            lambda samples: self.collate(samples).parts[UNDERSTANDING],
-            lambda u: self._parts.qwen(**{k: v for k, v in u.items() if k != "labels"}).logits,
+        return candidate_log_likelihoods(
+            self, lambda u: self._parts.qwen(**{k: v for k, v in u.items() if k != "labels"}
+                                             ).logits,
             images, questions, candidates, batch_size)
-        self.model.train(was)
-        return out
 
     def _greedy(self, max_new_tokens: int):
         from transformers import GenerationConfig

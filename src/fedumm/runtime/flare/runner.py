@@ -44,16 +44,13 @@ def _site_env(threads: int) -> dict[str, str]:
 def _check_result(d: RunDirectory, flare_dir: Path) -> dict[str, Any]:
     errors = list((d.path / ERRORS_DIR).glob("*.txt"))
     if errors:
-        def last_line(p: Path) -> str:
-            lines = p.read_text().strip().splitlines()
-            return lines[-1] if lines else "?"
-
+        last = {p: (p.read_text().strip().splitlines() or ["?"])[-1] for p in errors}
         # the cause first: a site whose own error it is, not one FLARE aborted because of it
-        first = min(errors, key=lambda p: ("abort" in last_line(p).lower(),
-                                           p.stat().st_mtime, p.name))
+        first = min(errors, key=lambda p: ("abort" in last[p].lower(), p.stat().st_mtime,
+                                           p.name))
         others = sorted(p.stem for p in errors if p != first)
         also = f"; also stopped: {', '.join(others)}" if others else ""
-        raise FlareRunError(f"{first.stem} failed: {last_line(first)} "
+        raise FlareRunError(f"{first.stem} failed: {last[first]} "
                             f"(traceback: {first}; FLARE logs under {flare_dir}){also}")
     if not d.is_finished():
         logs = sorted(str(p) for p in flare_dir.rglob("log.txt"))[:3]
