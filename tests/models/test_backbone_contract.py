@@ -145,3 +145,39 @@ def test_answer_likelihoods_equal_the_training_loss(kind, samples):
             with torch.no_grad():
                 loss = bb.loss(batch)[UNDERSTANDING].item()
             assert ll[i, j] == pytest.approx(-loss * n, rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_answering_scoring_and_generating_run_in_eval_mode_and_restore_the_mode(kind, samples):
+    """Between training steps: every module runs in eval mode (no dropout), and the model is
+    back in training mode afterwards, also when the call raises."""
+    bb = make(kind)
+    und = [s for s in samples if s.task == UNDERSTANDING][:2]
+    images, questions = [s.load_image() for s in und], [s.text for s in und]
+    calls = {"answer": lambda: bb.answer(images, questions),
+             "answer_likelihoods": lambda: bb.answer_likelihoods(images, questions, ["yes"]),
+             "generate": lambda: bb.generate(["a photo of a red circle"], seed=0)}
+    seen: list[bool] = []
+    fail = {"now": False}
+
+    def record(module, args):
+        seen.append(module.training)
+        if fail["now"]:
+            raise RuntimeError("boom")
+
+    hooks = [m.register_forward_pre_hook(record) for m in bb.model.modules()]
+    try:
+        for name, call in calls.items():
+            bb.model.train()
+            seen.clear()
+            fail["now"] = False
+            call()
+            assert seen and not any(seen), name
+            assert all(m.training for m in bb.model.modules()), name
+            fail["now"] = True
+            with pytest.raises(RuntimeError, match="boom"):
+                call()
+            assert all(m.training for m in bb.model.modules()), name
+    finally:
+        for h in hooks:
+            h.remove()

@@ -45,18 +45,16 @@ def candidate_log_likelihoods(backbone, logits_of: Callable[[dict], torch.Tensor
     ``collate`` gives the understanding part of a batch (``labels`` marking the answer) and
     ``logits_of`` that part's teacher-forced logits, in eval mode: the answers scored as in
     training."""
-    was = backbone.model.training
-    backbone.model.eval()
-    out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
-    for s in range(0, len(questions), batch_size):
-        refs = [None if im is None else ImageRef(array=im) for im in images[s:s + batch_size]]
-        for j, cand in enumerate(candidates):
-            u = backbone.collate([Sample(id=f"q{s + i}", task=UNDERSTANDING, text=q, image=r,
-                                         answer=cand)
-                                  for i, (q, r) in enumerate(zip(questions[s:s + batch_size],
-                                                                 refs, strict=True))]
-                                 ).parts[UNDERSTANDING]
-            ll = label_log_likelihood(logits_of(u), u["labels"])
-            out[s:s + len(refs), j] = ll.double().cpu().numpy()
-    backbone.model.train(was)
+    with backbone.evaluating():
+        out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
+        for s in range(0, len(questions), batch_size):
+            refs = [None if im is None else ImageRef(array=im) for im in images[s:s + batch_size]]
+            for j, cand in enumerate(candidates):
+                u = backbone.collate([Sample(id=f"q{s + i}", task=UNDERSTANDING, text=q, image=r,
+                                             answer=cand)
+                                      for i, (q, r) in enumerate(zip(questions[s:s + batch_size],
+                                                                     refs, strict=True))]
+                                     ).parts[UNDERSTANDING]
+                ll = label_log_likelihood(logits_of(u), u["labels"])
+                out[s:s + len(refs), j] = ll.double().cpu().numpy()
     return out

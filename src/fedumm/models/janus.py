@@ -439,37 +439,36 @@ class JanusBackbone(ModelPlacement):
         (positions skip the left padding, as in training)."""
         from transformers import DynamicCache
 
-        was = self.model.training
-        self.model.eval()
-        eos = self.tokenizer.eos_token_id
-        out: list[str] = []
-        for s in range(0, len(questions), batch_size):
-            imgs = list(images[s:s + batch_size])
-            ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs), left=True)
-            present = [im for im in imgs if im is not None]
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            cache = DynamicCache()
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                pixel_values=self._pixels(present) if present else None,
-                                cache=cache, use_cache=True).logits
-            tokens = [[] for _ in imgs]
-            done = torch.zeros(len(imgs), dtype=torch.bool, device=ids.device)
-            last = positions[:, -1:]
-            for _ in range(max_new_tokens):
-                nxt = logits[:, -1].argmax(-1)
-                for i, t in enumerate(nxt.tolist()):
-                    if not done[i] and t != eos:
-                        tokens[i].append(t)
-                done |= nxt == eos
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, mask.new_ones(len(imgs), 1)], dim=1)
-                last = last + 1
-                logits = self.model(input_ids=nxt[:, None], attention_mask=mask,
-                                    position_ids=last, cache=cache, use_cache=True).logits
-            out += [t.strip() for t in self.tokenizer.batch_decode(tokens,
-                                                                   skip_special_tokens=True)]
-        self.model.train(was)
+        with self.evaluating():
+            eos = self.tokenizer.eos_token_id
+            out: list[str] = []
+            for s in range(0, len(questions), batch_size):
+                imgs = list(images[s:s + batch_size])
+                ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs),
+                                      left=True)
+                present = [im for im in imgs if im is not None]
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                cache = DynamicCache()
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    pixel_values=self._pixels(present) if present else None,
+                                    cache=cache, use_cache=True).logits
+                tokens = [[] for _ in imgs]
+                done = torch.zeros(len(imgs), dtype=torch.bool, device=ids.device)
+                last = positions[:, -1:]
+                for _ in range(max_new_tokens):
+                    nxt = logits[:, -1].argmax(-1)
+                    for i, t in enumerate(nxt.tolist()):
+                        if not done[i] and t != eos:
+                            tokens[i].append(t)
+                    done |= nxt == eos
+                    if bool(done.all()):
+                        break
+                    mask = torch.cat([mask, mask.new_ones(len(imgs), 1)], dim=1)
+                    last = last + 1
+                    logits = self.model(input_ids=nxt[:, None], attention_mask=mask,
+                                        position_ids=last, cache=cache, use_cache=True).logits
+                out += [t.strip() for t in self.tokenizer.batch_decode(tokens,
+                                                                       skip_special_tokens=True)]
         return out
 
     @torch.no_grad()
@@ -487,12 +486,10 @@ class JanusBackbone(ModelPlacement):
                  cfg_scale: float = 5.0, temperature: float = 1.0) -> np.ndarray:
         """Images (N, S, S, 3) uint8 through ``generate(generation_mode="image")`` and
         ``decode_image_tokens``; the global RNG is forked, so training is not disturbed."""
-        was = self.model.training
-        self.model.eval()
         janus = self._janus
         chunks = []
         devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        with self.evaluating(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for s in range(0, len(prompts), batch_size):
                 part = list(prompts[s:s + batch_size])
@@ -504,7 +501,6 @@ class JanusBackbone(ModelPlacement):
                 pixels = janus.decode_image_tokens(codes).float()  # (B, S, S, 3) in [-1, 1]
                 chunks.append(((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
                               .cpu().numpy())
-        self.model.train(was)
         size = self.image_size
         return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
 
