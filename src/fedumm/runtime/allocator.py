@@ -7,7 +7,9 @@ worker's heap grew by 134 MiB past the fork while at most 66 MiB more than at th
 use. Tensors from 256 KiB up served by ``mmap`` go back to the system when freed; the heap then
 grew by 86-92 MiB. Peak PSS of the quickstart with ``workers=2`` (K=4 and 16): 827-868 MiB
 without it, 789-827 MiB with it, training no slower; a 128 KiB threshold saved a little more but
-trained ~18% slower. Numbers and commands: docs/peers.md.
+trained ~18% slower. On Janus-Pro-1B's decoder (4 layers, 640 tokens, LoRA; MBs per activation)
+it trained up to ~8% slower per step and peaked 19% lower (benchmarks/allocator.py). Numbers
+and commands: docs/peers.md.
 """
 
 from __future__ import annotations
