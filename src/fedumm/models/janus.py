@@ -49,6 +49,7 @@ from fedumm.models.protocol import (
     DecoderLayers,
     ModelPlacement,
     check_trainable_preset,
+    in_eval_mode,
     register_backbone,
     resolve_device,
 )
@@ -433,42 +434,41 @@ class JanusBackbone(ModelPlacement):
         return gc
 
     @torch.no_grad()
+    @in_eval_mode
     def answer(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
                batch_size: int = 16, max_new_tokens: int = 8) -> list[str]:
         """Greedy answers: the prompt once, then one token at a time over the KV cache
         (positions skip the left padding, as in training)."""
         from transformers import DynamicCache
 
-        with self.evaluating():
-            eos = self.tokenizer.eos_token_id
-            out: list[str] = []
-            for s in range(0, len(questions), batch_size):
-                imgs = list(images[s:s + batch_size])
-                ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs),
-                                      left=True)
-                present = [im for im in imgs if im is not None]
-                positions = (mask.cumsum(1) - 1).clamp(min=0)
-                cache = DynamicCache()
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    pixel_values=self._pixels(present) if present else None,
-                                    cache=cache, use_cache=True).logits
-                tokens = [[] for _ in imgs]
-                done = torch.zeros(len(imgs), dtype=torch.bool, device=ids.device)
-                last = positions[:, -1:]
-                for _ in range(max_new_tokens):
-                    nxt = logits[:, -1].argmax(-1)
-                    for i, t in enumerate(nxt.tolist()):
-                        if not done[i] and t != eos:
-                            tokens[i].append(t)
-                    done |= nxt == eos
-                    if bool(done.all()):
-                        break
-                    mask = torch.cat([mask, mask.new_ones(len(imgs), 1)], dim=1)
-                    last = last + 1
-                    logits = self.model(input_ids=nxt[:, None], attention_mask=mask,
-                                        position_ids=last, cache=cache, use_cache=True).logits
-                out += [t.strip() for t in self.tokenizer.batch_decode(tokens,
-                                                                       skip_special_tokens=True)]
+        eos = self.tokenizer.eos_token_id
+        out: list[str] = []
+        for s in range(0, len(questions), batch_size):
+            imgs = list(images[s:s + batch_size])
+            ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs), left=True)
+            present = [im for im in imgs if im is not None]
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            cache = DynamicCache()
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                pixel_values=self._pixels(present) if present else None,
+                                cache=cache, use_cache=True).logits
+            tokens = [[] for _ in imgs]
+            done = torch.zeros(len(imgs), dtype=torch.bool, device=ids.device)
+            last = positions[:, -1:]
+            for _ in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1)
+                for i, t in enumerate(nxt.tolist()):
+                    if not done[i] and t != eos:
+                        tokens[i].append(t)
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+                mask = torch.cat([mask, mask.new_ones(len(imgs), 1)], dim=1)
+                last = last + 1
+                logits = self.model(input_ids=nxt[:, None], attention_mask=mask,
+                                    position_ids=last, cache=cache, use_cache=True).logits
+            out += [t.strip() for t in self.tokenizer.batch_decode(tokens,
+                                                                   skip_special_tokens=True)]
         return out
 
     @torch.no_grad()
@@ -482,6 +482,7 @@ class JanusBackbone(ModelPlacement):
             images, questions, candidates, batch_size)
 
     @torch.no_grad()
+    @in_eval_mode
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
                  cfg_scale: float = 5.0, temperature: float = 1.0) -> np.ndarray:
         """Images (N, S, S, 3) uint8 through ``generate(generation_mode="image")`` and
@@ -489,7 +490,7 @@ class JanusBackbone(ModelPlacement):
         janus = self._janus
         chunks = []
         devices = [self.device] if self.device.type == "cuda" else []
-        with self.evaluating(), torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             for s in range(0, len(prompts), batch_size):
                 part = list(prompts[s:s + batch_size])

@@ -18,6 +18,7 @@ interchangeable by ``backbone.kind``:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -262,6 +263,16 @@ class ModelPlacement:
             yield
         finally:
             self.model.train(was)
+
+
+def in_eval_mode(method: Callable) -> Callable:
+    """A backbone method that answers, scores or generates: it runs inside
+    :meth:`ModelPlacement.evaluating`."""
+    @functools.wraps(method)
+    def wrapper(self: ModelPlacement, *args: Any, **kwargs: Any) -> Any:
+        with self.evaluating():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 # --------------------------------------------------------------------------- registry

@@ -55,6 +55,7 @@ from fedumm.models.protocol import (
     DecoderLayers,
     ModelPlacement,
     check_trainable_preset,
+    in_eval_mode,
     register_backbone,
     resolve_device,
 )
@@ -362,22 +363,22 @@ class Blip3oBackbone(ModelPlacement):
 
     # --------------------------------------------------------------- capabilities
     @torch.no_grad()
+    @in_eval_mode
     def answer(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
                batch_size: int = 16, max_new_tokens: int = 8) -> list[str]:
         """Greedy answers through Qwen2.5-VL's ``generate`` (left-padded prompts)."""
-        with self.evaluating():
-            qwen = self._parts.qwen
-            out: list[str] = []
-            for s in range(0, len(questions), batch_size):
-                imgs = list(images[s:s + batch_size])
-                present = [im for im in imgs if im is not None]
-                vision = self._vision(present) if present else {}
-                ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs,
-                                                       vision.get("image_grid_thw")), left=True)
-                tokens = qwen.generate(input_ids=ids, attention_mask=mask, **vision,
-                                       generation_config=self._greedy(max_new_tokens))
-                out += [t.strip() for t in self.tokenizer.batch_decode(
-                    tokens[:, ids.shape[1]:], skip_special_tokens=True)]
+        qwen = self._parts.qwen
+        out: list[str] = []
+        for s in range(0, len(questions), batch_size):
+            imgs = list(images[s:s + batch_size])
+            present = [im for im in imgs if im is not None]
+            vision = self._vision(present) if present else {}
+            ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs,
+                                                   vision.get("image_grid_thw")), left=True)
+            tokens = qwen.generate(input_ids=ids, attention_mask=mask, **vision,
+                                   generation_config=self._greedy(max_new_tokens))
+            out += [t.strip() for t in self.tokenizer.batch_decode(
+                tokens[:, ids.shape[1]:], skip_special_tokens=True)]
         return out
 
     @torch.no_grad()
@@ -397,6 +398,7 @@ class Blip3oBackbone(ModelPlacement):
                                 eos_token_id=self.ids["eos"], pad_token_id=self.ids["pad"])
 
     @torch.no_grad()
+    @in_eval_mode
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8
                  ) -> np.ndarray:
         """Images (N, S, S, 3) uint8: Euler flow-matching steps from seeded noise with
@@ -407,30 +409,29 @@ class Blip3oBackbone(ModelPlacement):
         parts = self._parts
         if parts.decoder is None:
             raise ValueError(NO_GENERATION)
-        with self.evaluating():
-            gen_rng = torch.Generator().manual_seed(seed)
-            g, c = self.dims.grid, self.dims.feature_dim
-            chunks = []
-            for s in range(0, len(prompts), batch_size):
-                part = list(prompts[s:s + batch_size])
-                ids, mask = self._pad(self._prompt_ids(part, [None] * len(part), None), left=True)
-                keep = torch.ones(len(part), device=self.device, dtype=self.dtype)
-                cond = self._condition(ids, mask, keep)
-                both = torch.cat([cond, torch.zeros_like(cond)])
-                x = torch.randn((len(part), c, g, g), generator=gen_rng).to(self.device,
-                                                                            self.dtype)
-                sched = FlowMatchEulerDiscreteScheduler()
-                steps = self.sample_steps
-                sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(),
-                                    device=self.device)
-                for t in sched.timesteps:
-                    sigma = (t / 1000).expand(2 * len(part)).to(self.dtype)
-                    v_c, v_u = self._velocity(torch.cat([x, x]), sigma, both).chunk(2)
-                    x = sched.step(v_u + self.cfg_scale * (v_c - v_u), t, x).prev_sample
-                pixels = parts.decoder(x.float() if parts.decoder.proj.weight.dtype ==
-                                       torch.float32 else x)
-                chunks.append((pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
-                              .permute(0, 2, 3, 1).cpu().numpy())
+        gen_rng = torch.Generator().manual_seed(seed)
+        g, c = self.dims.grid, self.dims.feature_dim
+        chunks = []
+        for s in range(0, len(prompts), batch_size):
+            part = list(prompts[s:s + batch_size])
+            ids, mask = self._pad(self._prompt_ids(part, [None] * len(part), None), left=True)
+            keep = torch.ones(len(part), device=self.device, dtype=self.dtype)
+            cond = self._condition(ids, mask, keep)
+            both = torch.cat([cond, torch.zeros_like(cond)])
+            x = torch.randn((len(part), c, g, g), generator=gen_rng).to(self.device,
+                                                                        self.dtype)
+            sched = FlowMatchEulerDiscreteScheduler()
+            steps = self.sample_steps
+            sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(),
+                                device=self.device)
+            for t in sched.timesteps:
+                sigma = (t / 1000).expand(2 * len(part)).to(self.dtype)
+                v_c, v_u = self._velocity(torch.cat([x, x]), sigma, both).chunk(2)
+                x = sched.step(v_u + self.cfg_scale * (v_c - v_u), t, x).prev_sample
+            pixels = parts.decoder(x.float() if parts.decoder.proj.weight.dtype ==
+                                   torch.float32 else x)
+            chunks.append((pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)
+                          .permute(0, 2, 3, 1).cpu().numpy())
         size = self.image_size
         return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
 

@@ -27,6 +27,7 @@ from fedumm.models.protocol import (
     DecoderLayers,
     ModelPlacement,
     base_state_dict,
+    in_eval_mode,
     state_fingerprint,
 )
 from fedumm.models.reference.text_tokenizer import TextTokenizer
@@ -238,56 +239,56 @@ class ReferenceBackbone(ModelPlacement):
         return pixels, q_ids.to(dev), q_mask.to(dev), present
 
     @torch.no_grad()
+    @in_eval_mode
     def answer(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
                batch_size: int = 64) -> list[str]:
         """Greedy answers; a None image is a missing one (the model's learned placeholder)."""
-        with self.evaluating():
-            tok = self.tokenizer
-            out: list[str] = []
-            for s in range(0, len(questions), batch_size):
-                pixels, q_ids, q_mask, present = self._question_batch(
-                    images[s:s + batch_size], questions[s:s + batch_size])
-                ids = self.model.answer(pixels, q_ids, q_mask, tok.eos_id, image_present=present)
-                out += [tok.decode(x) for x in ids]
+        tok = self.tokenizer
+        out: list[str] = []
+        for s in range(0, len(questions), batch_size):
+            pixels, q_ids, q_mask, present = self._question_batch(
+                images[s:s + batch_size], questions[s:s + batch_size])
+            ids = self.model.answer(pixels, q_ids, q_mask, tok.eos_id, image_present=present)
+            out += [tok.decode(x) for x in ids]
         return out
 
     @torch.no_grad()
+    @in_eval_mode
     def answer_likelihoods(self, images: Sequence[np.ndarray | None], questions: Sequence[str],
                            candidates: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """(N, C) log-likelihood of each candidate answer (its tokens and EOS) per question."""
-        with self.evaluating():
-            tok, dev = self.tokenizer, self.device
-            out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
-            for s in range(0, len(questions), batch_size):
-                pixels, q_ids, q_mask, present = self._question_batch(
-                    images[s:s + batch_size], questions[s:s + batch_size])
-                for j, cand in enumerate(candidates):
-                    a = torch.tensor(tok.encode(cand) + [tok.eos_id], device=dev)
-                    a_ids = a.expand(q_ids.shape[0], -1)
-                    ll = self.model.answer_log_likelihood(pixels, q_ids, q_mask, a_ids,
-                                                          torch.ones_like(a_ids), present)
-                    out[s:s + len(ll), j] = ll.double().cpu().numpy()
+        tok, dev = self.tokenizer, self.device
+        out = np.zeros((len(questions), len(candidates)), dtype=np.float64)
+        for s in range(0, len(questions), batch_size):
+            pixels, q_ids, q_mask, present = self._question_batch(
+                images[s:s + batch_size], questions[s:s + batch_size])
+            for j, cand in enumerate(candidates):
+                a = torch.tensor(tok.encode(cand) + [tok.eos_id], device=dev)
+                a_ids = a.expand(q_ids.shape[0], -1)
+                ll = self.model.answer_log_likelihood(pixels, q_ids, q_mask, a_ids,
+                                                      torch.ones_like(a_ids), present)
+                out[s:s + len(ll), j] = ll.double().cpu().numpy()
         return out
 
     @torch.no_grad()
+    @in_eval_mode
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64,
                  cfg_scale: float = 3.0, temperature: float = 0.7, top_k: int = 20) -> np.ndarray:
         """Images (N, S, S, 3) uint8 for prompts; deterministic in ``seed``."""
-        with self.evaluating():
-            gen = torch.Generator().manual_seed(seed)
-            size, tok, dev = self.config.image_size, self.tokenizer, self.device
-            chunks = []
-            for s in range(0, len(prompts), batch_size):
-                part = prompts[s:s + batch_size]
-                p_ids, p_mask = pad_sequences([tok.encode(p) + [tok.boi_id] for p in part], True)
-                # the unconditional prompt ([BOI] alone), left-padded to the same length
-                n = p_ids.shape[1]
-                u_ids = torch.zeros(len(part), n, dtype=torch.long)
-                u_ids[:, -1] = tok.boi_id
-                u_mask = torch.zeros(len(part), n, dtype=torch.long)
-                u_mask[:, -1] = 1
-                codes = self.model.generate_codes(
-                    p_ids.to(dev), p_mask.to(dev), u_ids.to(dev), u_mask.to(dev),
-                    cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, generator=gen)
-                chunks.append(self.codebook.decode(codes.cpu(), size))
+        gen = torch.Generator().manual_seed(seed)
+        size, tok, dev = self.config.image_size, self.tokenizer, self.device
+        chunks = []
+        for s in range(0, len(prompts), batch_size):
+            part = prompts[s:s + batch_size]
+            p_ids, p_mask = pad_sequences([tok.encode(p) + [tok.boi_id] for p in part], True)
+            # the unconditional prompt ([BOI] alone), left-padded to the same length
+            n = p_ids.shape[1]
+            u_ids = torch.zeros(len(part), n, dtype=torch.long)
+            u_ids[:, -1] = tok.boi_id
+            u_mask = torch.zeros(len(part), n, dtype=torch.long)
+            u_mask[:, -1] = 1
+            codes = self.model.generate_codes(
+                p_ids.to(dev), p_mask.to(dev), u_ids.to(dev), u_mask.to(dev),
+                cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, generator=gen)
+            chunks.append(self.codebook.decode(codes.cpu(), size))
         return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
