@@ -3,8 +3,10 @@
 Runs 12 micro configs (the test suite's micro reference model, seconds each) covering every
 strategy, the baselines, the LoRA modes, heterogeneous ranks, lossy and sparse codecs with
 error feedback, modality scenarios and forked workers, and optionally the quickstart at one
-thread; prints one SHA-256 per run over the exported adapter tensors (sorted names, raw bytes)
-and the exact-aggregation residual where there is one. Run it before and after a change and
+thread; prints per run one SHA-256 over the exported adapter tensors (sorted names, raw bytes)
+and the exact-aggregation residual where there is one, and one over the logged numbers (per
+round: losses, quality, steps, bytes, aggregation errors, rejections; evaluations; the
+summary's traffic). Run it before and after a change and
 compare the two JSON files:
 
     .venv/bin/python benchmarks/adapter_hashes.py --out runs/bench/hashes_before.json
@@ -62,10 +64,29 @@ def adapter_hash(run: Path) -> str:
     return h.hexdigest()
 
 
+# the logged numbers that must not change either (times and memory left out)
+ROUND_KEYS = ("clients", "num_samples", "train_loss", "quality", "steps", "upload_bytes",
+              "aggregation_error", "rejected")
+EVAL_KEYS = ("vqa_accuracy", "geneval_overall", "generation_quality")
+
+
+def numbers_hash(run: Path) -> str:
+    """SHA-256 of the rounds' and evaluations' numbers and the summary's bytes."""
+    rows = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        keys = ROUND_KEYS if m.get("type") == "round" else EVAL_KEYS
+        rows.append({"type": m.get("type"), "round": m.get("round"),
+                     **{k: m.get(k) for k in keys}})
+    comm = json.loads((run / "summary.json").read_text())["communication"]
+    blob = json.dumps([rows, comm], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def run(args: list[str], out: Path) -> str:
     subprocess.run([sys.executable, "-m", "fedumm.cli", "run", *args, "--out", str(out),
                     "--quiet"], check=True)
-    return adapter_hash(out)
+    return f"{adapter_hash(out)} numbers {numbers_hash(out)}"
 
 
 def main() -> None:

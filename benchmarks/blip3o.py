@@ -14,10 +14,10 @@ import torch
 from common import memory_k1_k16, published_sizes, save
 
 from fedumm.config import BackboneConfig
-from fedumm.data.dataset import generate_shapes
-from fedumm.data.readers.shapes import shapes_samples
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
+from fedumm.models.kinds import build_backbone
 from fedumm.models.lora import LoraAdapters
-from fedumm.models.protocol import GENERATION, UNDERSTANDING, build_backbone
+from fedumm.models.protocol import GENERATION, UNDERSTANDING
 
 TINY = ["backbone.device=cpu", "rounds=1", "data.train_scenes=160", "data.val_scenes=10",
         "train.max_steps=4", "train.batch_size=8", "eval.every=0", "eval.max_vqa=10",

@@ -12,7 +12,7 @@ import time
 import torch
 from common import save
 
-from fedumm.fl import codec
+from fedumm.fl import codecs
 
 SPECS = ("float32", "bfloat16", "float16", "int8", "int8b", "nf4", "fp4", "topk:0.1",
          "topk:0.01", "topk:0.05+int8", "topk:0.01+int8", "nf4+zlib", "int8+zlib")
@@ -38,10 +38,10 @@ def main() -> None:
     rows = {}
     for spec in SPECS:
         t = time.perf_counter()
-        payload = codec.encode(x, spec)
+        payload = codecs.encode(x, spec)
         enc = time.perf_counter() - t
         t = time.perf_counter()
-        y = codec.decode(payload)
+        y = codecs.decode(payload)
         dec = time.perf_counter() - t
         err = torch.sqrt(sum(((x[k].double() - y[k].double()) ** 2).sum() for k in x)) / norm
         rows[spec] = {"encode_mb_s": round(mb / enc, 1), "decode_mb_s": round(mb / dec, 1),

@@ -16,10 +16,9 @@ import torch
 from common import OUT, run_config, save
 
 from fedumm.config import TrainConfig, load_config
-from fedumm.data.dataset import generate_shapes
 from fedumm.data.readers import read_samples
-from fedumm.data.readers.shapes import shapes_samples
-from fedumm.eval.model_eval import evaluate_backbone
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
+from fedumm.eval.model_eval import evaluate_backbone, heldout_quality
 from fedumm.fl.client import ClientTrainer, make_client_data
 from fedumm.models.lora import LoraAdapters
 from fedumm.models.reference import ReferenceBackbone as Backbone
@@ -32,7 +31,8 @@ def throughput(bb: Backbone, steps: int = 15) -> float:
     bb.prepare(data)
     n = len(data)
     client = make_client_data(0, data, np.arange(n), np.zeros(n, np.int8), 0.0, 0)
-    trainer = ClientTrainer(ad, TrainConfig(batch_size=32, max_steps=steps), 1, 0)
+    trainer = ClientTrainer(ad, TrainConfig(batch_size=32, max_steps=steps), 1, 0,
+                            heldout_quality)
     trainer.train(client, ad.state(), 0)  # warm-up
     t = time.perf_counter()
     upd, _ = trainer.train(client, ad.state(), 1)

@@ -51,7 +51,9 @@ def _client_side() -> dict[str, Any]:
     if "client" not in _SIDE:
         import torch
 
+        from fedumm.eval.model_eval import heldout_quality
         from fedumm.fl.client import ClientTrainer
+        from fedumm.fl.lora_modes import LoraMode
         from fedumm.runtime.experiment import build_adapters, client_datasets, load_backbone
 
         torch.set_num_threads(1)  # one thread per Flower client process
@@ -60,8 +62,9 @@ def _client_side() -> dict[str, Any]:
         clients, _ = client_datasets(cfg, backbone)
         adapters = build_adapters(cfg, backbone)
         trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed,
-                                freeze_lora_a=cfg.lora.aggregation == "ffa")
-        _SIDE["client"] = {"cfg": cfg, "clients": clients, "trainer": trainer,
+                                heldout_quality)
+        hooks = LoraMode.from_config(cfg.lora).client_hooks(0)  # FFA's frozen A
+        _SIDE["client"] = {"cfg": cfg, "clients": clients, "trainer": trainer, "hooks": hooks,
                            "pid": os.getpid()}
     return _SIDE["client"]
 
@@ -75,7 +78,7 @@ def _client_train(msg, context):
     rnd = int(msg.content["config"]["server-round"]) - 1  # fedumm counts rounds from 0
     received = {n: t.clone() for n, t in msg.content["arrays"].to_torch_state_dict().items()}
     t = time.perf_counter()
-    upd, _ = side["trainer"].train(side["clients"][k], received, rnd, {}, None)
+    upd, _ = side["trainer"].train(side["clients"][k], received, rnd, side["hooks"], None)
     train_s = time.perf_counter() - t
     tensors = {**received, **{n: v.to(torch.float32) for n, v in upd.tensors.items()}}
     # Flower's FedAvg weight: the client's training samples (num_samples also counts the

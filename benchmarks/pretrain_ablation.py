@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from common import OUT, save
 
-from fedumm.data.dataset import generate_shapes
-from fedumm.data.readers.shapes import shapes_samples
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
 from fedumm.eval.model_eval import evaluate_backbone
 from fedumm.models.reference.backbone import ReferenceBackbone
 from fedumm.models.reference.pretrain import PretrainConfig, pretrain

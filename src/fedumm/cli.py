@@ -8,8 +8,50 @@ import signal
 import sys
 from pathlib import Path
 
-from fedumm.config import ConfigError, load_config
+from fedumm.config import Config, ConfigError, load_config
 from fedumm.runtime.run_dir import RunDirError, RunFailedError
+
+# Each subcommand is an ``_add_<name>(sub)`` that declares its parser and binds its handler,
+# ``_cmd_<name>(args)``, defined right below it; ``build_parser`` lists them in help order.
+
+
+def _load(args: argparse.Namespace, *first: str) -> Config:
+    """The config ``args.config`` with the overrides *first*, then ``args.overrides``."""
+    return load_config(args.config, [*first, *args.overrides])
+
+
+def _load_optional(args: argparse.Namespace, *, unless_file: bool = False) -> Config:
+    """``_load`` for an optional CONFIG positional: given only overrides, argparse puts the
+    first one in CONFIG, so a CONFIG with an ``=`` goes back in front of the overrides (not
+    when *unless_file* and a file of that name exists)."""
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not (unless_file and Path(config).is_file()):
+        config, overrides = None, [config, *overrides]
+    return load_config(config, overrides)
+
+
+def _threads() -> None:
+    """Commands that train or run a model use every core."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+
+
+def _add_partition(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("partition", help="split a dataset over clients and show heterogeneity")
+    p.add_argument("--config", help="YAML config (defaults when omitted)")
+    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--alpha", type=float, help="Dirichlet concentration (partition.alpha)")
+    p.add_argument("--method", help="iid | dirichlet | quantity_skew | domain")
+    p.add_argument("--label", help="label key for Dirichlet (answer, question_type, tag, ...)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--out", help="heat map PNG path")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.set_defaults(func=_cmd_partition)
 
 
 def _cmd_partition(args: argparse.Namespace) -> int:
@@ -23,7 +65,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
         overrides.append(f"partition.method={args.method}")
     if args.label is not None:
         overrides.append(f"partition.label={args.label}")
-    cfg = load_config(args.config, overrides + list(args.overrides))
+    cfg = _load(args, *overrides)
     data = read_samples(cfg.data)
     summary = split_clients(data, cfg.partition, cfg.clients, cfg.seed).summary()
     if args.json:
@@ -47,9 +89,26 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="data: check your files; ShapesWorld preview, export")
+    children = data.add_subparsers(dest="data_command", required=True)
+    _add_data_preview(children)
+    _add_data_check(children)
+    _add_data_export(children)
+
+
+def _add_data_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preview", help="PNG grid of samples with their questions / prompts")
+    p.add_argument("--out", default="runs/preview")
+    p.add_argument("--splits", nargs="+", default=["base", "downstream"])
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_preview)
+
+
 def _cmd_data_preview(args: argparse.Namespace) -> int:
-    from fedumm.data.dataset import generate_shapes
-    from fedumm.data.preview import preview_grid
+    from fedumm.data.readers.shapes import generate_shapes
+    from fedumm.experiments.preview import preview_grid
 
     out = Path(args.out)
     for split in args.splits:
@@ -59,15 +118,22 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="read and check a config's data (every record and "
+                       "image path) and print what each role holds")
+    p.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. "
+                   "data.format=files data.understanding=llava.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_data_check)
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from fedumm.data.readers import read_samples
 
-    config, overrides = args.config, list(args.overrides)
-    if config and "=" in config:  # only overrides were given
-        config, overrides = None, [config, *overrides]
-    cfg = load_config(config, overrides)
+    cfg = _load_optional(args)
     report = {}
     for role in ("train", "val"):
         samples = read_samples(cfg.data, role)  # every record and image path is checked
@@ -94,9 +160,23 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write generated data as VQA v2 + GenEval files, or as "
+                       "LLaVA JSON + a metadata.jsonl image folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="official", choices=["official", "llava"],
+                   help="official: VQA v2 + GenEval; llava: llava.json + t2i/metadata.jsonl")
+    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
+    p.add_argument("--role", default="val", choices=["train", "val", "test"])
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_export)
+
+
 def _cmd_data_export(args: argparse.Namespace) -> int:
-    from fedumm.data.dataset import generate_shapes
     from fedumm.data.export import export_conversation_files, export_official
+    from fedumm.data.readers.shapes import generate_shapes
 
     data = generate_shapes(args.split, args.scenes, seed=args.seed, role=args.role,
                            image_size=args.image_size)
@@ -109,16 +189,20 @@ def _cmd_data_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threads(n: int = 0) -> None:
-    import os
-
-    import torch
-
-    torch.set_num_threads(n or os.cpu_count() or 1)
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a federated experiment (runtime=local | flare-sim | "
+                       "flare-poc)")
+    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--out", help="run directory (default runs/<name>)")
+    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run directory")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--json", action="store_true", help="print summary.json")
+    p.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedumm.runtime.local import run_experiment
+    from fedumm.runtime.dispatch import run_experiment
 
     _threads()
     if args.resume:
@@ -130,7 +214,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise ValueError("give a CONFIG (e.g. configs/quickstart.yaml) or --resume DIR")
-        cfg = load_config(args.config, list(args.overrides))
+        cfg = _load(args)
         out = args.out = args.out or f"runs/{cfg.name}"
         summary = run_experiment(cfg, out, progress=not args.quiet)
     if args.json:
@@ -152,6 +236,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="run a grid of experiments (resumable) and report it")
+    p.add_argument("config", help="YAML config; its sweep: section gives the default grid")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value for every cell")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="an axis (repeatable); replaces the config's axis of the same key")
+    p.add_argument("--baseline", action="append", default=[], metavar="'KEY=V ...'",
+                   help="an extra cell (repeatable), e.g. 'strategy.name=centralized clients=1';"
+                   " replaces the config's baselines")
+    p.add_argument("--out", help="sweep directory (default runs/sweep_<config name>)")
+    p.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N cells at once, each in its own process (set train.threads so "
+                   "that N x threads fits the cores; results equal a one-at-a-time sweep at "
+                   "the same threads)")
+    p.set_defaults(func=_cmd_sweep)
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedumm.config import read_yaml
     from fedumm.experiments.sweep import run_sweep
@@ -171,10 +273,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write report.md with plots for a run or a sweep")
+    p.add_argument("dir", help="a run directory or a sweep directory")
+    p.add_argument("--out", help="folder for report.md and PNGs (default: DIR)")
+    p.set_defaults(func=_cmd_report)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fedumm.experiments.report import write_run_report
     from fedumm.experiments.sweep import SWEEP_JSON
     from fedumm.experiments.sweep_report import write_sweep_report
+    from fedumm.runtime.report import write_run_report
 
     src = Path(args.dir)
     if (src / SWEEP_JSON).is_file():
@@ -188,10 +297,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export_flare_job(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-flare-job",
+                       help="write an NVIDIA FLARE job folder for a real deployment")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+    p.add_argument("--out", required=True, help="folder to write the job into")
+    p.add_argument("--site", action="append", default=[], metavar="SITE:KEY=VALUE",
+                   help="an override for one site (repeatable), e.g. "
+                        "site-2:data.understanding=/data/vqa.jsonl; a site given its own "
+                        "data.understanding / data.generation trains on all of it")
+    p.add_argument("--sites", metavar="NAME,NAME,...",
+                   help="the sites' names, one per client (default site-1..site-K; sets "
+                        "clients when not overridden)")
+    p.set_defaults(func=_cmd_export_flare_job)
+
+
 def _cmd_export_flare_job(args: argparse.Namespace) -> int:
     from fedumm.runtime.flare.runner import export_flare_job
 
-    cfg = load_config(args.config, list(args.overrides))
+    cfg = _load(args)
     sites: dict[str, list[str]] = {}
     for item in args.site:
         site, sep, override = item.partition(":")
@@ -207,19 +332,31 @@ def _cmd_export_flare_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_backbone(sub: argparse._SubParsersAction) -> None:
+    backbone = sub.add_parser("backbone", help="backbones: sizes and traffic")
+    children = backbone.add_subparsers(dest="backbone_command", required=True)
+    _add_backbone_info(children)
+
+
+def _add_backbone_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters, adapter and full-model bytes per client-round "
+                       "of a backbone, built on the meta device (no weights needed)")
+    p.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
+    p.add_argument("overrides", nargs="*",
+                   help="overrides, e.g. backbone.kind=janus backbone.preset=janus-pro-7b")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_backbone_info)
+
+
 def _cmd_backbone_info(args: argparse.Namespace) -> int:
     from fedumm.models.info import backbone_info
 
-    overrides = list(args.overrides)
-    config = args.config
-    if config and "=" in config and not Path(config).is_file():  # only overrides were given
-        overrides, config = [config, *overrides], None
-    cfg = load_config(config, overrides)
+    cfg = _load_optional(args, unless_file=True)
     info = backbone_info(cfg.backbone, cfg.lora.r, cfg.lora.groups)
     if args.json:
         print(json.dumps(info))
         return 0
-    from fedumm.experiments.report import fmt_bytes
+    from fedumm.runtime.report import fmt_bytes
 
     print(f"{info['kind']} {info['preset'] or info['path']}: {info['params_total']:,} "
           f"parameters")
@@ -229,6 +366,18 @@ def _cmd_backbone_info(args: argparse.Namespace) -> int:
           f"{fmt_bytes(info['adapter_bytes_per_round']['bfloat16'])} vs full model "
           f"{fmt_bytes(info['full_model_bytes']['bfloat16'])} ({info['full_over_adapter']}x)")
     return 0
+
+
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: the recipe's, PretrainConfig.steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop early past this wall time (default: PretrainConfig.max_minutes)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_pretrain)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
@@ -242,9 +391,20 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="VQA accuracy and GenEval score of a model")
+    p.add_argument("checkpoint", help="'base' (shipped), a checkpoint folder or a run directory")
+    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
+    p.add_argument("--scenes", type=int, default=200)
+    p.add_argument("--max-vqa", type=int, default=400)
+    p.add_argument("--max-gen", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedumm.data.dataset import generate_shapes
-    from fedumm.data.readers.shapes import shapes_samples
+    from fedumm.data.readers.shapes import generate_shapes, shapes_samples
     from fedumm.eval.model_eval import evaluate_backbone
     from fedumm.models.loading import load_for_eval
 
@@ -263,6 +423,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate images from prompts into a PNG grid")
+    p.add_argument("checkpoint", help="'base', a checkpoint folder or a run directory")
+    p.add_argument("prompts", nargs="+")
+    p.add_argument("--out", default="runs/generated.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.set_defaults(func=_cmd_generate)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fedumm.experiments.plots import image_grid
     from fedumm.models.loading import load_for_eval
@@ -274,6 +444,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="official scoring of result files")
+    children = ev.add_subparsers(dest="eval_command", required=True)
+    _add_eval_vqa(children)
+    _add_eval_geneval(children)
+
+
+def _add_eval_vqa(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("vqa", help="official VQA v2 accuracy of a results file")
+    p.add_argument("--questions", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--results", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_vqa)
+
+
 def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     from fedumm.eval.vqa_metric import evaluate_files
 
@@ -282,6 +468,22 @@ def _cmd_eval_vqa(args: argparse.Namespace) -> int:
     print(json.dumps(res) if args.json else
           f"overall {res['overall']}\nper answer type {res['perAnswerType']}")
     return 0
+
+
+def _add_eval_geneval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("geneval", help="GenEval score of images in GenEval's folder layout")
+    p.add_argument("--metadata", required=True, help="evaluation_metadata.jsonl")
+    p.add_argument("--images", required=True, help="folder with <00000>/samples/0000.png")
+    p.add_argument("--detector", default="shapes", choices=["shapes", "hf"],
+                   help="shapes: ShapesWorld's classical detector; hf: Mask2Former + CLIP "
+                        "through transformers ('GenEval (HF detectors)': never compare with "
+                        "the official mmdet scorer's numbers)")
+    p.add_argument("--segmenter", help="hf: local Mask2Former folder "
+                   "(facebook/mask2former-swin-small-coco-instance, saved with save_pretrained)")
+    p.add_argument("--clip", help="hf: local CLIP folder (openai/clip-vit-large-patch14)")
+    p.add_argument("--device", default="cpu", help="hf: cpu, cuda, cuda:N")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_eval_geneval)
 
 
 def _cmd_eval_geneval(args: argparse.Namespace) -> int:
@@ -314,153 +516,17 @@ def build_parser() -> argparse.ArgumentParser:
         "with LoRA adapters.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("partition", help="split a dataset over clients and show heterogeneity")
-    p.add_argument("--config", help="YAML config (defaults when omitted)")
-    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--alpha", type=float, help="Dirichlet concentration (partition.alpha)")
-    p.add_argument("--method", help="iid | dirichlet | quantity_skew | domain")
-    p.add_argument("--label", help="label key for Dirichlet (answer, question_type, tag, ...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--out", help="heat map PNG path")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    p.set_defaults(func=_cmd_partition)
-
-    data = sub.add_parser("data", help="data: check your files; ShapesWorld preview, export"
-                          ).add_subparsers(
-        dest="data_command", required=True)
-    p = data.add_parser("preview", help="PNG grid of samples with their questions / prompts")
-    p.add_argument("--out", default="runs/preview")
-    p.add_argument("--splits", nargs="+", default=["base", "downstream"])
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_data_preview)
-    p = data.add_parser("check", help="read and check a config's data (every record and "
-                        "image path) and print what each role holds")
-    p.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. "
-                   "data.format=files data.understanding=llava.json")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_data_check)
-
-    p = data.add_parser("export", help="write generated data as VQA v2 + GenEval files, or as "
-                        "LLaVA JSON + a metadata.jsonl image folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", default="official", choices=["official", "llava"],
-                   help="official: VQA v2 + GenEval; llava: llava.json + t2i/metadata.jsonl")
-    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
-    p.add_argument("--role", default="val", choices=["train", "val", "test"])
-    p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_data_export)
-
-    p = sub.add_parser("run", help="run a federated experiment (runtime=local | flare-sim | "
-                       "flare-poc)")
-    p.add_argument("config", nargs="?", help="YAML config, e.g. configs/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    p.add_argument("--out", help="run directory (default runs/<name>)")
-    p.add_argument("--resume", metavar="DIR", help="continue an interrupted run directory")
-    p.add_argument("--quiet", action="store_true", help="no progress display")
-    p.add_argument("--json", action="store_true", help="print summary.json")
-    p.set_defaults(func=_cmd_run)
-
-    p = sub.add_parser("export-flare-job",
-                       help="write an NVIDIA FLARE job folder for a real deployment")
-    p.add_argument("config", help="YAML config")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
-    p.add_argument("--out", required=True, help="folder to write the job into")
-    p.add_argument("--site", action="append", default=[], metavar="SITE:KEY=VALUE",
-                   help="an override for one site (repeatable), e.g. "
-                        "site-2:data.understanding=/data/vqa.jsonl; a site given its own "
-                        "data.understanding / data.generation trains on all of it")
-    p.add_argument("--sites", metavar="NAME,NAME,...",
-                   help="the sites' names, one per client (default site-1..site-K; sets "
-                        "clients when not overridden)")
-    p.set_defaults(func=_cmd_export_flare_job)
-
-    p = sub.add_parser("sweep", help="run a grid of experiments (resumable) and report it")
-    p.add_argument("config", help="YAML config; its sweep: section gives the default grid")
-    p.add_argument("overrides", nargs="*", help="config overrides key=value for every cell")
-    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
-                   help="an axis (repeatable); replaces the config's axis of the same key")
-    p.add_argument("--baseline", action="append", default=[], metavar="'KEY=V ...'",
-                   help="an extra cell (repeatable), e.g. 'strategy.name=centralized clients=1';"
-                   " replaces the config's baselines")
-    p.add_argument("--out", help="sweep directory (default runs/sweep_<config name>)")
-    p.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="run N cells at once, each in its own process (set train.threads so "
-                   "that N x threads fits the cores; results equal a one-at-a-time sweep at "
-                   "the same threads)")
-    p.set_defaults(func=_cmd_sweep)
-
-    p = sub.add_parser("report", help="write report.md with plots for a run or a sweep")
-    p.add_argument("dir", help="a run directory or a sweep directory")
-    p.add_argument("--out", help="folder for report.md and PNGs (default: DIR)")
-    p.set_defaults(func=_cmd_report)
-
-    bb = sub.add_parser("backbone", help="backbones: sizes and traffic").add_subparsers(
-        dest="backbone_command", required=True)
-    p = bb.add_parser("info", help="parameters, adapter and full-model bytes per client-round "
-                      "of a backbone, built on the meta device (no weights needed)")
-    p.add_argument("config", nargs="?", help="YAML config (defaults when omitted)")
-    p.add_argument("overrides", nargs="*",
-                   help="overrides, e.g. backbone.kind=janus backbone.preset=janus-pro-7b")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=_cmd_backbone_info)
-
-    p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps (default: the recipe's, PretrainConfig.steps)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop early past this wall time (default: PretrainConfig.max_minutes)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_pretrain)
-
-    p = sub.add_parser("evaluate", help="VQA accuracy and GenEval score of a model")
-    p.add_argument("checkpoint", help="'base' (shipped), a checkpoint folder or a run directory")
-    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
-    p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--max-vqa", type=int, default=400)
-    p.add_argument("--max-gen", type=int, default=120)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_evaluate)
-
-    p = sub.add_parser("generate", help="generate images from prompts into a PNG grid")
-    p.add_argument("checkpoint", help="'base', a checkpoint folder or a run directory")
-    p.add_argument("prompts", nargs="+")
-    p.add_argument("--out", default="runs/generated.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=3.0)
-    p.set_defaults(func=_cmd_generate)
-
-    ev = sub.add_parser("eval", help="official scoring of result files").add_subparsers(
-        dest="eval_command", required=True)
-    p = ev.add_parser("vqa", help="official VQA v2 accuracy of a results file")
-    p.add_argument("--questions", required=True)
-    p.add_argument("--annotations", required=True)
-    p.add_argument("--results", required=True)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_eval_vqa)
-    p = ev.add_parser("geneval", help="GenEval score of images in GenEval's folder layout")
-    p.add_argument("--metadata", required=True, help="evaluation_metadata.jsonl")
-    p.add_argument("--images", required=True, help="folder with <00000>/samples/0000.png")
-    p.add_argument("--detector", default="shapes", choices=["shapes", "hf"],
-                   help="shapes: ShapesWorld's classical detector; hf: Mask2Former + CLIP "
-                        "through transformers ('GenEval (HF detectors)': never compare with "
-                        "the official mmdet scorer's numbers)")
-    p.add_argument("--segmenter", help="hf: local Mask2Former folder "
-                   "(facebook/mask2former-swin-small-coco-instance, saved with save_pretrained)")
-    p.add_argument("--clip", help="hf: local CLIP folder (openai/clip-vit-large-patch14)")
-    p.add_argument("--device", default="cpu", help="hf: cpu, cuda, cuda:N")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd_eval_geneval)
+    _add_partition(sub)
+    _add_data(sub)
+    _add_run(sub)
+    _add_export_flare_job(sub)
+    _add_sweep(sub)
+    _add_report(sub)
+    _add_backbone(sub)
+    _add_pretrain(sub)
+    _add_evaluate(sub)
+    _add_generate(sub)
+    _add_eval(sub)
     return parser
 
 

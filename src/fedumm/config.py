@@ -19,9 +19,21 @@ from typing import Any
 
 import yaml
 
+from fedumm.registry import BACKBONES, CODECS, PARTITIONERS, READERS, STRATEGIES
+
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or is out of range."""
+
+
+# Baselines spelled as strategy names: the runtime decides its mode from them once
+# (fedumm.runtime.modes); they are not registered strategies.
+BASELINE_MODES = ("centralized", "local")
+
+
+def _registered(key: str, value: str, names: list[str], extra: tuple[str, ...] = ()) -> None:
+    if value not in names and value not in extra:
+        raise ConfigError(f"{key}: expected one of {[*names, *extra]}, got {value!r}")
 
 
 def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> dict:
@@ -37,7 +49,7 @@ class DataConfig:
     """Which samples exist: the ShapesWorld generator, or the user's own files (``format=files``,
     read by ``fedumm.data.readers``; formats are detected from the paths)."""
 
-    format: str = field(default="shapes", metadata=_choices("shapes", "files"))
+    format: str = "shapes"  # a registered source (fedumm.registry.READERS): shapes | files
     # ShapesWorld generator (format=shapes)
     split: str = field(default="downstream", metadata=_choices("base", "downstream"))
     # 48 px: a 3x3 layout of 16 px cells, which the reference model's tokens align with
@@ -65,6 +77,8 @@ class DataConfig:
     seed: int = field(default=0, metadata=_range(0))
 
     def validate(self) -> None:
+        sources = [n for n in READERS.names() if READERS.get(n).source is not None]
+        _registered("data.format", self.format, sources)
         if self.format == "files" and not (self.understanding or self.generation):
             raise ConfigError("data.format=files needs data.understanding and/or "
                               "data.generation (a file, folder or glob)")
@@ -78,7 +92,7 @@ class DataConfig:
 
 @dataclass
 class CodecConfig:
-    """Wire codecs per direction (``fedumm.fl.codec.parse_codec`` spellings: float32,
+    """Wire codecs per direction (``fedumm.fl.codecs.parse_codec`` spellings: float32,
     bfloat16, float16, int8, int8b, nf4, fp4, topk:F[+BASE], ...[+zlib]). ``codec=X`` sets
     both directions."""
 
@@ -88,11 +102,9 @@ class CodecConfig:
     error_feedback: bool = True
 
     def validate(self) -> None:
-        from fedumm.fl.codec import parse_codec
-
         for key in ("upload", "download"):
-            try:
-                setattr(self, key, str(parse_codec(getattr(self, key))))
+            try:  # the canonical spelling, resolved step by step through the registry
+                setattr(self, key, str(CODECS.resolve(getattr(self, key))))
             except (ValueError, ImportError) as exc:
                 raise ConfigError(f"codec.{key}: {exc}") from exc
 
@@ -101,7 +113,7 @@ class CodecConfig:
 class BackboneConfig:
     """The frozen foundation model: which kind, from where, on which device and dtype."""
 
-    kind: str = "reference"  # a registered backbone (fedumm.models.protocol.backbone_kinds)
+    kind: str = "reference"  # a registered backbone (fedumm.registry.BACKBONES)
     # checkpoint folder; for the reference backbone "base" is the shipped foundation model
     path: str = "base"
     preset: str = ""  # an architecture at a named size with random weights (instead of path)
@@ -109,11 +121,7 @@ class BackboneConfig:
     dtype: str = field(default="float32", metadata=_choices("float32", "bfloat16"))
 
     def validate(self) -> None:
-        from fedumm.models.protocol import backbone_kinds
-
-        kinds = backbone_kinds()
-        if self.kind not in kinds:
-            raise ConfigError(f"backbone.kind: expected one of {kinds}, got {self.kind!r}")
+        _registered("backbone.kind", self.kind, BACKBONES.names())
         if self.device != "auto":
             import torch
 
@@ -128,9 +136,7 @@ class BackboneConfig:
 class PartitionConfig:
     """How samples are split over clients (see ``fedumm.data.partition``)."""
 
-    method: str = field(
-        default="dirichlet", metadata=_choices("iid", "dirichlet", "quantity_skew", "domain")
-    )
+    method: str = "dirichlet"  # a registered partitioner (fedumm.registry.PARTITIONERS)
     alpha: float = field(default=0.5, metadata=_range(0.0, None, lo_open=True))
     beta: float = field(default=0.5, metadata=_range(0.0, None, lo_open=True))
     label: str = field(
@@ -152,6 +158,7 @@ class PartitionConfig:
     hybrid_q: float = field(default=0.0, metadata=_range(0.0, 1.0))  # hybrid, task_hybrid
 
     def validate(self) -> None:
+        _registered("partition.method", self.method, PARTITIONERS.names())
         if self.scenario == "single_modality":  # renamed when input modalities came in
             raise ConfigError("partition.scenario=single_modality is now called task_split "
                               "(understanding-only and generation-only clients); hybrid now "
@@ -165,10 +172,9 @@ class LoraSettings:
     r: int = field(default=16, metadata=_range(1, 512))
     alpha: int = field(default=32, metadata=_range(1))
     dropout: float = field(default=0.0, metadata=_range(0.0, 0.9))
+    # adapter groups to train: names the backbone declares (checked when it is built)
     groups: list[str] = field(
-        default_factory=lambda: ["vision", "language", "generation", "alignment"],
-        metadata=_choices("vision", "language", "generation", "alignment"),
-    )
+        default_factory=lambda: ["vision", "language", "generation", "alignment"])
     # separate: average A and B (FedAvg of the factors); exact: FedEx-LoRA, the residual of
     # the mean product folded into the frozen weights; ffa: FFA-LoRA, A frozen, B trained
     aggregation: str = field(default="separate", metadata=_choices("separate", "exact", "ffa"))
@@ -184,21 +190,13 @@ class LoraSettings:
             raise ConfigError("lora.client_ranks with lora.aggregation=exact is not supported "
                               "(the residual of mixed ranks is not defined here)")
 
-    def rank_of(self, client_id: int) -> int:
-        """Client ``client_id``'s LoRA rank."""
-        return self.client_ranks[client_id % len(self.client_ranks)] if self.client_ranks \
-            else self.r
-
 
 @dataclass
 class StrategyConfig:
     """Server strategy and client sampling (see ``fedumm.fl.strategies``)."""
 
-    name: str = field(
-        default="fedavg",
-        metadata=_choices("fedavg", "fedumm", "fedprox", "fedavgm", "fedadam", "fedyogi",
-                          "fedadagrad", "scaffold", "centralized", "local"),
-    )
+    # a registered strategy (fedumm.registry.STRATEGIES), or a baseline: centralized | local
+    name: str = "fedavg"
     fraction: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_clients: int = field(default=1, metadata=_range(1))
     mu: float = field(default=0.01, metadata=_range(0.0))
@@ -207,6 +205,9 @@ class StrategyConfig:
     beta1: float = field(default=0.9, metadata=_range(0.0, 1.0))
     beta2: float = field(default=0.99, metadata=_range(0.0, 1.0))
     tau: float = field(default=1e-3, metadata=_range(0.0, None, lo_open=True))
+
+    def validate(self) -> None:
+        _registered("strategy.name", self.name, STRATEGIES.names(), BASELINE_MODES)
 
 
 @dataclass
@@ -286,11 +287,13 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
-        if self.lora.aggregation == "exact" and self.strategy.name not in (
-                "fedavg", "fedumm", "fedprox", "scaffold", "centralized", "local"):
+        name = self.strategy.name
+        if self.lora.aggregation == "exact" and name not in BASELINE_MODES and \
+                not STRATEGIES.get(name).keeps_client_mean:
+            fits = [n for n in STRATEGIES.names() if STRATEGIES.get(n).keeps_client_mean]
             raise ConfigError(f"lora.aggregation=exact folds the mean client model into the "
-                              f"frozen weights; strategy.name={self.strategy.name} moves the "
-                              "server model elsewhere (use fedavg, fedumm, fedprox or scaffold)")
+                              f"frozen weights; strategy.name={name} moves the server model "
+                              f"elsewhere (use {', '.join(fits)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

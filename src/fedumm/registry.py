@@ -1,5 +1,6 @@
 """Registries: one per kind of name a config can give (backbone, strategy, codec, partitioner,
-reader). Adding one is one new module and a registration; config validation asks the registry.
+reader, update-pipeline stage). Adding one is one new module and a registration; config
+validation asks the registry.
 
 A registry sits at the bottom layer with the config so that validation can ask it without
 importing upward. The built-in entries live in higher layers and register themselves on
@@ -30,12 +31,18 @@ class Registry(Generic[T]):
         self.builtins = builtins  # the module whose import registers the built-in entries
         self._entries: dict[str, T] = {}
         self._loaded = False
+        self._loading = False
         self._resolver: Callable[[str], object] | None = None
 
     def _load(self) -> None:
-        if not self._loaded:
-            self._loaded = True  # first: the module's registrations call back into this one
+        if self._loaded or self._loading:  # loading: its registrations call back into here
+            return
+        self._loading = True
+        try:
             importlib.import_module(self.builtins)
+            self._loaded = True  # not before: a failed import is tried again next time
+        finally:
+            self._loading = False
 
     def register(self, name: str, obj: T | None = None) -> Callable[[T], T] | T:
         """Register ``obj`` under ``name``; without ``obj``, a decorator that does it.
@@ -96,4 +103,5 @@ BACKBONES: Registry = Registry("backbone kind", "fedumm.models.builtin")
 STRATEGIES: Registry = Registry("strategy", "fedumm.fl.strategies")
 CODECS: Registry = Registry("codec step", "fedumm.fl.codecs")
 PARTITIONERS: Registry = Registry("partition method", "fedumm.data.partition")
-READERS: Registry = Registry("reader", "fedumm.data.readers")
+READERS: Registry = Registry("reader", "fedumm.data.readers.builtin")
+STAGES: Registry = Registry("pipeline stage", "fedumm.fl.stages")

@@ -3,8 +3,8 @@ from __future__ import annotations
 import json
 
 from fedumm.cli import main
-from fedumm.data.geneval import load_geneval_metadata
-from fedumm.data.vqa_v2 import load_vqa_v2
+from fedumm.data.readers.geneval_files import load_geneval_metadata
+from fedumm.data.readers.vqa_v2_files import load_vqa_v2
 
 
 def test_partition_json_contract(capsys):

@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 from fedumm.cli import main
-from fedumm.data.dataset import generate_shapes
 from fedumm.data.export import export_official
+from fedumm.data.readers.shapes import generate_shapes
 
 
 def test_run_then_evaluate_the_run_directory(tmp_path, capsys, micro_checkpoint, tiny_overrides):

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedumm.data.geneval import (
+from fedumm.data.readers.geneval_files import (
     GenEvalFormatError,
+    GenEvalRecord,
     geneval_image_path,
     list_geneval_samples,
     load_geneval_metadata,
@@ -17,7 +18,6 @@ from fedumm.data.geneval import (
     write_geneval_metadata,
     write_geneval_sample_dir,
 )
-from fedumm.data.records import GenEvalRecord
 
 GENEVAL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "geneval"
 METADATA = GENEVAL_DIR / "evaluation_metadata.jsonl"

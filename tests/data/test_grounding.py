@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import generate_shapes
 from fedumm.data.render import GRID
 from fedumm.data.world import grounding_labels
 

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from fedumm.config import ConfigError, load_config
+from fedumm.data.official import VQARecord
 from fedumm.data.readers import DataFileError, heldout_split, read_samples
-from fedumm.data.records import VQARecord
+from fedumm.data.readers.vqa_v2_files import write_vqa_v2
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
-from fedumm.data.vqa_v2 import write_vqa_v2
 
 QA = [("What color is the ball?", "red"), ("How many dogs are there?", "2"),
       ("Is it raining?", "yes")]

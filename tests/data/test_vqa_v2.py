@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedumm.data.records import VQARecord
-from fedumm.data.vqa_v2 import (
+from fedumm.data.readers.vqa_v2_files import (
+    VQARecord,
     annotations_filename,
     image_filename,
     load_vqa_v2,

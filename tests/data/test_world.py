@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from fedumm.data.dataset import generate_shapes, subset_samples
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
 from fedumm.data.render import COLORS, SHAPES, SceneObject, object_id_map, render_scene
 from fedumm.data.world import SPLITS, sample_prompt
 from fedumm.eval.geneval import Detection, evaluate_image
@@ -113,15 +113,20 @@ def test_object_id_map_matches_rendered_pixels():
     assert Counter(ids.ravel().tolist())[-1] > 0
 
 
-def test_subset_and_labels_cover_both_modalities():
+def test_samples_cover_both_modalities_with_every_label():
     data = generate_shapes("downstream", 20, seed=0)
-    assert data.num_samples == len(data.vqa) + len(data.gen)
-    labels = data.labels("answer")
-    assert labels[len(data.vqa)].startswith("gen/")
-    sub = subset_samples(data, [0, len(data.vqa)])
-    assert len(sub.vqa) == 1 and len(sub.gen) == 1
-    with pytest.raises(ValueError, match="unknown label key 'colour'"):
-        data.labels("colour")
+    samples = shapes_samples(data)
+    assert len(samples) == len(data.vqa) + len(data.gen)
+    assert [s.task for s in samples] == (["understanding"] * len(data.vqa)
+                                         + ["generation"] * len(data.gen))
+    keys = ["answer", "question_type", "answer_type", "family", "tag", "object_class", "domain"]
+    assert all(list(s.labels) == keys for s in samples)
+    first_gen = samples[len(data.vqa)]
+    assert first_gen.labels["answer"] == f"gen/{data.gen[0].tag}"
+    assert first_gen.spec == data.gen[0].to_json()
+    assert samples[0].labels["tag"] == f"vqa/{data.vqa[0].answer_type}"
+    assert samples[0].labels["object_class"] == data.scene(data.vqa[0].image_id)[0].shape
+    assert samples[0].labels["domain"] == data.domain(data.vqa[0].image_id)
 
 
 def test_scene_text_describes_only_objects_of_the_scene_and_changes_nothing_else():

@@ -7,8 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedumm.data.geneval import geneval_image_path, write_geneval_metadata, write_geneval_sample_dir
-from fedumm.data.records import GenEvalRecord
+from fedumm.data.readers.geneval_files import (
+    GenEvalRecord,
+    geneval_image_path,
+    write_geneval_metadata,
+    write_geneval_sample_dir,
+)
 from fedumm.eval.geneval import (
     Detection,
     evaluate_image,

@@ -22,7 +22,7 @@ from transformers import (
     SwinConfig,
 )
 
-from fedumm.data.records import GenEvalRecord
+from fedumm.data.official import GenEvalRecord
 from fedumm.eval.geneval import Detection, score_geneval
 from fedumm.eval.hf_detector import (
     COLOR_TEMPLATES,
@@ -386,8 +386,8 @@ def test_cli_scores_a_geneval_folder_with_the_hf_detectors(folders, tmp_path, ca
     import json
 
     from fedumm.cli import main
-    from fedumm.data.dataset import generate_shapes
     from fedumm.data.export import export_official
+    from fedumm.data.readers.shapes import generate_shapes
 
     seg_dir, clip_dir = folders
     data = generate_shapes("downstream", 3, seed=0, role="val", image_size=48)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedumm.data.records import GENEVAL_TAGS
+from fedumm.data.official import GENEVAL_TAGS
 from fedumm.data.render import BACKGROUND, SceneObject, render_scene
 from fedumm.data.world import get_split, sample_prompt, sample_scene
 from fedumm.eval.geneval import Detection, evaluate_image, score_geneval

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fedumm.data.records import VQARecord
+from fedumm.data.official import VQARecord
 from fedumm.eval.vqa_metric import evaluate, evaluate_files, normalize_answer, score_answers
 
 

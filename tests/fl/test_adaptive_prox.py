@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fedumm.config import load_config
-from fedumm.fl.client import ClientTrainer, middle_layer_keys
+from fedumm.eval.model_eval import heldout_quality
+from fedumm.fl.client import ClientTrainer
+from fedumm.fl.strategies.fedprox import middle_layer_keys
 from fedumm.models.protocol import DecoderLayers
 
 DECODER = DecoderLayers(r"language_model\.layers\.(\d+)\.", 6)
@@ -32,8 +34,8 @@ def _train(tiny_overrides, *overrides):
     adapters = build_adapters(cfg, backbone)
     clients, _ = client_datasets(cfg, backbone)
     start = {k: v.clone() for k, v in adapters.state().items()}
-    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed)
-    update, _ = trainer.train(clients[0], start, 0)
+    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed, heldout_quality)
+    update, _ = trainer.train(clients[0], start, 0, trainer.config_hooks())
     return update.tensors, start, backbone.decoder_layers, trainer
 
 

@@ -1,4 +1,4 @@
-"""fedumm.fl.codec: spellings, per-codec error bounds, sizes, determinism, error feedback."""
+"""fedumm.fl.codecs: spellings, per-codec error bounds, sizes, determinism, error feedback."""
 
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ import zlib
 import pytest
 import torch
 
-from fedumm.fl import codec
-from fedumm.fl.codec import (
+from fedumm.fl import codecs
+from fedumm.fl.codecs import (
     FP4_TABLE,
     NF4_TABLE,
     CodecSpec,
     ErrorFeedback,
     bytes_per_value,
+    carries_values,
     decode,
     encode,
     parse_codec,
@@ -85,6 +86,13 @@ def test_parse_fields() -> None:
 def test_bad_spellings_list_accepted_forms(text: str) -> None:
     with pytest.raises(ValueError, match="accepted spellings"):
         parse_codec(text)
+
+
+def test_carries_values_only_for_dense_plain_casts() -> None:
+    assert all(carries_values(t) for t in ("float32", "bfloat16", "float16+zlib"))
+    assert carries_values(parse_codec("float16"))
+    assert not any(carries_values(t) for t in ("topk:0.5", "topk:1.0+bfloat16", "int8", "int8b",
+                                                "nf4+zlib", "fp4"))
 
 
 def test_topk_keep_counts() -> None:
@@ -264,7 +272,7 @@ def test_deterministic(text: str) -> None:
 
 def test_deterministic_across_processes() -> None:
     # safetensors orders several metadata keys differently per process; one key keeps bytes stable
-    code = ("import hashlib, torch; from fedumm.fl.codec import encode; "
+    code = ("import hashlib, torch; from fedumm.fl.codecs import encode; "
             "g = torch.Generator().manual_seed(0); "
             "x = {'b': torch.randn(70, generator=g), 'a': torch.randn(3, 5, generator=g)}; "
             "print(hashlib.sha256(encode(x, 'topk:0.5+nf4+zlib')).hexdigest())")
@@ -403,5 +411,5 @@ def test_error_feedback_state_dict_roundtrip_and_missing_keys() -> None:
 
 
 def test_throughput_helper_reports_rates() -> None:
-    out = codec.throughput("nf4", numel=10_000)
+    out = codecs.throughput("nf4", numel=10_000)
     assert out["bytes"] > 0 and out["encode_mb_s"] > 0 and out["decode_mb_s"] > 0

@@ -10,7 +10,6 @@ import torch
 
 from fedumm.config import StrategyConfig
 from fedumm.fl.strategies import (
-    STRATEGIES,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -25,6 +24,7 @@ from fedumm.fl.strategies.scaffold import client_control_update
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
 from fedumm.models.protocol import IMAGE_INPUTS
 from fedumm.models.reference import REFERENCE_GROUPS as REF
+from fedumm.registry import STRATEGIES
 
 V = "base_model.model.vision_model.encoder.layers.0.self_attn.q_proj.lora_A.weight"
 L = "base_model.model.language_model.layers.0.mlp.up_proj.lora_B.weight"
@@ -54,11 +54,14 @@ def close(a: torch.Tensor, *expected: float) -> bool:
 # -- registry ----------------------------------------------------------------------------------
 
 def test_build_strategy_names() -> None:
-    for name, cls in STRATEGIES.items():
+    assert STRATEGIES.names() == sorted(["fedavg", "fedumm", "fedprox", "fedavgm", "fedadam",
+                                         "fedyogi", "fedadagrad", "scaffold"])
+    for name in STRATEGIES:
         s = build_strategy(StrategyConfig(name=name), num_clients=4, seed=0, groups=REF)
-        assert type(s) is cls and s.name == name
-    for baseline in ("centralized", "local"):
-        assert type(build_strategy(StrategyConfig(name=baseline), 4, 0, groups=REF)) is FedAvg
+        assert type(s) is STRATEGIES.get(name) and s.name == name
+    for baseline in ("centralized", "local"):  # run modes, not strategies
+        with pytest.raises(ValueError, match="unknown strategy"):
+            build_strategy(StrategyConfig(name=baseline), 4, 0, groups=REF)
     with pytest.raises(ValueError, match="fedavg.*scaffold"):
         build_strategy(StrategyConfig(name="fedsgd"), 4, 0, groups=REF)
 

@@ -10,18 +10,17 @@ import pytest
 import torch
 
 from fedumm.config import BackboneConfig
-from fedumm.data.dataset import generate_shapes
-from fedumm.data.readers.shapes import shapes_samples
-from fedumm.fl import codec
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
+from fedumm.eval.model_eval import heldout_quality
+from fedumm.fl import codecs
 from fedumm.models.info import adapter_parameters
+from fedumm.models.kinds import backbone_kinds, build_backbone
 from fedumm.models.lora import LoraAdapters
 from fedumm.models.protocol import (
     GENERATION,
     UNDERSTANDING,
     Backbone,
-    backbone_kinds,
     base_state_dict,
-    build_backbone,
 )
 
 PRESETS = {"reference": "micro", "janus": "tiny", "blip3o": "tiny"}
@@ -96,7 +95,7 @@ def test_group_state_round_trips_bit_exactly(kind):
             p.add_(torch.randn_like(p))
     for group in a.groups:
         state = a.state([group])
-        received, _ = codec.roundtrip(state)
+        received, _ = codecs.roundtrip(state)
         b = LoraAdapters(make(kind), r=4, alpha=8, seed=1)
         b.load_state(received)
         assert all(torch.equal(b.params[k], v) for k, v in state.items())
@@ -114,8 +113,10 @@ def test_answer_generate_quality_and_fingerprint(kind, samples):
                for im in images)
     again = bb.generate(["a photo of a red circle", "a photo of two squares"], seed=1)
     assert np.array_equal(np.asarray(images), np.asarray(again))
-    q = bb.quality(samples)
+    q = heldout_quality(bb, samples)
     assert set(q) == {UNDERSTANDING, GENERATION} and all(0.0 <= v <= 1.0 for v in q.values())
+    gen = [s for s in samples if s.task == GENERATION]
+    assert q[GENERATION] == bb.generation_quality(gen) == bb.generation_quality(gen)
     before = bb.fingerprint()
     bb2 = make(kind)
     assert bb2.fingerprint() == before

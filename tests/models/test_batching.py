@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import generate_shapes
 from fedumm.data.render import BACKGROUND, COLORS
 from fedumm.models.reference.pretrain_batches import SampleEncoder
 from fedumm.models.reference.text_tokenizer import TextTokenizer

@@ -13,13 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedumm.config import BackboneConfig, config_from_dict
-from fedumm.data.dataset import generate_shapes
-from fedumm.data.readers.shapes import shapes_samples
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
 from fedumm.models.blip3o.backbone import Blip3oBackbone
 from fedumm.models.info import backbone_info
+from fedumm.models.kinds import build_backbone
 from fedumm.models.lora import LoraAdapters
-from fedumm.models.protocol import GENERATION, UNDERSTANDING, base_state_dict, build_backbone
-from fedumm.runtime.local import run_experiment
+from fedumm.models.protocol import GENERATION, UNDERSTANDING, base_state_dict
+from fedumm.runtime.dispatch import run_experiment
 
 
 def tiny() -> Blip3oBackbone:
@@ -66,11 +66,29 @@ def test_a_dropped_prompt_zeroes_the_condition_and_guidance_changes_samples(samp
     assert not np.array_equal(guided, plain)
 
 
+def test_the_sampling_scheduler_is_a_component_the_backbone_is_given():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    bb = tiny()
+    assert isinstance(bb.scheduler, FlowMatchEulerDiscreteScheduler)
+    default = bb.generate(["a red circle"], seed=2)
+    given = Blip3oBackbone(bb.model, bb.tokenizer, bb.processor,
+                           scheduler=FlowMatchEulerDiscreteScheduler())
+    assert np.array_equal(given.generate(["a red circle"], seed=2), default)
+    shifted = Blip3oBackbone(bb.model, bb.tokenizer, bb.processor,
+                             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    assert not np.array_equal(shifted.generate(["a red circle"], seed=2), default)
+    # sampling runs on copies: the given scheduler keeps its initial state
+    assert bb.scheduler.step_index is None
+    assert torch.equal(bb.scheduler.timesteps, FlowMatchEulerDiscreteScheduler().timesteps)
+    assert np.array_equal(bb.generate(["a red circle"], seed=2), default)
+
+
 def test_generation_training_lowers_the_heldout_flow_loss(samples):
     bb = tiny()
     ad = LoraAdapters(bb, r=4, alpha=8, groups=["generation", "alignment"], seed=0)
     gen = [s for s in samples if s.task == GENERATION]
-    before = bb.quality(gen)[GENERATION]
+    before = bb.generation_quality(gen)
     opt = torch.optim.AdamW(ad.trainable_parameters(), lr=1e-2)
     batch = bb.collate(gen)
     for step in range(15):
@@ -79,7 +97,7 @@ def test_generation_training_lowers_the_heldout_flow_loss(samples):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert bb.quality(gen)[GENERATION] > before
+    assert bb.generation_quality(gen) > before
 
 
 def test_checkpoint_folder_is_in_the_published_layout_and_loads_back(folder):

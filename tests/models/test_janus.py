@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from fedumm.config import BackboneConfig, config_from_dict
-from fedumm.data.dataset import generate_shapes
 from fedumm.data.readers import read_samples
-from fedumm.data.readers.shapes import shapes_samples
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
 from fedumm.models.info import backbone_info
 from fedumm.models.janus import JanusBackbone
-from fedumm.models.protocol import build_backbone
-from fedumm.runtime.local import run_experiment
+from fedumm.models.kinds import build_backbone
+from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.run_dir import RunDirectory
 
 

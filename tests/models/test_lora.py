@@ -3,9 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedumm.data.dataset import generate_shapes
-from fedumm.data.readers.shapes import shapes_samples
-from fedumm.fl import codec
+from fedumm.data.readers.shapes import generate_shapes, shapes_samples
+from fedumm.fl import codecs
 from fedumm.models.lora import LoraAdapters
 from fedumm.models.reference import REFERENCE_GROUPS
 from fedumm.models.reference.micro import MICRO_IMAGE_SIZE, micro_backbone
@@ -57,8 +56,8 @@ def test_group_state_round_trip_through_the_wire_is_bit_exact(adapters):
         for p in adapters.params.values():
             p.add_(torch.randn_like(p))
     state = adapters.state(["vision", "alignment"])
-    received, nbytes = codec.roundtrip(state)
-    assert nbytes == len(codec.encode(state))
+    received, nbytes = codecs.roundtrip(state)
+    assert nbytes == len(codecs.encode(state))
     other = LoraAdapters(micro_backbone(0), r=4, alpha=8, seed=1)
     other.load_state(received)
     for k, v in state.items():

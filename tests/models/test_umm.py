@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import generate_shapes
 from fedumm.models.protocol import state_fingerprint
 from fedumm.models.reference.backbone import ReferenceBackbone
 from fedumm.models.reference.micro import MICRO_IMAGE_SIZE, micro_backbone

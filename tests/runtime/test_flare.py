@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from fedumm.cli import main
 from fedumm.config import ConfigError, config_from_dict
 from fedumm.models.reference.micro import MICRO_IMAGE_SIZE
+from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.flare.job import build_job
 from fedumm.runtime.flare.runner import FlareRunError, export_flare_job, run_flare_sim
-from fedumm.runtime.local import run_experiment
 from fedumm.runtime.run_dir import RunDirectory, RunDirError
 
 
@@ -145,8 +145,8 @@ def test_export_with_named_sites_and_their_own_data(tmp_path, tiny_overrides, ca
 
 
 def test_a_named_site_with_its_own_data_trains_on_all_of_it(tmp_path, tiny_overrides):
-    from fedumm.data.dataset import generate_shapes
     from fedumm.data.export import export_official
+    from fedumm.data.readers.shapes import generate_shapes
 
     own = generate_shapes("downstream", 12, seed=5, role="train", image_size=MICRO_IMAGE_SIZE)
     vqa = export_official(own, tmp_path / "hospital", "train2014")["vqa"]

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
 from fedumm.experiments.sweep import parse_method
+from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.experiment import build_adapters, load_backbone
-from fedumm.runtime.local import run_experiment
 
 SCENARIOS = ("none", "missing_modality", "cross_modal", "hybrid", "task_split")
 BENCH = yaml.safe_load(Path("configs/fedmllm_benchmark.yaml").read_text())

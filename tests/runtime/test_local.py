@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
-from fedumm.fl import codec
-from fedumm.runtime.local import LocalRuntime, run_experiment
+from fedumm.fl import codecs
+from fedumm.runtime.dispatch import run_experiment
+from fedumm.runtime.local import LocalRuntime
 from fedumm.runtime.run_dir import RunDirError
 
 SUMMARY_KEYS = [
@@ -48,9 +49,9 @@ def test_bytes_are_the_payload_lengths(tmp_path, tiny_overrides):
     adapters = load_file(str(tmp_path / "run" / "adapters" / "adapter_model.safetensors"))
     comm = summary["communication"]
     # every client trains every group here, so upload == download == the whole adapter state
-    assert comm["download_bytes_per_client_round"] == len(codec.encode(adapters))
-    assert comm["upload_bytes_per_client_round"] == len(codec.encode(adapters))
-    assert comm["total_bytes"] == 2 * 2 * 2 * len(codec.encode(adapters))
+    assert comm["download_bytes_per_client_round"] == len(codecs.encode(adapters))
+    assert comm["upload_bytes_per_client_round"] == len(codecs.encode(adapters))
+    assert comm["total_bytes"] == 2 * 2 * 2 * len(codecs.encode(adapters))
     numel = sum(v.numel() for v in adapters.values())
     assert 4 * numel < comm["upload_bytes_per_client_round"] < 4 * numel * 1.05 + 4096
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedumm.config import ConfigError, config_from_dict
-from fedumm.runtime.local import run_experiment
+from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.run_dir import RunDirectory
 
 

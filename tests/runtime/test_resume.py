@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
 from fedumm.fl.client import ClientTrainer
-from fedumm.runtime.local import run_experiment
+from fedumm.runtime.dispatch import run_experiment
 
 
 def _adapters(run):

@@ -8,7 +8,7 @@ import yaml
 
 from fedumm.config import config_from_dict
 from fedumm.fl.client import ClientTrainer
-from fedumm.runtime.local import run_experiment
+from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.run_dir import RunDirectory, RunDirError
 
 

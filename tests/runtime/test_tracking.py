@@ -179,7 +179,7 @@ def test_a_tracking_failure_warns_once_and_the_run_goes_on(tmp_path, monkeypatch
 
 def _tiny(tmp_path, overrides, name):
     from fedumm.config import config_from_dict
-    from fedumm.runtime.local import run_experiment
+    from fedumm.runtime.dispatch import run_experiment
 
     out = tmp_path / name
     run_experiment(config_from_dict({"name": "t"}, overrides), out, progress=False)
@@ -203,7 +203,7 @@ def test_a_tiny_run_writes_tensorboard_scalars(tmp_path, tiny_overrides):
 def test_a_tiny_run_resumed_after_a_crash_has_the_same_curves(tmp_path, tiny_overrides,
                                                             monkeypatch):
     from fedumm.fl.client import ClientTrainer
-    from fedumm.runtime.local import run_experiment
+    from fedumm.runtime.dispatch import run_experiment
 
     overrides = [*tiny_overrides, "rounds=3"]
     full = _tiny(tmp_path, overrides, "full")

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from fedumm.config import config_from_dict
-from fedumm.fl import codec
-from fedumm.fl.validate import validate
-from fedumm.runtime import loop
-from fedumm.runtime.local import LocalRuntime, run_experiment
+from fedumm.fl import codecs as codec
+from fedumm.fl.endpoint import ClientEndpoint
+from fedumm.fl.pipeline import DELTA, Pipeline, Reply, ReplyMeta, Stage, Upload
+from fedumm.fl.stages import validate
+from fedumm.runtime.dispatch import run_experiment
+from fedumm.runtime.local import LocalRuntime
 from fedumm.runtime.run_dir import RunDirectory
 
 
@@ -37,9 +39,8 @@ def test_a_sparse_codec_sends_deltas_with_error_feedback(tmp_path, tiny_override
 def test_the_server_adds_a_decoded_delta_to_what_the_client_received():
     received = {"a": torch.tensor([1.0, 2.0, 3.0])}
     delta = {"a": torch.tensor([0.5, 0.0, -1.0])}
-    reply = loop.Reply(0, codec.encode(delta, "int8"), {"num_samples": {"understanding": 1},
-                                                        "form": "delta"})
-    upd = loop.receive(reply, received)
+    reply = Reply(0, codec.encode(delta, "int8"), ReplyMeta({"understanding": 1}, form=DELTA))
+    upd = Pipeline.from_config(_cfg([], "codec=int8")).receive(reply, received)
     torch.testing.assert_close(upd.tensors["a"], received["a"] + codec.roundtrip(delta,
                                                                                   "int8")[0]["a"])
     assert upd.upload_bytes == len(reply.payload)
@@ -52,8 +53,9 @@ def test_validation_names_what_is_wrong():
     assert "shape (3, 2), expected (2, 3)" in validate({"a": torch.ones(3, 2)}, expected)
     assert "unknown adapter tensors ['b']" in validate({"b": torch.ones(1)}, expected)
     assert "dtype" in validate({"a": torch.ones(2, 3, dtype=torch.int64)}, expected)
-    reply = loop.Reply(0, b"not a payload", {"num_samples": {}})
-    assert loop.receive(reply, expected).startswith("undecodable payload")
+    reply = Reply(0, b"not a payload", ReplyMeta())
+    assert Pipeline.from_config(_cfg([])).receive(reply, expected).startswith(
+        "undecodable payload")
 
 
 def _diverge(client_id):
@@ -79,7 +81,7 @@ def _diverge(client_id):
 ])
 def test_a_malformed_update_is_rejected_with_its_reason_and_the_run_finishes(
         tmp_path, tiny_overrides, monkeypatch, corrupt, reason):
-    real = loop.ClientEndpoint.handle
+    real = ClientEndpoint.handle
 
     def handle(self, client, rnd, payload, client_config, client_state):
         reply, state = real(self, client, rnd, payload, client_config, client_state)
@@ -93,7 +95,7 @@ def test_a_malformed_update_is_rejected_with_its_reason_and_the_run_finishes(
 
         monkeypatch.setattr(ClientTrainer, "train", _diverge(1))
     else:
-        monkeypatch.setattr(loop.ClientEndpoint, "handle", handle)
+        monkeypatch.setattr(ClientEndpoint, "handle", handle)
     summary = run_experiment(_cfg(tiny_overrides), tmp_path / "run", progress=False)
     metrics = RunDirectory(tmp_path / "run").metrics()
     rejected = [m for m in metrics if m["type"] == "rejected"]
@@ -106,29 +108,37 @@ def test_a_malformed_update_is_rejected_with_its_reason_and_the_run_finishes(
     assert torch.isfinite(torch.tensor(summary["final"]["vqa_accuracy"]))
 
 
-def test_the_client_pipeline_applies_its_transforms_before_the_codec(tmp_path, tiny_overrides):
-    """The privacy slot: a transform sees the trained and the received adapters."""
-    from fedumm.fl.client import ClientTrainer
-    from fedumm.runtime.experiment import build_adapters, client_datasets, load_backbone
+class Halve(Stage):
+    """A toy stage in the privacy slot (after the delta is taken, before the codec)."""
+
+    name = "halve"
+    seen: list[bool] = []
+
+    def client(self, up: Upload) -> None:
+        Halve.seen.append(set(up.tensors) <= set(up.reference))
+        up.tensors = {k: 0.5 * v for k, v in up.tensors.items()}
+
+
+def test_a_stage_in_the_client_pipeline_runs_before_the_codec(tmp_path, tiny_overrides):
+    """The update pipeline takes a stage between the delta and the codec without any change
+    to the trainer or the endpoint: here one that halves the update."""
+    from fedumm.runtime.experiment import build_adapters, client_datasets, client_endpoint
 
     cfg = _cfg(tiny_overrides, "codec.upload=int8")
+    from fedumm.runtime.experiment import load_backbone
+
     backbone = load_backbone(cfg)
     adapters = build_adapters(cfg, backbone)
     clients, _ = client_datasets(cfg, backbone)
-    seen = []
-
-    def halve_the_update(tensors, received, client_state):
-        seen.append(set(tensors) <= set(received))
-        return {k: received[k] + 0.5 * (v - received[k]) for k, v in tensors.items()}
-
-    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed)
-    plain = loop.ClientEndpoint(trainer, cfg)
-    halved = loop.ClientEndpoint(trainer, cfg, transforms=[halve_the_update])
+    plain = client_endpoint(cfg, adapters)
+    stages = list(plain.pipeline.stages)
+    halved = ClientEndpoint(plain.trainer, plain.strategy, plain.lora,
+                            Pipeline([*stages[:1], Halve(), *stages[1:]]))
     start = adapters.state()
     payload = codec.encode(start, "float32")
     full, _ = plain.handle(clients[0], 0, payload, {}, None)
     half, _ = halved.handle(clients[0], 0, payload, {}, None)
-    assert seen == [True]
+    assert Halve.seen == [True]
     d_full, d_half = codec.decode(full.payload), codec.decode(half.payload)
     k = max(d_full, key=lambda k: float(d_full[k].abs().max()))
     assert torch.allclose(d_half[k], 0.5 * d_full[k], atol=2 * float(d_full[k].abs().max()) / 127)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
-from fedumm.runtime.local import run_experiment
+from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.run_dir import RunDirectory
 
 
@@ -51,7 +51,7 @@ def test_workers_leave_signals_to_the_parent_and_errors_reach_it():
 
     import pytest
 
-    from fedumm.runtime.loop import LocalTransport
+    from fedumm.runtime.local import LocalTransport
 
     def raise_interrupt(signum, frame):  # what the CLI installs; workers must not keep it
         raise KeyboardInterrupt(signum)
@@ -85,7 +85,7 @@ def test_trainers_take_the_largest_clients_first():
     import multiprocessing
     from types import SimpleNamespace
 
-    from fedumm.runtime.loop import LocalTransport
+    from fedumm.runtime.local import LocalTransport
 
     sizes = [3, 9, 1, 9, 5]
     clients = [SimpleNamespace(client_id=k, train=[None] * n) for k, n in enumerate(sizes)]

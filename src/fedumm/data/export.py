@@ -8,12 +8,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from fedumm.data.dataset import MultimodalDataset
-from fedumm.data.geneval import write_geneval_metadata, write_geneval_sample_dir
-from fedumm.data.vqa_v2 import write_vqa_v2
+from fedumm.data.readers.geneval_files import write_geneval_metadata, write_geneval_sample_dir
+from fedumm.data.readers.shapes import ShapesWorldData
+from fedumm.data.readers.vqa_v2_files import write_vqa_v2
 
 
-def export_official(data: MultimodalDataset, out: str | Path, vqa_split: str) -> dict[str, Path]:
+def export_official(data: ShapesWorldData, out: str | Path, vqa_split: str) -> dict[str, Path]:
     """Write ``out/vqa`` (questions, annotations, COCO-named images) and ``out/geneval``
     (``evaluation_metadata.jsonl`` and the target renders in GenEval's sample layout)."""
     out = Path(out)
@@ -27,7 +27,7 @@ def export_official(data: MultimodalDataset, out: str | Path, vqa_split: str) ->
     return {"vqa": out / "vqa", "geneval": gen_dir}
 
 
-def export_conversation_files(data: MultimodalDataset, out: str | Path) -> dict[str, Path]:
+def export_conversation_files(data: ShapesWorldData, out: str | Path) -> dict[str, Path]:
     """Write ``out/llava.json`` (LLaVA layout, one record per question, image paths relative
     to ``out``) with its images in ``out/images``, and ``out/t2i`` (an image folder with
     ``metadata.jsonl``: ``file_name`` + ``text``) of the prompts and their target images."""

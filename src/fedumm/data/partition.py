@@ -5,24 +5,33 @@ Everything here is a pure function of numpy arrays and Python sequences: a parti
 ``range(num_samples)`` appears in exactly one client. The partitioners know nothing about
 whether a sample is an understanding (VQA) or a generation (GenEval) sample; callers pass
 labels or domains derived from the records.
+
+Each method is registered by name in :data:`fedumm.registry.PARTITIONERS` (the four built-in
+ones at the bottom of this module), and :func:`partition` dispatches through it: a new method
+is one function, taking ``labels``, ``domains`` or ``num_samples`` first, and a registration.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import numpy as np
 
+from fedumm.registry import PARTITIONERS
+
 __all__ = [
     "PARTITIONERS",
+    "PARTITION_INPUTS",
     "dirichlet_partition",
     "domain_partition",
     "heterogeneity",
     "iid_partition",
     "label_counts",
     "partition",
+    "partition_input",
     "quantity_skew_partition",
     "validate_partition",
 ]
@@ -281,12 +290,19 @@ def heterogeneity(labels: Sequence[Hashable], parts: Sequence[np.ndarray]) -> di
     }
 
 
-PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
-    "iid": iid_partition,
-    "dirichlet": dirichlet_partition,
-    "quantity_skew": quantity_skew_partition,
-    "domain": domain_partition,
-}
+PARTITION_INPUTS = ("labels", "domains", "num_samples")
+
+
+def partition_input(method: str) -> str:
+    """What partition method ``method`` splits: ``labels``, ``domains`` or ``num_samples``, the
+    name of its partitioner's first parameter (ValueError naming the valid methods when
+    ``method`` is unknown)."""
+    fn = PARTITIONERS.get(method)
+    params = list(inspect.signature(fn).parameters)
+    if not params or params[0] not in PARTITION_INPUTS:
+        raise TypeError(f"partitioner {method!r} must take one of {PARTITION_INPUTS} as its "
+                        f"first parameter, got {params[:1]}")
+    return params[0]
 
 
 def partition(
@@ -301,31 +317,33 @@ def partition(
     beta: float = 0.5,
     min_per_client: int = 1,
 ) -> list[np.ndarray]:
-    """Dispatch to a partitioner of :data:`PARTITIONERS` by name.
+    """Split with the partitioner registered as ``method`` in :data:`PARTITIONERS`.
 
-    ``num_samples`` may be omitted for ``iid`` and ``quantity_skew`` when ``labels`` or
-    ``domains`` is given (its length is used). Arguments a method does not use are ignored.
+    A partitioner is a function whose first parameter is the input it splits, by name:
+    ``labels``, ``domains`` or ``num_samples`` (:func:`partition_input`); its other parameters
+    are taken by name from ``num_clients``, ``seed``, ``alpha``, ``beta`` and
+    ``min_per_client``, and arguments it does not name are not passed. ``num_samples`` may be
+    omitted when ``labels`` or ``domains`` is given (its length is used).
     """
-    if method not in PARTITIONERS:
-        raise ValueError(
-            f"unknown partition method {method!r}; valid methods: {sorted(PARTITIONERS)}"
-        )
-    if method == "dirichlet":
-        if labels is None:
-            raise ValueError("partition method 'dirichlet' requires the 'labels' argument")
-        return dirichlet_partition(labels, num_clients, alpha, seed, min_per_client)
-    if method == "domain":
-        if domains is None:
-            raise ValueError("partition method 'domain' requires the 'domains' argument")
-        return domain_partition(domains, num_clients, seed)
-    if num_samples is None:
+    needs = partition_input(method)
+    inputs: dict[str, Any] = {"labels": labels, "domains": domains, "num_samples": num_samples}
+    if needs == "num_samples" and num_samples is None:
         known = labels if labels is not None else domains
         if known is None:
             raise ValueError(
                 f"partition method {method!r} requires the 'num_samples' argument "
                 "(or 'labels'/'domains' to take it from)"
             )
-        num_samples = len(known)
-    if method == "iid":
-        return iid_partition(num_samples, num_clients, seed)
-    return quantity_skew_partition(num_samples, num_clients, beta, seed, min_per_client)
+        inputs["num_samples"] = len(known)
+    if inputs[needs] is None:
+        raise ValueError(f"partition method {method!r} requires the {needs!r} argument")
+    fn = PARTITIONERS.get(method)
+    options = {"num_clients": num_clients, "seed": seed, "alpha": alpha, "beta": beta,
+               "min_per_client": min_per_client}
+    names = set(inspect.signature(fn).parameters)
+    return fn(inputs[needs], **{k: v for k, v in options.items() if k in names})
+
+
+for _name, _fn in (("iid", iid_partition), ("dirichlet", dirichlet_partition),
+                   ("quantity_skew", quantity_skew_partition), ("domain", domain_partition)):
+    PARTITIONERS.register(_name, _fn)

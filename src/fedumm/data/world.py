@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedumm.data.records import GenEvalRecord
+from fedumm.data.official import GenEvalRecord
 from fedumm.data.render import COLORS, GRID, SHAPES, SIZES, SceneObject
 
 COLOR_NAMES = tuple(COLORS)

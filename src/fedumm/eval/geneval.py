@@ -22,8 +22,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fedumm.data.geneval import geneval_image_path, list_geneval_samples, load_geneval_metadata
-from fedumm.data.records import GENEVAL_TAGS, GenEvalRecord
+from fedumm.data.readers.geneval_files import (
+    GENEVAL_TAGS,
+    GenEvalRecord,
+    geneval_image_path,
+    list_geneval_samples,
+    load_geneval_metadata,
+)
 
 Box = tuple[float, float, float, float]
 

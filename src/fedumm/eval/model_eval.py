@@ -3,13 +3,14 @@ GenEval, through the Backbone protocol's ``answer`` and ``generate``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from fedumm.data.geneval import record_from_json
-from fedumm.data.records import GenEvalRecord, Sample, VQARecord
+from fedumm.data.official import GenEvalRecord, VQARecord
+from fedumm.data.readers.geneval_files import record_from_json
+from fedumm.data.records import Sample
 from fedumm.eval.classification import classification_metrics, summarise_tasks
 from fedumm.eval.geneval import Detector, score_geneval
 from fedumm.eval.vqa_metric import normalize_answer, score_answers
@@ -48,11 +49,11 @@ def answer_samples(backbone, samples: Sequence[Sample], images: Sequence[Any] | 
                            [s.text or "" for s in samples])
 
 
-def heldout_quality(backbone, samples: Sequence[Sample],
-                    code_accuracy: Callable[[list[Sample]], float]) -> dict[str, float]:
-    """The held-out quality of the built-in backbones, per modality present: exact-match
-    answer accuracy (after the official normalisation), and ``code_accuracy`` of the
-    generation samples (teacher-forced top-1 accuracy of their target image codes)."""
+def heldout_quality(backbone, samples: Sequence[Sample]) -> dict[str, float]:
+    """Held-out quality in [0, 1] per modality present in ``samples`` (what the client trainer
+    reports for quality-weighted aggregation): exact-match answer accuracy of the
+    understanding samples (after the official normalisation), the same for every backbone,
+    and the backbone's own ``generation_quality`` of the generation samples."""
     out: dict[str, float] = {}
     und = [s for s in samples if s.task == UNDERSTANDING]
     gen = [s for s in samples if s.task == GENERATION]
@@ -61,7 +62,7 @@ def heldout_quality(backbone, samples: Sequence[Sample],
         out[UNDERSTANDING] = float(np.mean([normalize_answer(a) == normalize_answer(s.answer)
                                             for a, s in zip(answers, und, strict=True)]))
     if gen:
-        out[GENERATION] = float(code_accuracy(gen))
+        out[GENERATION] = float(backbone.generation_quality(gen))
     return out
 
 
@@ -100,12 +101,12 @@ def evaluate_backbone(
     The first ``max_vqa`` understanding samples and ``max_gen`` generation samples that carry
     GenEval clauses are used (all by default); image generation is seeded, so the same model
     and data give the same numbers. Generation samples without GenEval clauses (the user's
-    prompt-image pairs) are scored by the backbone's held-out ``quality`` instead
-    (``generation_quality``, in [0, 1]; teacher-forced image-code accuracy for the built-in
-    backbones). ``classification`` names question families with a fixed answer set (FedMLLM's
-    binary and multi-class tasks): their accuracy, macro-F1, AUC and hard-label AUC go under
-    ``classification``, and the means over binary tasks (``auc``, ``auc_hard``) and over
-    multi-class tasks (``macro_f1``) next to ``vqa_accuracy``.
+    prompt-image pairs) are scored by the backbone's held-out ``generation_quality`` instead
+    (in [0, 1]; teacher-forced image-code accuracy for the reference and Janus backbones, a
+    flow-matching score for BLIP3o). ``classification`` names question families with a fixed
+    answer set (FedMLLM's binary and multi-class tasks): their accuracy, macro-F1, AUC and
+    hard-label AUC go under ``classification``, and the means over binary tasks (``auc``,
+    ``auc_hard``) and over multi-class tasks (``macro_f1``) next to ``vqa_accuracy``.
     """
     out: dict[str, Any] = {}
     und = [s for s in samples if s.task == UNDERSTANDING]
@@ -128,7 +129,7 @@ def evaluate_backbone(
     plain = [s for s in samples if s.task == GENERATION and not s.spec]
     plain = plain[:max_gen] if max_gen is not None else plain
     if plain:  # the user's prompts carry no GenEval clauses: the backbone's held-out quality
-        out.update(generation_quality=round(backbone.quality(plain)[GENERATION], 4),
+        out.update(generation_quality=round(backbone.generation_quality(plain), 4),
                    num_generation_quality=len(plain))
     gen = [r for r in (geneval_record(s) for s in samples if s.task == GENERATION) if r]
     gen = gen[:max_gen] if max_gen is not None else gen

@@ -17,6 +17,9 @@ the 2021 "Fixed processing answers bug" commit) rule for rule, including its qui
 * the script runs under Python 2: ``\\d`` is ASCII-only (no ``re.UNICODE`` flag reaches the
   patterns) and ``round`` sends exact halves away from zero (``round(3.125, 2) == 3.13``).
 
+The answer processing itself is :mod:`fedumm.data.answers` (the readers label answers with the
+same rules); this module applies it the way ``vqaEval.py`` does.
+
 Per-question accuracy is the mean, over the 10 GT answers, of ``min(1, #other GT answers equal
 to the result / 3)``; the reported numbers are percentages rounded to 2 decimals.
 """
@@ -24,108 +27,22 @@ to the result / 3)``; the reported numbers are percentages rounded to 2 decimals
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
-from fedumm.data.records import VQARecord
+from fedumm.data.answers import (
+    clean_whitespace,
+    normalize_answer,
+    process_digit_article,
+    process_punctuation,
+)
+from fedumm.data.official import VQARecord
 
 __all__ = ["evaluate", "evaluate_files", "normalize_answer", "score_answers"]
 
 PRECISION = 2  # the official ``n``
-
-CONTRACTIONS: dict[str, str] = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
-    "couldnt": "couldn't", "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-    "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
-    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've",
-    "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
-    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
-    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
-    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
-    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's",
-    "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's",
-    "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
-    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
-    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
-    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
-    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
-    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all",
-    "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
-    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
-    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
-}
-MANUAL_MAP: dict[str, str] = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-ARTICLES: tuple[str, ...] = ("a", "an", "the")
-PUNCTUATION: tuple[str, ...] = (
-    ";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
-    ">", "<", "@", "`", ",", "?", "!",
-)
-# Verbatim pattern, look-ahead typo included; re.ASCII because Python 2 str patterns compiled
-# without re.UNICODE match only [0-9] with \d.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
-_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)", re.ASCII)
-_PERIOD_STRIP_COUNT = int(re.UNICODE)  # the official passes re.UNICODE (32) as ``count``
-
-
-def _clean_whitespace(ans: str) -> str:
-    """The preprocessing applied to every answer before any comparison."""
-    return ans.replace("\n", " ").replace("\t", " ").strip()
-
-
-def _process_punctuation(text: str) -> str:
-    """``VQAEval.processPunctuation``: conditions test the input, not the running output."""
-    out = text
-    digit_comma = _COMMA_STRIP.search(text) is not None
-    for p in PUNCTUATION:
-        if (p + " " in text or " " + p in text) or digit_comma:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
-
-
-def _process_digit_article(text: str) -> str:
-    """``VQAEval.processDigitArticle``: lower-case, number words, drop articles, contractions."""
-    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
-    words = [w for w in words if w not in ARTICLES]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words)
-
-
-def normalize_answer(ans: str) -> str:
-    """Normalise an answer the way the official evaluator does in its normalising branch.
-
-    Parameters
-    ----------
-    ans : str
-        Raw answer (e.g. model output).
-
-    Returns
-    -------
-    str
-        ``ans`` with newlines/tabs turned into spaces, stripped, then punctuation, number-word,
-        article and contraction processing applied.
-    """
-    return _process_digit_article(_process_punctuation(_clean_whitespace(ans)))
-
 
 def _py2_round(x: float, ndigits: int = PRECISION) -> float:
     """Python 2's ``round``: exact binary value, halfway cases away from zero."""
@@ -144,12 +61,12 @@ def _plain_sum(values: Iterable[float]) -> float:
 def _question_accuracy(gt_answers: list[dict[str, Any]], res_ans: str) -> float:
     """Accuracy in [0, 1] of one result answer against its GT answer dicts."""
     # Copies, because the official mutates the annotation dicts in place.
-    gts = [dict(a, answer=_clean_whitespace(a["answer"])) for a in gt_answers]
-    res = _clean_whitespace(res_ans)
+    gts = [dict(a, answer=clean_whitespace(a["answer"])) for a in gt_answers]
+    res = clean_whitespace(res_ans)
     if len({a["answer"] for a in gts}) > 1:
         for a in gts:
-            a["answer"] = _process_digit_article(_process_punctuation(a["answer"]))
-        res = _process_digit_article(_process_punctuation(res))
+            a["answer"] = process_digit_article(process_punctuation(a["answer"]))
+        res = process_digit_article(process_punctuation(res))
     accs = []
     for gt in gts:
         # Whole-dict inequality as in the official (answer_id normally makes each dict unique).

@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 
-from fedumm.experiments.plots import save_figure  # noqa: E402
 from fedumm.experiments.sweep import METHOD  # noqa: E402
+from fedumm.runtime.report import save_figure  # noqa: E402
 
 COLUMNS = (("final.vqa_accuracy", "VQA"), ("final.auc", "AUC"),
            ("final.auc_hard", "AUC, hard labels"), ("final.macro_f1", "macro-F1"),

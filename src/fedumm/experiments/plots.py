@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from fedumm.runtime.report import save_figure  # noqa: E402
+
 
 def partition_heatmap(summary: dict, out: str | Path, title: str = "") -> Path:
     """Clients x labels heat map of sample counts from a partition summary."""
@@ -30,16 +32,6 @@ def partition_heatmap(summary: dict, out: str | Path, title: str = "") -> Path:
     ax.set_title(f"{title}  samples per client and label (tv_mean={tv:.3f})".strip())
     fig.colorbar(im, ax=ax, label="samples")
     return save_figure(fig, out)
-
-
-def save_figure(fig, out: str | Path) -> Path:
-    """Tight layout, write a PNG (creating folders), close the figure."""
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def image_grid(images, titles, out: str | Path, cols: int = 6, scale: float = 2.2,

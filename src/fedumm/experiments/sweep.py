@@ -189,7 +189,7 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     if run_fn is None:
-        from fedumm.runtime.local import run_experiment as run_fn
+        from fedumm.runtime.dispatch import run_experiment as run_fn
     base = config_from_dict(raw, overrides)
     axes = merge_axes(base.sweep.grid, grid or [])
     base_lines = baselines if baselines else base.sweep.baselines
@@ -292,7 +292,7 @@ def _run_parallel(todo: list[tuple[int, Cell, bool]], configs: dict[str, Config]
     cells one after another at the same thread count."""
     import multiprocessing
 
-    from fedumm.runtime.loop import worker_signals
+    from fedumm.runtime.local import worker_signals
 
     global _PARALLEL
     _PARALLEL = (configs, out, run_fn)

@@ -17,10 +17,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 
+from fedumm.config import BASELINE_MODES  # noqa: E402
 from fedumm.experiments.benchmark_report import benchmark_sections  # noqa: E402
-from fedumm.experiments.plots import partition_heatmap, save_figure  # noqa: E402
-from fedumm.experiments.report import fmt_bytes  # noqa: E402
+from fedumm.experiments.plots import partition_heatmap  # noqa: E402
 from fedumm.experiments.sweep import cells_wall_s, load_sweep  # noqa: E402
+from fedumm.runtime.report import fmt_bytes, save_figure  # noqa: E402
 from fedumm.runtime.run_dir import RunDirectory  # noqa: E402
 
 GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -145,7 +146,7 @@ def communication_table(rows: list[dict]) -> list[str]:
              "per round, all clients (LoRA) | per round, all clients (full FT) | reduction | "
              "total |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["status"] != "done" or r.get("strategy") in ("centralized", "local"):
+        if r["status"] != "done" or r.get("strategy") in BASELINE_MODES:
             continue
         up = r.get("communication.upload_bytes_per_client_round", 0.0)
         down = r.get("communication.download_bytes_per_client_round", 0.0)

@@ -9,7 +9,7 @@ generation batches, measure quality on the client's own held-out samples, and re
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -19,11 +19,13 @@ from fedumm.config import TrainConfig
 from fedumm.data.prompts import compose_prompt
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import IMAGE_MISSING, TEXT_MISSING
-from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b
-from fedumm.fl.strategies.scaffold import client_control_update
+from fedumm.fl.client_hooks import ClientHook, LocalRound
+from fedumm.fl.strategies.fedprox import ProxTerm, middle_layer_keys
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
 from fedumm.models.lora import LoraAdapters
-from fedumm.models.protocol import IMAGE_INPUTS, DecoderLayers
+from fedumm.models.protocol import IMAGE_INPUTS
+
+QualityScorer = Callable[[object, Sequence[Sample]], dict[str, float]]
 
 
 @dataclass
@@ -92,59 +94,35 @@ def make_client_data(client_id: int, samples: Sequence[Sample], sample_idx: np.n
     return ClientData(client_id, train, held + [samples[i] for i in vg])
 
 
-def rank_masks(params: dict[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
-    """0/1 gradient masks keeping the first ``rank`` components of each LoRA tensor (A's rows,
-    B's columns); empty when the client trains the full rank."""
-    masks = {}
-    for k, p in params.items():
-        full = p.shape[0] if is_lora_a(k) else p.shape[1] if is_lora_b(k) else None
-        if full is None or rank is None or rank >= full:
-            continue
-        m = torch.zeros_like(p)
-        if is_lora_a(k):
-            m[:rank] = 1
-        else:
-            m[:, :rank] = 1
-        masks[k] = m
-    return masks
-
-
-def middle_layer_keys(keys: Sequence[str], decoder: DecoderLayers, skip: int) -> list[str]:
-    """The adapter keys of the middle decoder layers ``skip <= l <= L-1-skip`` (FedMLLM's
-    layer-adaptive regulariser). Raises ValueError when that range is empty for depth L."""
-    lo, hi = skip, decoder.count - 1 - skip
-    if lo > hi:
-        raise ValueError(f"train.adaptive_prox_skip={skip} leaves no middle layer of the "
-                         f"backbone's {decoder.count} decoder layers (needs skip <= "
-                         f"{(decoder.count - 1) // 2})")
-    out = []
-    for k in keys:
-        i = decoder.index(k)
-        if i is not None and lo <= i <= hi:
-            out.append(k)
-    return out
-
-
 class ClientTrainer:
     """Trains one client's adapters for one round. Holds no per-client state itself: what must
-    persist between rounds (optimizer, SCAFFOLD control variate) comes in and goes out in
-    ``client_state``."""
+    persist between rounds (optimizer, the algorithms' state) comes in and goes out in
+    ``client_state``. The federated algorithm's client side comes in as hooks
+    (:mod:`fedumm.fl.client_hooks`); the trainer does not know which algorithm it serves.
+    ``quality``: the held-out scorer (backbone, samples) -> quality per modality in [0, 1]."""
 
     def __init__(self, adapters: LoraAdapters, cfg: TrainConfig, local_epochs: int,
-                 seed: int, freeze_lora_a: bool = False) -> None:
+                 seed: int, quality: QualityScorer) -> None:
         self.adapters = adapters
         self.cfg = cfg
         self.local_epochs = local_epochs
         self.seed = seed
-        self.freeze_lora_a = freeze_lora_a  # FFA-LoRA: A keeps its shared initialisation
+        self.scorer = quality
         self.backbone = adapters.backbone
         self.model = adapters.model
-        # FedMLLM's layer-adaptive proximal term: which adapter tensors, and its weight
+        # FedMLLM's layer-adaptive proximal term: its adapter tensors (checked here, before
+        # any training, that the backbone has middle layers for it)
         self.layer_prox_keys: set[str] = set()
-        self.layer_prox_mu = cfg.adaptive_prox_mu * cfg.adaptive_prox_weight
         if cfg.adaptive_prox:
             self.layer_prox_keys = set(middle_layer_keys(
                 list(adapters.params), self.backbone.decoder_layers, cfg.adaptive_prox_skip))
+
+    def config_hooks(self) -> list[ClientHook]:
+        """Hooks the training config asks for beside any strategy's."""
+        if not self.cfg.adaptive_prox:
+            return []
+        mu = self.cfg.adaptive_prox_mu * self.cfg.adaptive_prox_weight
+        return [ProxTerm(mu, self.layer_prox_keys)]
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "sgd":
@@ -177,91 +155,75 @@ class ClientTrainer:
         return total, parts
 
     def train(self, client: ClientData, global_state: dict[str, torch.Tensor], rnd: int,
-              client_config: dict | None = None,
+              hooks: Sequence[ClientHook] = (),
               client_state: dict | None = None) -> tuple[ClientUpdate, dict]:
-        """One round of local training. Returns the update and the new client state."""
-        client_config = client_config or {}
-        client_state = dict(client_state or {})
+        """One round of local training from ``global_state``, with the algorithm's ``hooks``.
+        Returns the update and the new client state."""
         ad = self.adapters
         ad.load_state(global_state)
         groups = client.groups_with_data(ad)
         ad.set_trainable(groups)
         names = [k for k in ad.params if ad.group_of(k) in groups
-                 and not (self.freeze_lora_a and is_lora_a(k))]
+                 and all(h.trains(k) for h in hooks)]
         for k in set(ad.keys()) - set(names):
             ad.params[k].requires_grad_(False)
-        params = [ad.params[k] for k in names]
-        # a client of rank r_k < r trains the first r_k LoRA components only (HetLoRA)
-        masks = rank_masks({k: ad.params[k] for k in names}, client_config.get("lora_rank"))
-        opt = self._optimizer(params)
-        if self.cfg.persistent_optimizer and "optimizer" in client_state:
-            opt.load_state_dict(client_state["optimizer"])
-        mu = float(client_config.get("prox_mu", 0.0))
-        dev = {k: ad.params[k].device for k in names}
-        layer_keys = [k for k in names if k in self.layer_prox_keys]
-        layer_mu = self.layer_prox_mu if layer_keys else 0.0
-        anchor = ({k: global_state[k].to(dev[k]) for k in names}
-                  if mu > 0 or layer_mu > 0 else None)
-        c_server = client_config.get("server_control")
-        c_local = client_state.get("control") if c_server is not None else None
-        if c_server is not None and c_local is None:
-            c_local = {k: torch.zeros_like(global_state[k]) for k in names}
+        local = LocalRound({k: ad.params[k] for k in names}, global_state,
+                           dict(client_state or {}), self.cfg.lr)
+        opt = self._optimizer(list(local.params.values()))
+        if self.cfg.persistent_optimizer and "optimizer" in local.client_state:
+            opt.load_state_dict(local.client_state["optimizer"])
+        for h in hooks:
+            h.begin(local)
+        metrics = self._steps(client, rnd, opt, local, hooks)
+        trained = {k: v for k, v in ad.state(groups).items() if k in local.params}
+        for h in hooks:
+            h.end(local, trained)
+        if self.cfg.persistent_optimizer:
+            local.client_state["optimizer"] = opt.state_dict()
+        update = ClientUpdate(client.client_id, trained, client.num_samples,
+                              self.quality(client), local.steps, metrics, local.extra)
+        return update, local.client_state
+
+    def _steps(self, client: ClientData, rnd: int, opt: torch.optim.Optimizer,
+               local: LocalRound, hooks: Sequence[ClientHook]) -> dict[str, float]:
+        """The local steps; their mean losses. The data order and torch's randomness (LoRA
+        dropout, flow-matching noise) are functions of (seed, round, client), whatever ran
+        before: runtimes and resumed runs agree."""
         rng = np.random.default_rng([self.seed, rnd, client.client_id])
-        # torch's randomness in training (LoRA dropout, flow-matching noise) is a function of
-        # (seed, round, client) too, whatever ran before: runtimes and resumed runs agree
         torch_seed = int(np.random.SeedSequence([self.seed, rnd, client.client_id, 1])
                          .generate_state(1)[0])
         devices = [self.backbone.device] if self.backbone.device.type == "cuda" else []
-        self.model.train()
-        steps, sums, counts = 0, {}, {}
+        params = list(local.params.values())
         budget = self.cfg.max_steps or math.inf
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        self.model.train()
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(torch_seed)
             for _ in range(self.local_epochs):
                 for batch in self._batches(client, rng):
-                    if steps >= budget:
+                    if local.steps >= budget:
                         break
                     loss, parts = self._loss(client, batch, rng)
-                    if mu > 0:  # FedProx proximal term on the trained adapters
-                        loss = loss + 0.5 * mu * sum(((ad.params[k] - anchor[k]) ** 2).sum()
-                                                     for k in names)
-                    if layer_mu > 0:  # the layer-adaptive one, middle decoder layers only
-                        loss = loss + 0.5 * layer_mu * sum(
-                            ((ad.params[k] - anchor[k]) ** 2).sum() for k in layer_keys)
+                    for h in hooks:
+                        term = h.loss(local)
+                        if term is not None:
+                            loss = loss + term
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    for k, m in masks.items():
-                        if ad.params[k].grad is not None:
-                            ad.params[k].grad.mul_(m)
-                    if c_server is not None:  # SCAFFOLD: g <- g - c_i + c
-                        for k in names:
-                            if ad.params[k].grad is not None:
-                                ad.params[k].grad.add_((c_server[k] - c_local[k]).to(dev[k]))
+                    for h in hooks:
+                        h.correct(local)
                     if self.cfg.grad_clip > 0:
                         torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                     opt.step()
-                    steps += 1
+                    local.steps += 1
                     for k, v in parts.items():
                         sums[k] = sums.get(k, 0.0) + v
                         counts[k] = counts.get(k, 0) + 1
         self.model.eval()
-        trained = set(names)
-        tensors = {k: v for k, v in ad.state(groups).items() if k in trained}
-        extra = {}
-        if c_server is not None and steps > 0:  # SCAFFOLD option II control update
-            new_c, extra["control_delta"] = client_control_update(
-                c_local, c_server, global_state, tensors, steps, self.cfg.lr)
-            client_state["control"] = new_c
-        if self.cfg.persistent_optimizer:
-            client_state["optimizer"] = opt.state_dict()
-        metrics = {k: sums[k] / counts[k] for k in sums}
-        quality = self.quality(client)
-        update = ClientUpdate(client.client_id, tensors, client.num_samples, quality, steps,
-                              metrics, extra)
-        return update, client_state
+        return {k: sums[k] / counts[k] for k in sums}
 
     @torch.no_grad()
     def quality(self, client: ClientData) -> dict[str, float]:
-        """Held-out quality per modality on the client's own validation samples (0-1), as the
-        backbone measures it."""
-        return self.backbone.quality(client.val) if client.val else {}
+        """Held-out quality per modality on the client's own validation samples (0-1)."""
+        return self.scorer(self.backbone, client.val) if client.val else {}

@@ -22,9 +22,11 @@ PEFT's key names ``<module>.lora_A.weight`` (r x in) and ``<module>.lora_B.weigh
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+
+from fedumm.models.protocol import AdapterLayout
 
 State = dict[str, torch.Tensor]
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -154,3 +156,38 @@ def rank_weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]
     shape = (-1, 1) if axis == 0 else (1, -1)
     scale = torch.where(norm > 0, 1.0 / norm.clamp(min=1e-300), torch.zeros_like(norm))
     return (acc * scale.view(shape)).to(first.dtype)
+
+
+# --------------------------------------------------------------------------- per round
+
+def round_lora_errors(layout: AdapterLayout, modules: dict[str, tuple[str, str]],
+                      new: State, clients: Sequence[tuple[State, State]],
+                      weights_of: Callable[[str, list[int]], list[float]],
+                      scaling: float, residual: State | None = None) -> dict[str, float]:
+    """Per adapter group with LoRA layers, the aggregation error of ``new`` (the global
+    adapters after the round) against the weighted mean of the contributing clients' ``B_k
+    A_k``. ``clients``: per update, (the adapters it started from, the tensors it sent);
+    ``weights_of(group, positions)``: the strategy's weights of the updates at those positions
+    (all of which trained the group). With ``residual`` (exact aggregation: the residuals
+    folded so far, by module), this round's residual is added to it in place and the error is
+    that of the folded model (~0)."""
+    out = {}
+    for group in layout.names:
+        mods = {m: ab for m, ab in modules.items() if layout.group_of(ab[0]) == group}
+        trained = [i for i, (_, sent) in enumerate(clients)
+                   if any(ab[1] in sent for ab in mods.values())]
+        if not mods or not trained:
+            continue
+        weights = weights_of(group, trained)
+        if sum(weights) <= 0:
+            continue
+        states = [{**clients[i][0], **clients[i][1]} for i in trained]
+        target = mean_products(states, weights, mods)
+        effective = None
+        if residual is not None:
+            this_round = exact_residuals(states, weights, new, mods, scaling, target)
+            for m, r in this_round.items():
+                residual[m] = residual.get(m, 0) + r
+            effective = {m: r / scaling for m, r in this_round.items()}
+        out[group] = aggregation_error(states, weights, new, mods, effective, target)
+    return out

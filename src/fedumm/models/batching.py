@@ -8,7 +8,17 @@ import numpy as np
 import torch
 
 from fedumm.data.records import ImageRef, Sample
-from fedumm.data.scenarios import UNDERSTANDING
+from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+
+
+def split_tasks(samples: Sequence[Sample], drop_text: Sequence[bool] | None
+                ) -> tuple[list[Sample], list[tuple[Sample, bool]]]:
+    """A batch's understanding samples, and its generation samples each with whether its
+    prompt is dropped (the unconditional branch of classifier-free guidance)."""
+    drop = list(drop_text) if drop_text is not None else [False] * len(samples)
+    und = [s for s in samples if s.task == UNDERSTANDING]
+    gen = [(s, d) for s, d in zip(samples, drop, strict=True) if s.task == GENERATION]
+    return und, gen
 
 
 def pad_sequences(seqs: Sequence[Sequence[int]], left: bool, pad_id: int = 0

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from fedumm.fl.codec import DTYPES
-from fedumm.models.protocol import AdapterGroup, backbone_skeleton
+from fedumm.models.dtypes import DTYPES
+from fedumm.models.groups import AdapterGroup
+from fedumm.models.kinds import backbone_skeleton
 
 if TYPE_CHECKING:
     from fedumm.config import BackboneConfig

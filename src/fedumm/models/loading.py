@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedumm.models.protocol import Backbone, build_backbone
+from fedumm.models.kinds import build_backbone
+from fedumm.models.protocol import Backbone
 
 
 def load_for_eval(name: str | Path) -> Backbone:

@@ -1,6 +1,6 @@
 """Per-group LoRA adapters on any backbone's declared adapter groups, through PEFT.
 
-Each group a backbone declares (:class:`~fedumm.models.protocol.AdapterGroup`) is switchable,
+Each group a backbone declares (:class:`~fedumm.models.groups.AdapterGroup`) is switchable,
 extractable and loadable on its own: LoRA on the modules its target regex matches, plus full
 trainable copies of its ``modules_to_save`` (PEFT's mechanism for e.g. alignment tokens).
 """
@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from fedumm.models.protocol import AdapterLayout
+from fedumm.models.groups import AdapterLayout
 
 
 def _is_adapter(name: str) -> bool:

@@ -18,36 +18,24 @@ from fedumm.data.clients import split_clients
 from fedumm.data.prompts import compose_prompt, has_text_modality
 from fedumm.data.readers import read_samples
 from fedumm.data.records import Sample
-from fedumm.eval.model_eval import evaluate_backbone
-from fedumm.fl import codec
-from fedumm.fl.client import ClientData, make_client_data
+from fedumm.eval.model_eval import evaluate_backbone, heldout_quality
+from fedumm.fl.client import ClientData, ClientTrainer, make_client_data
+from fedumm.fl.codecs import bytes_per_value
+from fedumm.fl.endpoint import ClientEndpoint
+from fedumm.fl.lora_modes import LoraMode
+from fedumm.fl.pipeline import Pipeline
+from fedumm.fl.strategies import strategy_class
 from fedumm.fl.updates import ClientUpdate
+from fedumm.models.kinds import build_backbone
 from fedumm.models.lora import LoraAdapters
-from fedumm.models.protocol import Backbone, build_backbone
+from fedumm.models.protocol import Backbone
+from fedumm.runtime.modes import CENTRALIZED, run_mode, strategy_name
+from fedumm.runtime.report import write_run_report
 from fedumm.runtime.run_dir import RunDirectory
-
-CONTROL = "control/"  # prefix of SCAFFOLD control variates inside a payload
-
-
-def pack(state: dict, control: dict) -> dict:
-    """One wire payload: adapter tensors plus (SCAFFOLD) control variates under a prefix."""
-    return {**state, **{CONTROL + n: v for n, v in control.items()}}
-
-
-def unpack(payload: dict) -> tuple[dict, dict]:
-    """Inverse of :func:`pack`: (adapter tensors, control variates)."""
-    state = {n: v for n, v in payload.items() if not n.startswith(CONTROL)}
-    control = {n[len(CONTROL):]: v for n, v in payload.items() if n.startswith(CONTROL)}
-    return state, control
 
 
 def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def run_mode(cfg: Config) -> str:
-    """``fl``, or the ``centralized`` / ``local`` baselines."""
-    return cfg.strategy.name if cfg.strategy.name in ("centralized", "local") else "fl"
 
 
 def load_backbone(cfg: Config) -> Backbone:
@@ -67,8 +55,12 @@ def build_adapters(cfg: Config, backbone: Backbone) -> LoraAdapters:
                         seed=cfg.seed)
 
 
-def num_clients(cfg: Config) -> int:
-    return 1 if run_mode(cfg) == "centralized" else cfg.clients
+def client_endpoint(cfg: Config, adapters: LoraAdapters) -> ClientEndpoint:
+    """A client process's endpoint: the trainer (held-out quality scored as evaluation
+    scores it), the strategy's client side, the LoRA mode and the update pipeline."""
+    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed, heldout_quality)
+    return ClientEndpoint(trainer, strategy_class(strategy_name(cfg)),
+                          LoraMode.from_config(cfg.lora), Pipeline.from_config(cfg))
 
 
 def client_datasets(cfg: Config, backbone: Backbone
@@ -77,7 +69,7 @@ def client_datasets(cfg: Config, backbone: Backbone
     train = read_samples(cfg.data, "train")
     backbone.prepare(train)  # e.g. quantise generation targets once, in a fixed order
     n = len(train)
-    if run_mode(cfg) == "centralized":  # one client holding all training data
+    if run_mode(cfg) == CENTRALIZED:  # one client holding all training data
         parts, missing, summary = [np.arange(n)], np.zeros(n, dtype=np.int8), None
     else:
         split = split_clients(train, cfg.partition, cfg.clients, cfg.seed)
@@ -142,7 +134,7 @@ def full_model_bytes(num_parameters: int, spec: str) -> int:
     """What full fine-tuning would send per client upload: every weight under the upload
     codec (counted from parameter counts and the codec's bytes per value; the model is never
     serialised for it)."""
-    return int(round(int(num_parameters) * codec.bytes_per_value(spec)))
+    return int(round(int(num_parameters) * bytes_per_value(spec)))
 
 
 def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
@@ -212,7 +204,5 @@ def finish_run(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters:
     summary = make_summary(cfg, run_dir, backbone, adapters, fingerprint, clients, final, acc,
                            wall)
     run_dir.write_summary(summary)
-    from fedumm.experiments.report import write_run_report
-
     write_run_report(run_dir.path)
     return summary

@@ -1,8 +1,10 @@
 """Readers: every data source becomes a list of :class:`~fedumm.data.records.Sample` records.
 
-One module per format; :func:`read_samples` picks one from the data config. With
-``data.format=files`` each of ``data.understanding`` / ``data.generation`` is a file, a folder
-or a glob, and its format is detected from what is there:
+One module per format, each registering a :class:`Reader` in :data:`fedumm.registry.READERS`
+(the built-in ones are imported by :mod:`fedumm.data.readers.builtin`). ``data.format`` names a
+source: ``shapes`` generates ShapesWorld (:mod:`fedumm.data.readers.shapes`); with ``files``
+each of ``data.understanding`` / ``data.generation`` is a file, a folder or a glob, and its
+format is detected from what is there, by asking the registered file formats in turn:
 
 =================  ===========================================================================
 understanding      a VQA v2 folder or questions file (``v2_OpenEnded_mscoco_*_questions.json``);
@@ -24,36 +26,49 @@ questions about one image stay on one side).
 from __future__ import annotations
 
 import glob
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedumm.data.readers.common import DataFileError, ImageResolver, image_root
+from fedumm.data.readers.common import DataFileError, Reader
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+from fedumm.registry import READERS
 
 if TYPE_CHECKING:
     from fedumm.config import DataConfig
 
-__all__ = ["DataFileError", "ROLES", "detect_format", "heldout_split", "read_files",
-           "read_path", "read_samples"]
+__all__ = ["DataFileError", "ROLES", "READERS", "Reader", "detect_format", "file_formats",
+           "heldout_split", "read_files", "read_path", "read_samples", "sources"]
 
 ROLES = ("train", "val", "all")  # "all": every record of the training files (no held-out split)
-Reader = Callable[[Path, "DataConfig"], list[Sample]]
 
 
 def read_samples(cfg: DataConfig, role: str = "train") -> list[Sample]:
     """The training (``role="train"``), held-out (``"val"``) or all (``"all"``) samples a data
-    config describes; understanding samples first, then generation samples."""
+    config describes, from the source ``data.format`` names; understanding samples first, then
+    generation samples."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    if cfg.format == "shapes":
-        from fedumm.data.readers.shapes import shapes_samples, shapes_world
+    reader: Reader = READERS.get(cfg.format)
+    if reader.source is None:
+        raise ValueError(f"data.format={cfg.format!r} is a file format, detected from the "
+                         f"paths; the sources are {', '.join(sources())} (data.format=files "
+                         "with data.understanding / data.generation reads your files)")
+    return reader.source(cfg, role)
 
-        return shapes_samples(shapes_world(cfg, "val" if role == "val" else "train"))
-    return read_files(cfg, role)
+
+def sources() -> list[str]:
+    """The registered names ``data.format`` can take (the readers with a source)."""
+    return [n for n in READERS.names() if READERS.get(n).source is not None]
+
+
+def file_formats(modality: str) -> list[str]:
+    """The registered file formats of ``modality``, in the order they are detected."""
+    found = [(r.order, n) for n in READERS.names()
+             if (r := READERS.get(n)).detect is not None and modality in r.modalities]
+    return [n for _, n in sorted(found)]
 
 
 def read_files(cfg: DataConfig, role: str = "train") -> list[Sample]:
@@ -113,78 +128,26 @@ def read_path(modality: str, spec: str, cfg: DataConfig) -> list[Sample]:
     """Every sample of the files ``spec`` names (a path or a glob), for one modality."""
     out: list[Sample] = []
     for path in expand(spec, modality):
-        out += detect_format(modality, path)(path, cfg)
+        read = READERS.get(detect_format(modality, path)).read
+        assert read is not None  # a file format: it has read and detect
+        out += read(path, modality, cfg)
     if not out:
         raise ValueError(f"data.{modality}={spec!r}: no samples")
     return out
 
 
-def detect_format(modality: str, path: Path) -> Reader:
-    """The reader for one path of ``modality`` data, from what is there (see the module doc)."""
-    from fedumm.data.readers import fedmllm, hf, vqa
-    from fedumm.data.readers.text_image import metadata_file
-
-    if hf.is_hf_dataset(path):
-        return lambda p, cfg: hf.read_hf(p, modality, cfg.images, cfg.max_samples)
-    if modality == UNDERSTANDING:
-        if vqa.find_vqa_split(path) is not None:
-            return _read_vqa
-        kind = fedmllm.detect(path)
-        if kind is not None:
-            return lambda p, cfg: fedmllm.read_fedmllm(
-                p, kind, ImageResolver(image_root(cfg.images, p)), cfg.max_samples)
-        if path.is_file() and path.suffix in (".json", ".jsonl", ".csv"):
-            return _read_conversations
-        expected = ("a VQA v2 folder or questions file, a .json/.jsonl/.csv conversation file, "
-                    "Hateful Memes .jsonl, CrisisMMD .tsv, VQA-RAD .json, a Hugging Face "
-                    "dataset folder or .parquet file")
-    else:
-        if path.is_dir() and metadata_file(path):
-            return _read_image_folder
-        if path.is_dir() and any(path.glob("*.tar")):
-            return _read_shards
-        if path.is_file() and path.suffix == ".tar":
-            return _read_shards
-        if path.is_file() and path.suffix in (".json", ".jsonl", ".csv"):
-            return _read_text_image
-        expected = ("an image folder with metadata.jsonl, a .jsonl/.json/.csv table of image "
-                    "and text, WebDataset .tar shards, a Hugging Face dataset folder or .parquet "
-                    "file")
+def detect_format(modality: str, path: Path) -> str:
+    """The name of the registered file format that reads ``path`` as ``modality`` data: the
+    first of :func:`file_formats` whose ``detect`` recognises it."""
+    for name in file_formats(modality):
+        detect = READERS.get(name).detect
+        if detect is not None and detect(path):
+            return name
+    # the formats of this modality first, then those of both (a Hugging Face dataset)
+    listed = sorted((len(r.modalities) > 1, r.order, n) for n in file_formats(modality)
+                    if (r := READERS.get(n)).expected)
+    expected = ", ".join(READERS.get(n).expected for _, _, n in listed)
     raise DataFileError(path, "", f"unknown {modality} data; expected {expected}")
 
 
-def _read_vqa(path: Path, cfg: DataConfig) -> list[Sample]:
-    from fedumm.data.readers.vqa import read_vqa
-
-    return read_vqa(path, cfg.images, cfg.max_samples)
-
-
-def _read_conversations(path: Path, cfg: DataConfig) -> list[Sample]:
-    from fedumm.data.readers.conversations import read_conversations
-
-    return read_conversations(path, ImageResolver(image_root(cfg.images, path)), cfg.max_samples)
-
-
-def _read_text_image(path: Path, cfg: DataConfig) -> list[Sample]:
-    from fedumm.data.readers.text_image import read_text_image_table
-
-    return read_text_image_table(path, ImageResolver(image_root(cfg.images, path)),
-                                 cfg.max_samples)
-
-
-def _read_image_folder(path: Path, cfg: DataConfig) -> list[Sample]:
-    from fedumm.data.readers.text_image import metadata_file, read_text_image_table
-
-    return read_text_image_table(metadata_file(path), ImageResolver(cfg.images or path),
-                                 cfg.max_samples)
-
-
-def _read_shards(path: Path, cfg: DataConfig) -> list[Sample]:
-    from fedumm.data.readers.webdataset import read_shard
-
-    out: list[Sample] = []
-    for shard in sorted(path.glob("*.tar")) if path.is_dir() else [path]:
-        out += read_shard(shard, cfg.max_samples - len(out) if cfg.max_samples else 0)
-        if cfg.max_samples and len(out) >= cfg.max_samples:
-            break
-    return out
+READERS.register("files", Reader(source=read_files))

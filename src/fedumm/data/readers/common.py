@@ -1,5 +1,5 @@
-"""What every file reader shares: record iteration with positions, clear errors, image paths,
-and the partition labels a real record can give.
+"""What every reader shares: its registration (:class:`Reader`), record iteration with
+positions, clear errors, image paths, and the partition labels a real record can give.
 
 Errors name the file, the record (``line N`` of a JSONL file, ``index N`` of a JSON list,
 ``row N`` of a CSV file) and what was expected, and are raised while reading, before training.
@@ -11,17 +11,54 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedumm.data.records import ImageRef
-from fedumm.eval.vqa_metric import normalize_answer
+from fedumm.data.answers import normalize_answer
+from fedumm.data.records import ImageRef, Sample
+from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+
+if TYPE_CHECKING:
+    from fedumm.config import DataConfig
 
 JSON_SUFFIXES = (".json", ".jsonl")
 TABLE_SUFFIXES = (".json", ".jsonl", ".csv")
 # Record keys copied into a sample's partition labels when a file has them
 LABEL_KEYS = ("domain", "tag", "question_type", "answer_type", "category", "source", "image_id")
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One data format, registered by name in :data:`fedumm.registry.READERS`, so that
+    :func:`~fedumm.data.readers.read_samples` and :func:`~fedumm.data.readers.detect_format`
+    walk the registry instead of a list of formats: a new format is one module that registers
+    its reader (and a line in :mod:`fedumm.data.readers.builtin`).
+
+    A *source* (``source`` set) is what ``data.format`` names: it makes every sample of a role
+    (``train``, ``val``, ``all``) from the config; ShapesWorld generates them, ``files`` reads
+    the user's paths. A *file format* (``read`` and ``detect`` set) is recognised from one path
+    of ``data.understanding`` / ``data.generation``: the file formats of that modality are asked
+    in ``order`` (lower first, so that a catch-all such as any ``.json`` file comes last) and
+    the first whose ``detect`` says yes reads the path; ``expected`` describes its files for the
+    error when none does.
+    """
+
+    source: Callable[[DataConfig, str], list[Sample]] | None = None  # (cfg, role)
+    read: Callable[[Path, str, DataConfig], list[Sample]] | None = None  # (path, modality, cfg)
+    detect: Callable[[Path], bool] | None = None
+    modalities: tuple[str, ...] = (UNDERSTANDING, GENERATION)
+    expected: str = ""
+    order: int = 50
+
+    def __post_init__(self) -> None:
+        if self.source is None and (self.read is None or self.detect is None):
+            raise ValueError("a reader needs a source, or both read and detect")
+        unknown = sorted(set(self.modalities) - {UNDERSTANDING, GENERATION})
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; expected {UNDERSTANDING} and/or "
+                             f"{GENERATION}")
 
 
 class DataFileError(ValueError):

@@ -23,14 +23,18 @@ from pathlib import Path
 from typing import Any
 
 from fedumm.data.readers.common import (
+    TABLE_SUFFIXES,
     DataFileError,
     ImageResolver,
+    Reader,
+    image_root,
     iter_records,
     require,
     understanding_labels,
 )
 from fedumm.data.records import ImageRef, Sample
 from fedumm.data.scenarios import UNDERSTANDING
+from fedumm.registry import READERS
 
 LAYOUTS = ("llava", "sharegpt", "trl", "qa")
 USER_ROLES = ("human", "user")
@@ -161,3 +165,11 @@ def read_conversations(path: Path, resolve: ImageResolver, max_samples: int = 0
         if max_samples and len(out) >= max_samples:
             return out[:max_samples]
     return out
+
+
+READERS.register("conversations", Reader(
+    read=lambda path, modality, cfg: read_conversations(
+        path, ImageResolver(image_root(cfg.images, path)), cfg.max_samples),
+    detect=lambda path: path.is_file() and path.suffix in TABLE_SUFFIXES,
+    modalities=(UNDERSTANDING,), order=90,  # any table: asked after the specific formats
+    expected="a .json/.jsonl/.csv conversation file"))

@@ -20,11 +20,13 @@ import csv
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedumm.data.readers.common import (
     DataFileError,
     ImageResolver,
+    Reader,
+    image_root,
     iter_records,
     require,
     shared_labels,
@@ -32,6 +34,10 @@ from fedumm.data.readers.common import (
 )
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import UNDERSTANDING
+from fedumm.registry import READERS
+
+if TYPE_CHECKING:
+    from fedumm.config import DataConfig
 
 HATEFUL_QUESTION = "is this meme hateful?"
 _CRISIS_FILE = re.compile(r"task_(?P<task>[a-z]+)_text_img_")
@@ -124,3 +130,15 @@ def _vqa_rad(path: Path, resolve: ImageResolver) -> Iterator[Sample]:
                      labels=_labels(str(rec["question"]), answer,
                                     "vqa_rad_closed" if closed else "vqa_rad_open",
                                     **({"domain": str(organ).lower()} if organ else {})))
+
+
+def _read(path: Path, modality: str, cfg: DataConfig) -> list[Sample]:
+    kind = detect(path)
+    assert kind is not None  # detected before it is read
+    return read_fedmllm(path, kind, ImageResolver(image_root(cfg.images, path)), cfg.max_samples)
+
+
+READERS.register("fedmllm", Reader(
+    read=_read, detect=lambda path: detect(path) is not None,
+    modalities=(UNDERSTANDING,), order=30,
+    expected="Hateful Memes .jsonl, CrisisMMD .tsv, VQA-RAD .json"))

@@ -37,11 +37,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedumm.data.images import decode_image
-from fedumm.data.readers.common import DataFileError, ImageResolver
+from fedumm.data.readers.common import DataFileError, ImageResolver, Reader
 from fedumm.data.readers.conversations import detect_layout, record_samples
 from fedumm.data.readers.text_image import IMAGE_KEYS, TEXT_KEYS, generation_sample
 from fedumm.data.records import ImageRef, Sample
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+from fedumm.registry import READERS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -323,3 +324,9 @@ def _generation(ds: Dataset, path: Path, resolve: ImageResolver, max_samples: in
         if max_samples and len(out) >= max_samples:
             break
     return out
+
+
+READERS.register("hf", Reader(
+    read=lambda path, modality, cfg: read_hf(path, modality, cfg.images, cfg.max_samples),
+    detect=is_hf_dataset, order=10,
+    expected="a Hugging Face dataset folder or .parquet file"))

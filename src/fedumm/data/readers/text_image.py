@@ -11,17 +11,25 @@ comes in:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedumm.data.readers.common import (
+    TABLE_SUFFIXES,
     DataFileError,
     ImageResolver,
+    Reader,
     extra_labels,
+    image_root,
     iter_records,
     pick_key,
     shared_labels,
 )
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import GENERATION
+from fedumm.registry import READERS
+
+if TYPE_CHECKING:
+    from fedumm.config import DataConfig
 
 IMAGE_KEYS = ("file_name", "image", "image_path", "path", "img")
 TEXT_KEYS = ("text", "prompt", "caption")
@@ -58,3 +66,20 @@ def metadata_file(folder: Path) -> Path | None:
     """The ``metadata.jsonl`` (or ``.csv``) of an image folder, if it has one."""
     return next((p for p in (folder / "metadata.jsonl", folder / "metadata.csv") if p.is_file()),
                 None)
+
+
+def _read_image_folder(path: Path, modality: str, cfg: DataConfig) -> list[Sample]:
+    table = metadata_file(path)
+    assert table is not None  # detected before it is read
+    return read_text_image_table(table, ImageResolver(cfg.images or path), cfg.max_samples)
+
+
+READERS.register("image_folder", Reader(
+    read=_read_image_folder, detect=lambda path: path.is_dir() and metadata_file(path) is not None,
+    modalities=(GENERATION,), order=20, expected="an image folder with metadata.jsonl"))
+READERS.register("text_image", Reader(
+    read=lambda path, modality, cfg: read_text_image_table(
+        path, ImageResolver(image_root(cfg.images, path)), cfg.max_samples),
+    detect=lambda path: path.is_file() and path.suffix in TABLE_SUFFIXES,
+    modalities=(GENERATION,), order=90,  # any table: asked after the specific formats
+    expected="a .jsonl/.json/.csv table of image and text"))

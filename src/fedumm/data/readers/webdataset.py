@@ -12,10 +12,16 @@ from __future__ import annotations
 import json
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedumm.data.readers.common import DataFileError
+from fedumm.data.readers.common import DataFileError, Reader
 from fedumm.data.readers.text_image import TEXT_KEYS, generation_sample
 from fedumm.data.records import ImageRef, Sample
+from fedumm.data.scenarios import GENERATION
+from fedumm.registry import READERS
+
+if TYPE_CHECKING:
+    from fedumm.config import DataConfig
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTS = ("txt", "caption", "json")
@@ -78,3 +84,25 @@ def read_shard(shard: Path, max_samples: int = 0) -> list[Sample]:
     if not out:
         raise DataFileError(shard, "", "no samples (expected <key>.jpg with <key>.txt members)")
     return out
+
+
+def is_webdataset(path: Path) -> bool:
+    """``path`` is a ``.tar`` shard or a folder holding some."""
+    return (path.is_file() and path.suffix == ".tar") or (path.is_dir()
+                                                          and any(path.glob("*.tar")))
+
+
+def read_shards(path: Path, modality: str, cfg: DataConfig) -> list[Sample]:
+    """Every sample of a shard, or of a folder's shards in name order, up to
+    ``data.max_samples`` in all."""
+    out: list[Sample] = []
+    for shard in sorted(path.glob("*.tar")) if path.is_dir() else [path]:
+        out += read_shard(shard, cfg.max_samples - len(out) if cfg.max_samples else 0)
+        if cfg.max_samples and len(out) >= cfg.max_samples:
+            break
+    return out
+
+
+READERS.register("webdataset", Reader(
+    read=read_shards, detect=is_webdataset, modalities=(GENERATION,), order=30,
+    expected="WebDataset .tar shards"))

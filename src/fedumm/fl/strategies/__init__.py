@@ -1,8 +1,8 @@
-"""Server strategies, one algorithm per module, and ``build_strategy`` to pick one by name.
+"""Server strategies, one algorithm per module, each with its client-side part where it has
+one (``Strategy.client_hooks``), registered by name in :data:`fedumm.registry.STRATEGIES`.
 
-``centralized`` and ``local`` are runtime baselines, not strategies: centralized training pools
-all data in one "client" and local training never exchanges adapters, so neither needs a server
-rule; the runtime still builds FedAvg for them so that sampling and bookkeeping work the same.
+A new strategy is one module with a :class:`Strategy` subclass and a registration
+(``STRATEGIES.register("name", Cls)``); ``strategy.name`` then validates and builds it.
 """
 
 from __future__ import annotations
@@ -19,32 +19,23 @@ from fedumm.fl.strategies.fedumm import FedUMM
 from fedumm.fl.strategies.fedyogi import FedYogi
 from fedumm.fl.strategies.scaffold import Scaffold
 from fedumm.models.protocol import AdapterGroup
+from fedumm.registry import STRATEGIES
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (FedAvg, FedUMM, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold)
-}
-# Baselines run by the runtime; they use FedAvg on the server side.
-BASELINES: tuple[str, ...] = ("centralized", "local")
+for _cls in (FedAvg, FedUMM, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold):
+    STRATEGIES.register(_cls.name, _cls)
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The registered strategy ``name`` (ValueError naming the valid ones)."""
+    return STRATEGIES.get(name)
 
 
 def build_strategy(cfg: StrategyConfig, num_clients: int, seed: int,
-                   groups: tuple[AdapterGroup, ...] = ()) -> Strategy:
-    """The strategy named ``cfg.name`` (``centralized`` / ``local`` give FedAvg), aggregating
-    over the backbone's adapter ``groups``.
-
-    Raises
-    ------
-    ValueError
-        If the name is neither a registered strategy nor a baseline.
-    """
-    if cfg.name in BASELINES:
-        return FedAvg(cfg, num_clients, seed, groups)
-    if cfg.name not in STRATEGIES:
-        valid = sorted(STRATEGIES) + list(BASELINES)
-        raise ValueError(f"unknown strategy {cfg.name!r}; valid names: {', '.join(valid)}")
-    return STRATEGIES[cfg.name](cfg, num_clients, seed, groups)
+                   groups: tuple[AdapterGroup, ...] = (), name: str | None = None) -> Strategy:
+    """The strategy ``name`` (default ``cfg.name``) aggregating over the backbone's adapter
+    ``groups``, configured by ``cfg``."""
+    return strategy_class(name or cfg.name)(cfg, num_clients, seed, groups)
 
 
-__all__ = ["BASELINES", "STRATEGIES", "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedOpt",
-           "FedProx", "FedUMM", "FedYogi", "Scaffold", "Strategy", "build_strategy"]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedOpt", "FedProx", "FedUMM",
+           "FedYogi", "Scaffold", "Strategy", "build_strategy", "strategy_class"]

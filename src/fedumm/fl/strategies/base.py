@@ -18,6 +18,7 @@ import torch
 
 from fedumm.config import StrategyConfig
 from fedumm.fl.aggregate import select, weighted_mean
+from fedumm.fl.client_hooks import ClientHook
 from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b, rank_weighted_mean
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.protocol import AdapterGroup, AdapterLayout
@@ -45,6 +46,9 @@ class Strategy:
     """
 
     name = "base"
+    # the aggregate is the clients' weighted mean (exact LoRA aggregation can fold its
+    # residual into the frozen weights); False for rules that move the server model elsewhere
+    keeps_client_mean = True
 
     def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int,
                  groups: tuple[AdapterGroup, ...] = ()) -> None:
@@ -75,6 +79,12 @@ class Strategy:
     def client_config(self, rnd: int) -> dict:
         """What clients receive besides the global adapters (nothing for FedAvg)."""
         return {}
+
+    @classmethod
+    def client_hooks(cls, client_config: dict) -> list[ClientHook]:
+        """The strategy's client-side part for one round, from what the server sent
+        (:meth:`client_config`): a loss term, a gradient correction, ... (none for FedAvg)."""
+        return []
 
     # -- weights -------------------------------------------------------------------------------
 

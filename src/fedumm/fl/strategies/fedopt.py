@@ -33,6 +33,7 @@ class FedOpt(Strategy):
     """Server optimizer on the pseudo-gradient; subclasses implement ``step``."""
 
     name = "fedopt"
+    keeps_client_mean = False  # a server optimizer step, not the mean
 
     def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int,
                  groups: tuple[AdapterGroup, ...] = ()) -> None:

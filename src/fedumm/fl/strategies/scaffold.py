@@ -6,7 +6,8 @@ Control variates estimate each client's drift from the global update direction a
 during local training. The server keeps ``c`` (one tensor per adapter tensor, zeros at the
 start); each client keeps its own ``c_i`` (zeros at the start, persisted across rounds).
 
-Client side (what the client trainer implements; option II of the paper), per trained tensor:
+Client side (:class:`ScaffoldCorrection`, run by the client trainer; option II of the paper),
+per trained tensor:
 
 1. receive ``x`` (global adapters) and ``c = client_config(rnd)["server_control"]``;
 2. local steps from ``y = x``: correct each gradient ``g`` to ``g - c_i + c`` before the
@@ -28,6 +29,8 @@ from __future__ import annotations
 import torch
 
 from fedumm.config import StrategyConfig
+from fedumm.fl.client_hooks import ClientHook, LocalRound
+from fedumm.fl.pipeline import CONTROL_DELTA, SERVER_CONTROL
 from fedumm.fl.strategies.base import State, Strategy
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.protocol import AdapterGroup
@@ -49,6 +52,29 @@ def client_control_update(c_local: State, c_server: State, x: State, y: State, n
         new[key] = ci - c_server[key] + (x[key].to(ci.dtype) - yk.to(ci.dtype)) / (num_steps * lr)
         delta[key] = new[key] - ci
     return new, delta
+
+
+class ScaffoldCorrection(ClientHook):
+    """The client side: ``g <- g - c_i + c`` before every step, then the control update."""
+
+    def __init__(self, c_server: State) -> None:
+        self.c_server = c_server
+        self.c_local: State = {}
+
+    def begin(self, rnd: LocalRound) -> None:
+        c_local = rnd.client_state.get("control")
+        self.c_local = c_local if c_local is not None else \
+            {k: torch.zeros_like(rnd.start[k]) for k in rnd.params}
+
+    def correct(self, rnd: LocalRound) -> None:
+        for k, p in rnd.params.items():
+            if p.grad is not None:
+                p.grad.add_((self.c_server[k] - self.c_local[k]).to(p.device))
+
+    def end(self, rnd: LocalRound, trained: State) -> None:
+        if rnd.steps > 0:
+            rnd.client_state["control"], rnd.extra[CONTROL_DELTA] = client_control_update(
+                self.c_local, self.c_server, rnd.start, trained, rnd.steps, rnd.lr)
 
 
 class Scaffold(Strategy):
@@ -79,7 +105,11 @@ class Scaffold(Strategy):
             raise RuntimeError("Scaffold.init_state(global_state) must be called before the "
                                "first round")
         # Copies: a client in the same process must not be able to change the server's c.
-        return {"server_control": {k: v.clone() for k, v in self.control.items()}}
+        return {SERVER_CONTROL: {k: v.clone() for k, v in self.control.items()}}
+
+    @classmethod
+    def client_hooks(cls, client_config: dict) -> list[ClientHook]:
+        return [ScaffoldCorrection(client_config[SERVER_CONTROL])]
 
     def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
         self.init_state(global_state)
@@ -89,7 +119,7 @@ class Scaffold(Strategy):
                       updates: list[ClientUpdate]) -> State:
         deltas = []
         for u in updates:
-            delta = u.extra.get("control_delta", {})
+            delta = u.extra.get(CONTROL_DELTA, {})
             missing = [k for k in prev if k not in delta]
             if missing:
                 raise ValueError(f"client {u.client_id} trained group {group!r} but sent no "

@@ -12,7 +12,10 @@
   produce. BLIP3o uses EVA-CLIP-E-14-plus, which transformers does not ship; a SigLIP vision
   tower (``SiglipVisionModel``) stands in for it;
 * ``decoder``: features -> pixels. BLIP3o uses a separate diffusion decoder; here a linear
-  patch decoder, fitted by least squares (:func:`fit_patch_decoder`).
+  patch decoder, fitted by least squares (:func:`fit_patch_decoder`);
+* the components around the model: Qwen2.5-VL's image processor, a word-level tokenizer for
+  the ``tiny`` preset, and the sampling scheduler (diffusers' ``FlowMatchEulerDiscrete``,
+  given to the backbone as diffusers pipelines are given theirs).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TARGET_MEAN = TARGET_STD = 0.5  # SigLIP's normalisation of the target encoder's input
 
 
 NO_GENERATION = (
@@ -87,6 +91,55 @@ class Blip3oModel(nn.Module):
         n = int(round(h.shape[1] ** 0.5))
         h = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], n, n)
         return F.avg_pool2d(h, self.dims.pool) if self.dims.pool > 1 else h
+
+
+def special_token_ids(tok) -> dict[str, int]:
+    """The ids of the special tokens the model config and the prompts need."""
+    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
+        ("image", IMAGE_PAD), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
+        ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"))}
+    ids["bos"] = tok.bos_token_id
+    return ids
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over ShapesWorld's words with Qwen2.5-VL's special tokens."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.normalizers import Lowercase
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from fedumm.models.reference.text_tokenizer import world_vocabulary
+
+    words = [*SPECIALS, "<unk>", ":", ",", ".", "?", "user", "assistant", *world_vocabulary()]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))},
+                              unk_token="<unk>"))
+    tok.normalizer = Lowercase()
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens([*SPECIALS, "<unk>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def image_processor(dims: Blip3oDims):
+    """Qwen2.5-VL's image processor, resizing every image to about ``dims.image_pixels``."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    v = dims.vision
+    return Qwen2VLImageProcessorPil(min_pixels=dims.image_pixels, max_pixels=dims.image_pixels,
+                                    patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
+                                    temporal_patch_size=v["temporal_patch_size"])
+
+
+def flow_scheduler():
+    """The sampling scheduler: Euler steps of the flow-matching ODE (diffusers' default
+    ``FlowMatchEulerDiscreteScheduler``; the backbone sets its sigmas per call)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler()
 
 
 def qwen_config(dims: Blip3oDims, token_ids: dict[str, int], vocab_size: int | None = None):

@@ -8,17 +8,18 @@
   features x0: sigma ~ U(0, 1), x_t = (1 - sigma) x0 + sigma e, the DiT (at timestep
   1000 sigma, BLIP3o's convention) predicts the velocity e - x0 (MSE). A dropped prompt
   (classifier-free guidance) zeroes the condition, as BLIP3o's ``mask_drop`` does, and
-  sampling uses the zero condition as the unconditional branch: ``FlowMatchEulerDiscrete``
-  steps with guidance, then the patch decoder turns features into pixels.
+  sampling uses the zero condition as the unconditional branch: the backbone's scheduler
+  (``FlowMatchEulerDiscrete`` by default) steps with guidance, then the patch decoder turns
+  features into pixels.
 * Adapter groups: ``vision`` (Qwen2.5-VL vision blocks + merger), ``language`` (LLM attention
   / MLP), ``generation`` (DiT attention / feed-forward and the caption projection),
   ``alignment`` (the learnable queries, trained in full as ``modules_to_save``). A language
   adapter also moves the query hidden states, so understanding training changes generation:
   the two are coupled through the LLM (measured in the closing note of the issue).
-* Quality for the quality-weighted rule: exact-match answer accuracy on held-out questions;
-  for generation, the held-out flow-matching loss L as a score 1 - L / L0 clipped to [0, 1],
-  where L0 is the loss of predicting zero velocity (so 0 = no better than nothing, 1 =
-  perfect), on fixed noise and a fixed sigma grid (deterministic).
+* Generation quality (for the quality-weighted rule): the held-out flow-matching loss L as a
+  score 1 - L / L0 clipped to [0, 1], where L0 is the loss of predicting zero velocity (so 0 =
+  no better than nothing, 1 = perfect), on fixed noise and a fixed sigma grid
+  (deterministic).
 * Randomness: the flow-matching noise and sigmas come from torch's RNG, which the client
   trainer seeds per client and round, so runs are reproducible.
 """
@@ -32,36 +33,25 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from fedumm.data.records import Sample
-from fedumm.fl.codec import DTYPES
-from fedumm.models.batching import candidate_log_likelihoods, pad_sequences
+from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+from fedumm.models.batching import candidate_log_likelihoods, pad_sequences, split_tasks
 from fedumm.models.blip3o.assembly import (
-    CHAT_TEMPLATE,
     IMAGE_PAD,
     NO_GENERATION,
-    SPECIALS,
+    TARGET_MEAN,
+    TARGET_STD,
     Blip3oModel,
-    build_parts,
-    fit_patch_decoder,
+    flow_scheduler,
+    special_token_ids,
 )
-from fedumm.models.blip3o.presets import PRESETS, Blip3oDims, preset_dims
-from fedumm.models.protocol import (
-    GENERATION,
-    UNDERSTANDING,
-    AdapterGroup,
-    Batch,
-    DecoderLayers,
-    ModelPlacement,
-    check_trainable_preset,
-    in_eval_mode,
-    register_backbone,
-    resolve_device,
-)
+from fedumm.models.groups import AdapterGroup, DecoderLayers
+from fedumm.models.placement import ModelPlacement, in_eval_mode
+from fedumm.models.protocol import Batch
 
 if TYPE_CHECKING:
-    from fedumm.config import BackboneConfig
+    from diffusers import SchedulerMixin
 
 GROUPS = (
     AdapterGroup("vision", r"qwen\.model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)"
@@ -75,94 +65,6 @@ GROUPS = (
     AdapterGroup("alignment", None, (UNDERSTANDING, GENERATION), modules_to_save=("queries",)),
 )
 QUALITY_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the held-out flow-matching loss's sigma grid
-_TARGET_MEAN = _TARGET_STD = 0.5  # SigLIP's normalisation
-
-
-def _token_ids(tok) -> dict[str, int]:
-    ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
-        ("image", IMAGE_PAD), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
-        ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"))}
-    ids["bos"] = tok.bos_token_id
-    return ids
-
-
-def tiny_tokenizer():
-    """A word-level tokenizer over ShapesWorld's words with Qwen2.5-VL's special tokens."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.normalizers import Lowercase
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import PreTrainedTokenizerFast
-
-    from fedumm.models.reference.text_tokenizer import world_vocabulary
-
-    words = [*SPECIALS, "<unk>", ":", ",", ".", "?", "user", "assistant", *world_vocabulary()]
-    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))},
-                              unk_token="<unk>"))
-    tok.normalizer = Lowercase()
-    tok.pre_tokenizer = Whitespace()
-    tok.add_special_tokens([*SPECIALS, "<unk>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", unk_token="<unk>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def image_processor(dims: Blip3oDims):
-    """Qwen2.5-VL's image processor, resizing every image to about ``dims.image_pixels``."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    v = dims.vision
-    return Qwen2VLImageProcessorPil(min_pixels=dims.image_pixels, max_pixels=dims.image_pixels,
-                                    patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
-                                    temporal_patch_size=v["temporal_patch_size"])
-
-
-def _shapes_images(size: int, n: int) -> torch.Tensor:
-    """ShapesWorld scenes (both splits) as (n, 3, size, size) in [0, 1]: what the tiny preset's
-    patch decoder is fitted on."""
-    from fedumm.data.dataset import generate_shapes
-
-    arrays = []
-    for split in ("base", "downstream"):
-        data = generate_shapes(split, n // 2, seed=12345, role="train", image_size=size)
-        arrays += list(data.images[: n // 2])
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-
-
-def build(cfg: BackboneConfig) -> Blip3oBackbone:
-    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
-    if cfg.preset:
-        check_trainable_preset("blip3o", cfg.preset, PRESETS)
-        dims = preset_dims("tiny")
-        tok = tiny_tokenizer()
-        torch.manual_seed(0)  # the tiny preset is the same random model everywhere
-        model = build_parts(dims, _token_ids(tok), vocab_size=len(tok))
-        images = _shapes_images(dims.target["image_size"], 256)
-        fit_patch_decoder(model, images, (images - _TARGET_MEAN) / _TARGET_STD)
-        processor = image_processor(dims)
-    else:
-        from fedumm.models.blip3o.checkpoint import load_folder
-
-        model, tok, processor = load_folder(Path(cfg.path))
-    model.to(device=device, dtype=dtype)
-    model.eval()
-    return Blip3oBackbone(model, tok, processor)
-
-
-def skeleton(cfg: BackboneConfig) -> tuple[nn.Module, tuple[AdapterGroup, ...]]:
-    """The architecture on the meta device (no memory, no weights) and its groups."""
-    if not cfg.preset:
-        from fedumm.models.blip3o.checkpoint import folder_dims
-
-        dims = folder_dims(Path(cfg.path))
-    else:
-        dims = preset_dims(cfg.preset)
-    ids = {k: i for i, k in enumerate(("image", "video", "vision_start", "vision_end", "eos",
-                                       "pad"))}
-    with torch.device("meta"):
-        model = build_parts(dims, ids)
-    return model, GROUPS
 
 
 class Blip3oBackbone(ModelPlacement):
@@ -171,12 +73,17 @@ class Blip3oBackbone(ModelPlacement):
     kind = "blip3o"
     input_size = None  # the processors resize any image
 
-    def __init__(self, model: Blip3oModel, tokenizer, processor, sample_steps: int = 0,
+    def __init__(self, model: Blip3oModel, tokenizer, processor,
+                 scheduler: SchedulerMixin | None = None, sample_steps: int = 0,
                  cfg_scale: float = 3.0) -> None:
+        """``scheduler``: the sampler of :meth:`generate`, a diffusers flow-matching scheduler
+        (its ``set_timesteps`` takes ``sigmas``); None: the default of
+        :func:`~fedumm.models.blip3o.assembly.flow_scheduler`."""
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
-        self.ids = _token_ids(tokenizer)
+        self.scheduler = scheduler if scheduler is not None else flow_scheduler()
+        self.ids = special_token_ids(tokenizer)
         self.dims = model.dims
         self.sample_steps = sample_steps or (8 if self.dims.n_query < 64 else 30)
         self.cfg_scale = cfg_scale
@@ -241,7 +148,7 @@ class Blip3oBackbone(ModelPlacement):
         arrays = [np.asarray(Image.fromarray(im).resize((s, s), Image.BICUBIC)) if
                   im.shape[:2] != (s, s) else im for im in images]
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-        return ((x - _TARGET_MEAN) / _TARGET_STD).to(self.device, self.dtype)
+        return ((x - TARGET_MEAN) / TARGET_STD).to(self.device, self.dtype)
 
     # --------------------------------------------------------------- batches
     def prepare(self, samples: Sequence[Sample]) -> None:
@@ -250,9 +157,7 @@ class Blip3oBackbone(ModelPlacement):
 
     def collate(self, samples: Sequence[Sample], drop_text: Sequence[bool] | None = None
                 ) -> Batch:
-        drop = list(drop_text) if drop_text is not None else [False] * len(samples)
-        und = [s for s in samples if s.task == UNDERSTANDING]
-        gen = [(s, d) for s, d in zip(samples, drop, strict=True) if s.task == GENERATION]
+        und, gen = split_tasks(samples, drop_text)
         batch = Batch()
         if und:
             images = [s.load_image() if s.image is not None else None for s in und]
@@ -341,25 +246,19 @@ class Blip3oBackbone(ModelPlacement):
         return out
 
     @torch.no_grad()
-    def quality(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """Exact-match answer accuracy; generation: 1 - L / L0 (see the module docstring)."""
-        from fedumm.eval.model_eval import heldout_quality
-
-        def flow_score(gen: list[Sample]) -> float:
-            g = self.collate(gen).parts[GENERATION]
-            x0 = g["x0"]
-            gen_rng = torch.Generator().manual_seed(0)  # fixed noise: a deterministic score
-            losses, zero = [], []
-            for sigma in QUALITY_SIGMAS:
-                noise = torch.randn(x0.shape, generator=gen_rng).to(x0.device, x0.dtype)
-                s = torch.full((len(x0),), sigma, device=x0.device, dtype=x0.dtype)
-                lo, z = self._flow_loss(g, s, noise)
-                losses.append(lo.mean())
-                zero.append(z.mean())
-            return float((1 - torch.stack(losses).mean() / torch.stack(zero).mean())
-                         .clamp(0, 1))
-
-        return heldout_quality(self, samples, flow_score)
+    def generation_quality(self, samples: Sequence[Sample]) -> float:
+        """1 - L / L0 of the held-out flow-matching loss (see the module docstring)."""
+        g = self.collate(samples).parts[GENERATION]
+        x0 = g["x0"]
+        gen_rng = torch.Generator().manual_seed(0)  # fixed noise: a deterministic score
+        losses, zero = [], []
+        for sigma in QUALITY_SIGMAS:
+            noise = torch.randn(x0.shape, generator=gen_rng).to(x0.device, x0.dtype)
+            s = torch.full((len(x0),), sigma, device=x0.device, dtype=x0.dtype)
+            lo, z = self._flow_loss(g, s, noise)
+            losses.append(lo.mean())
+            zero.append(z.mean())
+        return float((1 - torch.stack(losses).mean() / torch.stack(zero).mean()).clamp(0, 1))
 
     # --------------------------------------------------------------- capabilities
     @torch.no_grad()
@@ -404,8 +303,6 @@ class Blip3oBackbone(ModelPlacement):
         """Images (N, S, S, 3) uint8: Euler flow-matching steps from seeded noise with
         classifier-free guidance (zero condition as the unconditional branch), then the
         patch decoder. The global RNG is not touched."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         parts = self._parts
         if parts.decoder is None:
             raise ValueError(NO_GENERATION)
@@ -420,7 +317,9 @@ class Blip3oBackbone(ModelPlacement):
             both = torch.cat([cond, torch.zeros_like(cond)])
             x = torch.randn((len(part), c, g, g), generator=gen_rng).to(self.device,
                                                                         self.dtype)
-            sched = FlowMatchEulerDiscreteScheduler()
+            # a scheduler holds the step state of one sampling run: a fresh copy of the given
+            # one per chunk, so the backbone's own stays untouched between calls
+            sched = type(self.scheduler).from_config(self.scheduler.config)
             steps = self.sample_steps
             sched.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps).tolist(),
                                 device=self.device)
@@ -435,5 +334,3 @@ class Blip3oBackbone(ModelPlacement):
         size = self.image_size
         return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
 
-
-register_backbone("blip3o", build, skeleton)

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from fedumm.fl.codec import DTYPES
-from fedumm.models.protocol import register_backbone, resolve_device
+from fedumm.models.dtypes import DTYPES
+from fedumm.models.kinds import register_backbone
+from fedumm.models.placement import resolve_device
 from fedumm.models.reference.backbone import (
     REFERENCE_GROUPS,
     SHIPPED_BASE,

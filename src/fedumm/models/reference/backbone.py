@@ -3,8 +3,8 @@
 Checkpoint folder: ``model.safetensors`` (weights), ``config.json`` (model config + how it was
 made), ``tokenizer.json`` (text tokenizer) and ``codebook.safetensors`` (image tokenizer).
 
-Quality for the quality-weighted rule: exact-match answer accuracy on held-out questions, and
-teacher-forced top-1 accuracy of the image codes of held-out generation targets.
+Generation quality (for the quality-weighted rule): teacher-forced top-1 accuracy of the image
+codes of held-out generation targets.
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ import numpy as np
 import torch
 
 from fedumm.data.records import Sample
-from fedumm.models.batching import pad_sequences
+from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+from fedumm.models.batching import pad_sequences, split_tasks
 from fedumm.models.checksums import verify_checksums, write_checksums
-from fedumm.models.protocol import (
-    GENERATION,
-    UNDERSTANDING,
-    AdapterGroup,
-    Batch,
-    DecoderLayers,
+from fedumm.models.groups import AdapterGroup, DecoderLayers
+from fedumm.models.placement import (
     ModelPlacement,
     base_state_dict,
     in_eval_mode,
     state_fingerprint,
 )
+from fedumm.models.protocol import Batch
 from fedumm.models.reference.text_tokenizer import TextTokenizer
 from fedumm.models.reference.umm import ReferenceUMM, UMMConfig
 from fedumm.models.reference.vq import PatchCodebook
@@ -177,9 +175,7 @@ class ReferenceBackbone(ModelPlacement):
     def collate(self, samples: Sequence[Sample], drop_text: Sequence[bool] | None = None
                 ) -> Batch:
         tok, dev = self.tokenizer, self.device
-        drop = list(drop_text) if drop_text is not None else [False] * len(samples)
-        und = [s for s in samples if s.task == UNDERSTANDING]
-        gen = [(s, d) for s, d in zip(samples, drop, strict=True) if s.task == GENERATION]
+        und, gen = split_tasks(samples, drop_text)
         batch = Batch()
         if und:
             images, present = self._images(und)
@@ -213,15 +209,10 @@ class ReferenceBackbone(ModelPlacement):
         return out
 
     @torch.no_grad()
-    def quality(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """Exact-match answer accuracy; teacher-forced top-1 accuracy of the image codes."""
-        from fedumm.eval.model_eval import heldout_quality
-
-        def code_accuracy(gen: list[Sample]) -> float:
-            g = self.collate(gen).parts[GENERATION]
-            return self.model.generation_accuracy(g["p_ids"], g["p_mask"], g["codes"])
-
-        return heldout_quality(self, samples, code_accuracy)
+    def generation_quality(self, samples: Sequence[Sample]) -> float:
+        """Teacher-forced top-1 accuracy of the held-out targets' image codes."""
+        g = self.collate(samples).parts[GENERATION]
+        return self.model.generation_accuracy(g["p_ids"], g["p_mask"], g["codes"])
 
     # --------------------------------------------------------------- capabilities
     def _question_batch(self, images: Sequence[np.ndarray | None], questions: Sequence[str]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import generate_shapes
 from fedumm.models.reference.backbone import ReferenceBackbone
 from fedumm.models.reference.text_tokenizer import TextTokenizer
 from fedumm.models.reference.umm import ReferenceUMM, UMMConfig

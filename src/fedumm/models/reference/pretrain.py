@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fedumm.data.dataset import generate_shapes
+from fedumm.data.readers.shapes import generate_shapes
 from fedumm.data.world import CAPTION_QUESTION, describe_scene
 from fedumm.models.reference.backbone import ReferenceBackbone
 from fedumm.models.reference.pretrain_batches import pretrain_encoder

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedumm.data.dataset import MultimodalDataset
+from fedumm.data.readers.shapes import ShapesWorldData
 from fedumm.data.render import COLORS, SHAPES, object_id_map
 from fedumm.data.world import grounding_labels
 from fedumm.models.batching import pad_sequences
@@ -42,7 +42,7 @@ def patch_labels(objects, size: int, patch: int, min_cover: float = 0.25) -> np.
 class PreparedData:
     """Token ids, codes and probe labels of one dataset, ready to be indexed into batches."""
 
-    data: MultimodalDataset
+    data: ShapesWorldData
     questions: list[list[int]]  # question tokens + SEP
     answers: list[list[int]]  # answer tokens + EOS
     prompts: list[list[int]]  # prompt tokens + BOI
@@ -60,7 +60,7 @@ class SampleEncoder:
         self.codebook = codebook
         self.vision_patch = vision_patch
 
-    def prepare(self, data: MultimodalDataset, with_probe: bool = False) -> PreparedData:
+    def prepare(self, data: ShapesWorldData, with_probe: bool = False) -> PreparedData:
         """Tokenise and quantise ``data``; ``with_probe`` adds the pretraining labels (per-patch
         attributes for the vision probe, referred cells for grounding, the attributes of each
         generated cell) from its scenes."""

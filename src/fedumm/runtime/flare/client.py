@@ -3,7 +3,7 @@
 Each site builds the same frozen backbone and adapters from the job's config and takes its
 data: all of its own files when its overrides give ``data.*`` paths, else its share (client
 ``--client-id`` of the partition) of the config's data. Every ``train`` task is the round
-loop's client side (:class:`~fedumm.runtime.loop.ClientEndpoint`): the encoded global adapters
+loop's client side (:class:`~fedumm.fl.endpoint.ClientEndpoint`): the encoded global adapters
 arrive as one uint8 tensor in an ``FLModel``, and the encoded update goes back the same way,
 with sample counts, quality and metrics in ``meta``.
 """
@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 
 from fedumm.config import load_config
-from fedumm.fl.client import ClientTrainer
+from fedumm.fl.pipeline import CLIENT_CONFIG, CLIENT_ID, PAYLOAD
 from fedumm.runtime.experiment import (
     build_adapters,
     client_datasets,
+    client_endpoint,
     load_backbone,
     site_client_data,
 )
-from fedumm.runtime.flare.controller import PAYLOAD, to_bytes, to_tensor
-from fedumm.runtime.loop import ClientEndpoint
+from fedumm.runtime.flare.controller import to_bytes, to_tensor
 
 CONFIG_FILE = "fedumm_config.yaml"
 ERRORS_DIR = "site_errors"  # under the run directory (simulator / POC): one file per failed site
@@ -81,9 +81,7 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
         if k >= len(clients):
             raise ValueError(f"{site} has no data: the config has {len(clients)} client(s)")
         client = clients[k]
-    endpoint = ClientEndpoint(ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed,
-                            freeze_lora_a=cfg.lora.aggregation == "ffa"),
-                              cfg)
+    endpoint = client_endpoint(cfg, adapters)
     states = SiteStates(Path(args.run_dir) / STATES_DIR / site if args.run_dir else None)
     while flare.is_running():
         model = flare.receive()
@@ -92,10 +90,10 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
         rnd = int(model.current_round)
         reply, client_state = endpoint.handle(
             client, rnd, to_bytes(model.params[PAYLOAD]),
-            dict(model.meta.get("client_config", {})), states.before(rnd))
+            dict(model.meta.get(CLIENT_CONFIG, {})), states.before(rnd))
         states.after(rnd, client_state)
         flare.send(FLModel(params={PAYLOAD: to_tensor(reply.payload)},
-                           meta={**reply.meta, "client_id": k}))
+                           meta={**reply.meta.to_dict(), CLIENT_ID: k}))
 
 
 class SiteStates:

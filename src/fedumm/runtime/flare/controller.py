@@ -23,12 +23,11 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from fedumm.config import config_from_dict
-from fedumm.fl.strategies import build_strategy
-from fedumm.runtime.experiment import build_adapters, eval_samples, load_backbone, num_clients
-from fedumm.runtime.loop import Reply, RoundLoop
+from fedumm.fl.pipeline import CLIENT_CONFIG, CLIENT_ID, PAYLOAD, Reply, ReplyMeta
+from fedumm.runtime.experiment import build_adapters, eval_samples, load_backbone
+from fedumm.runtime.loop import RoundLoop
+from fedumm.runtime.modes import num_clients, strategy_for
 from fedumm.runtime.run_dir import RunDirectory
-
-PAYLOAD = "payload"  # the FLModel params key holding the encoded bytes
 
 
 def to_tensor(payload: bytes) -> torch.Tensor:
@@ -84,7 +83,7 @@ class FedUMMController(ModelController):
         backbone = load_backbone(cfg)
         adapters = build_adapters(cfg, backbone)
         k_total = num_clients(cfg)
-        strategy = build_strategy(cfg.strategy, k_total, cfg.seed, backbone.groups)
+        strategy = strategy_for(cfg, backbone.groups)
         transport = FlareTransport(self, site_names(k_total, self.sites), cfg.rounds)
         loop = RoundLoop(cfg, d, backbone, adapters, strategy, eval_samples(cfg),
                          k_total, transport, backbone.fingerprint())
@@ -107,15 +106,15 @@ class FlareTransport:
         for payload, clients in by_payload.items():
             self.controller.info(f"fedumm round {rnd + 1}/{self.rounds}: clients {clients}")
             model = FLModel(params={PAYLOAD: to_tensor(payload)}, current_round=rnd,
-                            total_rounds=self.rounds, meta={"client_config": client_config})
+                            total_rounds=self.rounds, meta={CLIENT_CONFIG: client_config})
             results = self.controller.send_model_and_wait(
                 targets=[self.sites[k] for k in clients], data=model)
             if len(results) != len(clients):
                 raise RuntimeError(f"round {rnd}: {len(results)} of {len(clients)} sites "
                                    "answered")
             for r in results:
-                reply = Reply(int(r.meta["client_id"]), to_bytes(r.params[PAYLOAD]),
-                              dict(r.meta))
+                reply = Reply(int(r.meta[CLIENT_ID]), to_bytes(r.params[PAYLOAD]),
+                              ReplyMeta.from_dict(dict(r.meta)))
                 on_reply(reply)
                 replies.append(reply)
         return replies

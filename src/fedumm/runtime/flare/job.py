@@ -20,9 +20,9 @@ from nvflare.client.config import ExchangeFormat
 from nvflare.job_config.api import FedJob
 
 from fedumm.config import Config, ConfigError, config_from_dict
-from fedumm.runtime.experiment import num_clients, run_mode
 from fedumm.runtime.flare.client import CONFIG_FILE
 from fedumm.runtime.flare.controller import FedUMMController, site_names
+from fedumm.runtime.modes import LOCAL, num_clients, run_mode
 
 JOB_NAME = "fedumm"
 # what may differ between sites: where their data and weights are, and their hardware
@@ -40,7 +40,7 @@ def build_job(cfg: Config, *, run_dir: str = "", staging: Path | None = None,
     ``staging``: a folder for the files the job copies into ``custom/`` when it is exported
     (they must exist until then; a new temporary folder when omitted). ``sites``: the site
     name of each client (default ``site-1`` .. ``site-K``)."""
-    if run_mode(cfg) == "local":
+    if run_mode(cfg) == LOCAL:
         raise ConfigError("strategy.name=local runs only on the local runtime")
     k_total = num_clients(cfg)
     try:

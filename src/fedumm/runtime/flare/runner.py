@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from fedumm.config import Config
-from fedumm.runtime.experiment import num_clients
 from fedumm.runtime.flare.client import ERRORS_DIR
 from fedumm.runtime.flare.controller import site_names
 from fedumm.runtime.flare.job import JOB_NAME, build_job
+from fedumm.runtime.modes import num_clients
 from fedumm.runtime.run_dir import RunDirectory, RunDirError, RunFailedError
 
 FLARE_DIR = "flare"  # FLARE's workspace inside the run directory

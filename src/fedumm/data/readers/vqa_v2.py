@@ -1,16 +1,17 @@
 """Understanding samples from VQA v2's official files (questions + annotations JSON and a COCO
-image folder), keeping the 10 human answers for the official metric and the annotation's
-question and answer types as partition labels."""
+image folder, :mod:`fedumm.data.readers.vqa_v2_files`), keeping the 10 human answers for the
+official metric and the annotation's question and answer types as partition labels."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from fedumm.data.readers.common import DataFileError, understanding_labels
+from fedumm.data.readers.common import DataFileError, Reader, understanding_labels
+from fedumm.data.readers.vqa_v2_files import load_vqa_v2
 from fedumm.data.records import ImageRef, Sample
 from fedumm.data.scenarios import UNDERSTANDING
-from fedumm.data.vqa_v2 import load_vqa_v2
+from fedumm.registry import READERS
 
 QUESTIONS_RE = re.compile(r"v2_OpenEnded_mscoco_(.+)_questions\.json$")
 
@@ -55,3 +56,10 @@ def read_vqa(path: Path, images: str = "", max_samples: int = 0) -> list[Sample]
                           image=image, answer=r.multiple_choice_answer,
                           answers=tuple(r.answers), labels=labels))
     return out
+
+
+READERS.register("vqa_v2", Reader(
+    read=lambda path, modality, cfg: read_vqa(path, cfg.images, cfg.max_samples),
+    detect=lambda path: find_vqa_split(path) is not None,
+    modalities=(UNDERSTANDING,), order=20,
+    expected="a VQA v2 folder or questions file"))

@@ -1,4 +1,5 @@
-"""Reader and writer for GenEval's prompt file and image folder layout.
+"""GenEval's own files: the prompt record, ``evaluation_metadata.jsonl`` and the image
+folder layout, read and written here; scored in :mod:`fedumm.eval.geneval`.
 
 GenEval (djghosh13/geneval) describes each generation prompt as one JSON object per line of
 ``evaluation_metadata.jsonl``::
@@ -22,9 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from fedumm.data.records import GENEVAL_TAGS, GenEvalRecord
+from fedumm.data.official import GENEVAL_TAGS, POSITION_RELATIONS, GenEvalRecord
 
-POSITION_RELATIONS = ("left of", "right of", "above", "below")
 _TOP_KEYS = {"tag", "include", "exclude", "prompt"}
 _INCLUDE_KEYS = {"class", "count", "color", "position"}
 _EXCLUDE_KEYS = {"class", "count"}

@@ -1,4 +1,7 @@
-"""``report.md`` for a run directory: headline numbers, accuracy-vs-round and bytes plots."""
+"""``report.md`` for a run directory: headline numbers, accuracy-vs-round and bytes plots.
+
+Part of the run directory every runtime writes, so it lives with the runtime; sweep and
+benchmark reports (:mod:`fedumm.experiments`) build on its helpers."""
 
 from __future__ import annotations
 
@@ -11,8 +14,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedumm.experiments.plots import save_figure  # noqa: E402
 from fedumm.runtime.run_dir import RunDirectory  # noqa: E402
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Tight layout, write a PNG (creating folders), close the figure."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def fmt_bytes(n: float) -> str:

@@ -1,4 +1,6 @@
-"""Reader and writer for VQA v2 in its official file layout.
+"""VQA v2's own files: its record (:class:`VQARecord`, the annotation schema the official
+metric scores) and its file layout, read and written here; read as samples by
+:mod:`fedumm.data.readers.vqa_v2`.
 
 A split ``<split>`` (e.g. ``val2014``) is three parts under ``root``:
 
@@ -24,10 +26,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fedumm.data.records import VQARecord
+from fedumm.data.official import VQARecord
 
 __all__ = [
-    "VQAv2Dataset", "annotations_filename", "image_filename", "load_vqa_v2",
+    "VQARecord", "VQAv2Dataset", "annotations_filename", "image_filename", "load_vqa_v2",
     "questions_filename", "write_vqa_v2",
 ]
 

@@ -1,10 +1,5 @@
-"""Janus-Pro behind the Backbone protocol (``backbone.kind=janus``), through transformers.
-
-``backbone.path`` is a local folder in the Hugging Face layout (``config.json``, the weights,
-the tokenizer and ``preprocessor_config.json``), loaded with
-``JanusForConditionalGeneration`` and ``JanusProcessor``; ``backbone.preset`` builds an
-architecture with random weights instead: ``tiny`` (seconds on a CPU, with a small word-level
-tokenizer built in code), ``janus-pro-1b`` and ``janus-pro-7b`` (the published dimensions).
+"""Janus-Pro behind the Backbone protocol (``backbone.kind=janus``), through transformers'
+``JanusForConditionalGeneration`` and ``JanusProcessor`` (built by :mod:`.builder`).
 
 * Understanding: the chat template with the image, then causal-LM cross-entropy on the answer
   tokens (and EOS) only.
@@ -21,44 +16,28 @@ tokenizer built in code), ``janus-pro-1b`` and ``janus-pro-7b`` (the published d
   rows are what both tasks pass through between text and image (they frame the image an
   answer reads, and BOI is the position that predicts the first generated code), so they play
   that role.
-* Quality for the quality-weighted rule: exact-match answer accuracy on held-out questions;
-  teacher-forced top-1 accuracy of the held-out targets' image codes.
+* Generation quality (for the quality-weighted rule): teacher-forced top-1 accuracy of the
+  held-out targets' image codes.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fedumm.data.records import Sample
-from fedumm.fl.codec import DTYPES
-from fedumm.models.batching import candidate_log_likelihoods, pad_sequences
-from fedumm.models.checksums import verify_checksums, write_folder_checksums
-from fedumm.models.protocol import (
-    GENERATION,
-    UNDERSTANDING,
-    AdapterGroup,
-    Batch,
-    DecoderLayers,
-    ModelPlacement,
-    check_trainable_preset,
-    in_eval_mode,
-    register_backbone,
-    resolve_device,
-)
+from fedumm.data.scenarios import GENERATION, UNDERSTANDING
+from fedumm.models.batching import candidate_log_likelihoods, pad_sequences, split_tasks
+from fedumm.models.groups import AdapterGroup, DecoderLayers
+from fedumm.models.janus.assembly import BOI, EOI, IMAGE
+from fedumm.models.janus.checkpoint import save_folder
+from fedumm.models.placement import ModelPlacement, in_eval_mode
+from fedumm.models.protocol import Batch
 
-if TYPE_CHECKING:
-    from fedumm.config import BackboneConfig
-
-BOI, EOI, IMAGE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
-PRESETS = ("tiny", "janus-pro-1b", "janus-pro-7b")
 _CODE_CHUNK = 16  # target images VQ-encoded per call while preparing
 
 
@@ -83,175 +62,6 @@ def janus_groups(boi_id: int, eoi_id: int) -> tuple[AdapterGroup, ...]:
                      trainable_tokens=(("embed_tokens", (boi_id, eoi_id)),)),
     )
 
-
-# --------------------------------------------------------------------------- presets
-
-def _tiny_dims() -> dict[str, Any]:
-    return {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=256),
-            "vision": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, num_image_tokens=16, projection_dim=64,
-                           depth=2),
-            "vq": dict(embed_dim=4, num_embeddings=64, latent_channels=32, base_channels=32,
-                       channel_multiplier=[1, 1, 2, 2], num_res_blocks=1, projection_dim=64,
-                       image_token_embed_dim=64, num_hidden_layers=2)}
-
-
-def _published_dims(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, Any]:
-    """Janus-Pro's published configs: a DeepSeek-LLM decoder, SigLIP-L/16 at 384 px (576
-    image tokens), and a 16384-code VQ tokenizer with 8-d codes."""
-    return {"text": dict(vocab_size=102400, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=heads, max_position_embeddings=16384),
-            "vision": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=384, patch_size=16, num_image_tokens=576,
-                           projection_dim=hidden, depth=2),
-            "vq": dict(embed_dim=8, num_embeddings=16384, projection_dim=hidden,
-                       image_token_embed_dim=hidden)}
-
-
-def preset_config(name: str, vocab_size: int | None = None, image_token_id: int | None = None):
-    """A ``JanusConfig`` at a named size."""
-    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
-
-    if name == "tiny":
-        dims = _tiny_dims()
-    elif name == "janus-pro-1b":
-        dims = _published_dims(2048, 5632, 24, 16)
-    elif name == "janus-pro-7b":
-        dims = _published_dims(4096, 11008, 30, 32)
-    else:
-        raise ValueError(f"backbone.preset={name!r}: the janus backbone has presets "
-                         f"{list(PRESETS)}")
-    text = dict(dims["text"])
-    if vocab_size is not None:
-        text["vocab_size"] = vocab_size
-    extra = {} if image_token_id is None else {"image_token_id": image_token_id}
-    # Janus-Pro keeps a separate LM head (not tied to the input embeddings)
-    return JanusConfig(text_config=LlamaConfig(**text),
-                       vision_config=JanusVisionConfig(**dims["vision"]),
-                       vq_config=JanusVQVAEConfig(**dims["vq"]), tie_word_embeddings=False,
-                       **extra)
-
-
-_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|User|>' if m['role'] == 'user' else '<|Assistant|>' }}: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image_placeholder>\n"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|>:{% endif %}")
-
-
-def tiny_processor(image_size: int, num_image_tokens: int):
-    """A JanusProcessor with a small word-level tokenizer (ShapesWorld's words) built in code."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.normalizers import Lowercase
-    from tokenizers.pre_tokenizers import Whitespace
-    from transformers import JanusImageProcessorPil, JanusProcessor, PreTrainedTokenizerFast
-
-    from fedumm.models.reference.text_tokenizer import world_vocabulary
-
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>", IMAGE, BOI, EOI, "<|User|>",
-                "<|Assistant|>"]
-    words = specials + [":", ",", ".", "?"] + world_vocabulary()
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = Lowercase()
-    tok.pre_tokenizer = Whitespace()
-    tok.add_special_tokens(specials)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        unk_token="<unk>", extra_special_tokens={"image_token": IMAGE, "boi_token": BOI,
-                                                 "eoi_token": EOI})
-    images = JanusImageProcessorPil(size={"height": image_size, "width": image_size},
-                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    return JanusProcessor(images, fast, chat_template=_CHAT_TEMPLATE,
-                          num_image_tokens=num_image_tokens)
-
-
-def _generation_config(model, tokenizer) -> None:
-    """What ``generate(generation_mode="image")`` needs, for models built here."""
-    gc = model.generation_config
-    gc.pad_token_id = tokenizer.pad_token_id
-    gc.bos_token_id = tokenizer.bos_token_id
-    gc.eos_token_id = tokenizer.eos_token_id
-    gc.generation_kwargs = {"boi_token_id": tokenizer.convert_tokens_to_ids(BOI)}
-
-
-# --------------------------------------------------------------------------- loading
-
-_REQUIRED = {"config.json": "the model config"}
-_PROCESSOR = ("preprocessor_config.json", "processor_config.json")
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-            "pytorch_model.bin.index.json")
-_TOKENIZER = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-
-
-def check_folder(path: Path) -> None:
-    """A clear error naming what a Janus checkpoint folder lacks."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"backbone.path={str(path)!r} is not a folder (expected a Janus "
-                                "checkpoint in the Hugging Face layout)")
-    missing = [f"{f} ({why})" for f, why in _REQUIRED.items() if not (path / f).is_file()]
-    if not any((path / f).is_file() for f in _WEIGHTS):
-        missing.append(f"the weights (one of {', '.join(_WEIGHTS)})")
-    if not any((path / f).is_file() for f in _PROCESSOR):
-        missing.append(f"the image processor config (one of {', '.join(_PROCESSOR)})")
-    if not any((path / f).is_file() for f in _TOKENIZER):
-        missing.append(f"the tokenizer (one of {', '.join(_TOKENIZER)})")
-    if missing:
-        raise FileNotFoundError(f"{path} is not a Janus checkpoint folder: missing "
-                                + "; ".join(missing))
-    kind = json.loads((path / "config.json").read_text()).get("model_type")
-    if kind != "janus":
-        raise ValueError(f"{path}/config.json has model_type={kind!r}, expected 'janus' (the "
-                         "transformers layout, e.g. deepseek-community/Janus-Pro-1B)")
-
-
-def build(cfg: BackboneConfig) -> JanusBackbone:
-    from transformers import JanusForConditionalGeneration, JanusProcessor
-
-    device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
-    if cfg.preset:
-        check_trainable_preset("janus", cfg.preset, PRESETS)
-        dims = _tiny_dims()["vision"]
-        processor = tiny_processor(dims["image_size"], dims["num_image_tokens"])
-        tok = processor.tokenizer
-        config = preset_config("tiny", len(tok), tok.convert_tokens_to_ids(IMAGE))
-        torch.manual_seed(0)  # the tiny preset is the same random model everywhere
-        model = JanusForConditionalGeneration(config)
-        _generation_config(model, tok)
-    else:
-        path = Path(cfg.path)
-        check_folder(path)
-        verify_checksums(path, (), optional=True)  # a folder fedumm wrote lists its files
-        processor = JanusProcessor.from_pretrained(str(path), local_files_only=True)
-        model = JanusForConditionalGeneration.from_pretrained(str(path), dtype=dtype,
-                                                              local_files_only=True)
-    model.to(device=device, dtype=dtype)
-    model.eval()
-    return JanusBackbone(model, processor)
-
-
-def skeleton(cfg: BackboneConfig) -> tuple[nn.Module, tuple[AdapterGroup, ...]]:
-    """The architecture on the meta device (no memory, no weights) and its groups."""
-    from transformers import JanusForConditionalGeneration
-
-    if cfg.preset:
-        config = preset_config(cfg.preset)
-    else:
-        from transformers import JanusConfig
-
-        check_folder(Path(cfg.path))
-        config = JanusConfig.from_pretrained(cfg.path, local_files_only=True)
-    with torch.device("meta"):
-        model = JanusForConditionalGeneration(config)
-    # BOI / EOI ids do not change the parameter count of the alignment group
-    return model, janus_groups(0, 1)
-
-
-# --------------------------------------------------------------------------- the backbone
 
 class JanusBackbone(ModelPlacement):
     """A Janus(-Pro) model and its processor, behind the Backbone protocol."""
@@ -296,11 +106,7 @@ class JanusBackbone(ModelPlacement):
 
     def save(self, path: str | Path) -> Path:
         """A checkpoint folder in the Hugging Face layout (what ``backbone.path`` loads)."""
-        path = Path(path)
-        self._janus.save_pretrained(str(path))
-        self.processor.save_pretrained(str(path))
-        write_folder_checksums(path)
-        return path
+        return save_folder(self._janus, self.processor, Path(path))
 
     # --------------------------------------------------------------- inputs
     def _chat(self, text: str, with_image: bool) -> str:
@@ -351,9 +157,7 @@ class JanusBackbone(ModelPlacement):
 
     def collate(self, samples: Sequence[Sample], drop_text: Sequence[bool] | None = None
                 ) -> Batch:
-        drop = list(drop_text) if drop_text is not None else [False] * len(samples)
-        und = [s for s in samples if s.task == UNDERSTANDING]
-        gen = [(s, d) for s, d in zip(samples, drop, strict=True) if s.task == GENERATION]
+        und, gen = split_tasks(samples, drop_text)
         batch = Batch()
         if und:
             images = [s.load_image() if s.image is not None else None for s in und]
@@ -412,15 +216,10 @@ class JanusBackbone(ModelPlacement):
         return out
 
     @torch.no_grad()
-    def quality(self, samples: Sequence[Sample]) -> dict[str, float]:
-        """Exact-match answer accuracy; teacher-forced top-1 accuracy of the image codes."""
-        from fedumm.eval.model_eval import heldout_quality
-
-        def code_accuracy(gen: list[Sample]) -> float:
-            g = self.collate(gen).parts[GENERATION]
-            return float((self._code_logits(g).argmax(-1) == g["codes"]).float().mean())
-
-        return heldout_quality(self, samples, code_accuracy)
+    def generation_quality(self, samples: Sequence[Sample]) -> float:
+        """Teacher-forced top-1 accuracy of the held-out targets' image codes."""
+        g = self.collate(samples).parts[GENERATION]
+        return float((self._code_logits(g).argmax(-1) == g["codes"]).float().mean())
 
     # --------------------------------------------------------------- capabilities
     def _generation_settings(self, **settings):
@@ -504,6 +303,3 @@ class JanusBackbone(ModelPlacement):
                               .cpu().numpy())
         size = self.image_size
         return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
-
-
-register_backbone("janus", build, skeleton)

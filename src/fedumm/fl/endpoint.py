@@ -1,0 +1,61 @@
+"""The client's half of a round, the same under every transport: decode what the server sent,
+train with the algorithm's client hooks, and send the update through the pipeline's stages."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fedumm.fl.client import ClientData, ClientTrainer
+from fedumm.fl.client_hooks import ClientHook
+from fedumm.fl.lora_modes import LoraMode
+from fedumm.fl.pipeline import (
+    CONTROL_DELTA,
+    SERVER_CONTROL,
+    Pipeline,
+    Reply,
+    ReplyMeta,
+    Upload,
+    decode_download,
+)
+from fedumm.fl.strategies import Strategy
+
+
+class ClientEndpoint:
+    """One client process's endpoint: ``handle`` serves one round for one client."""
+
+    def __init__(self, trainer: ClientTrainer, strategy: type[Strategy], lora: LoraMode,
+                 pipeline: Pipeline) -> None:
+        self.trainer = trainer
+        self.strategy = strategy  # its client hooks are the algorithm's client side
+        self.lora = lora
+        self.pipeline = pipeline
+
+    def hooks(self, client_id: int, client_config: dict[str, Any]) -> list[ClientHook]:
+        """This round's client hooks: the LoRA mode's first, then the strategy's, then the
+        trainer config's (FedMLLM's layer-adaptive proximal term)."""
+        return [*self.lora.client_hooks(client_id), *self.strategy.client_hooks(client_config),
+                *self.trainer.config_hooks()]
+
+    def handle(self, client: ClientData, rnd: int, payload: bytes,
+               client_config: dict[str, Any], client_state: dict | None
+               ) -> tuple[Reply, dict]:
+        down = decode_download(payload)
+        ad = self.trainer.adapters
+        if down.residual:  # exact LoRA aggregation: the frozen weights carry the residual
+            ad.fold_residuals(down.residual)
+        ccfg = {**client_config, SERVER_CONTROL: down.control} if down.control \
+            else dict(client_config)
+        state = self.lora.restore(down.state, {k: p.detach() for k, p in ad.params.items()})
+        if not client.groups_with_data(ad):  # nothing it could train
+            meta = ReplyMeta(num_samples=client.num_samples, error="no training data")
+            return Reply(client.client_id, b"", meta), dict(client_state or {})
+        t = time.perf_counter()
+        upd, client_state = self.trainer.train(client, state, rnd,
+                                               self.hooks(client.client_id, ccfg), client_state)
+        meta = ReplyMeta(num_samples=upd.num_samples, quality=upd.quality,
+                         num_steps=upd.num_steps, metrics=upd.metrics,
+                         train_s=time.perf_counter() - t)
+        up = Upload(client.client_id, upd.tensors, upd.extra.get(CONTROL_DELTA, {}), state,
+                    meta, client_state, rank=self.lora.rank_of(client.client_id))
+        return self.pipeline.send(up), up.client_state

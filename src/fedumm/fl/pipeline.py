@@ -1,0 +1,192 @@
+"""The update pipeline: the message a client sends back, every wire and meta key, and the
+ordered stages an update passes through on its way to the server and back out of the wire.
+
+Each stage (:mod:`fedumm.fl.stages`) is a small object with a client half and a server half,
+in the spirit of NVIDIA FLARE's filter pairs and Flower's mods. The client runs the halves in
+:data:`STAGE_ORDER`; the server runs them in reverse, so each one undoes or checks what its
+client half did::
+
+    client: delta -> validate -> rank -> codec
+                                           ==bytes==>
+    server:                                codec -> rank -> validate -> delta
+
+A stage that is not configured (e.g. ``rank`` without ``lora.client_ranks``) is left out of
+both sides. The download is the global adapters (truncated to the client's rank) with the
+tensors the strategy sends beside them and the exact-aggregation residuals, in the download
+codec; both sides decode the same bytes, so the server knows what each client started from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from fedumm.fl.codecs import decode, encode
+from fedumm.fl.updates import ClientUpdate
+from fedumm.registry import STAGES
+
+if TYPE_CHECKING:
+    from fedumm.config import Config
+
+State = dict[str, torch.Tensor]
+
+# ------------------------------------------------------------------ wire and meta keys
+CONTROL = "control/"  # payload key prefix of control variates (down: the server's, up: deltas)
+RESIDUAL = "residual/"  # download key prefix of the folded residuals (exact LoRA aggregation)
+SERVER_CONTROL = "server_control"  # client_config key whose tensors travel in the download
+CONTROL_DELTA = "control_delta"  # ClientUpdate.extra key of the tensors sent beside the update
+RANK = "rank"  # ClientUpdate.extra key of a lower-rank client's LoRA rank
+PAYLOAD = "payload"  # the FLARE FLModel params key holding the encoded bytes
+CLIENT_ID = "client_id"  # the FLARE reply meta key naming the client
+CLIENT_CONFIG = "client_config"  # the FLARE task meta key of the strategy's client settings
+VALUES, DELTA = "values", "delta"  # the forms an update travels in (ReplyMeta.form)
+
+# the client-side order of the stages; the server runs them in reverse
+STAGE_ORDER: tuple[str, ...] = ("delta", "validate", "rank", "codec")
+
+
+@dataclass
+class ReplyMeta:
+    """What travels beside a client's payload: the numbers the strategy needs and how to read
+    the payload. ``error`` set: no payload, the server leaves the client out and logs why."""
+
+    num_samples: dict[str, int] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)
+    num_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_s: float = 0.0
+    has_control: bool = False  # the payload carries CONTROL tensors
+    form: str = VALUES  # VALUES: trained adapter values; DELTA: trained minus received
+    rank: int | None = None  # a lower-rank client: its LoRA tensors are truncated
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a transport's meta (FLARE's); unset optional keys left out."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReplyMeta:
+        """From a transport's meta; keys the transport added itself are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class Reply:
+    """What a client sends back: its encoded update and the meta the strategy needs."""
+
+    client_id: int
+    payload: bytes
+    meta: ReplyMeta = field(default_factory=ReplyMeta)
+
+
+@dataclass
+class Upload:
+    """An update in flight through the stages. Client side: ``tensors`` start as the trained
+    adapter values and ``payload`` ends as the bytes sent. Server side: ``payload`` is what
+    arrived and ``tensors`` end as the adapter values to aggregate. ``reference``: the
+    adapters the client started from (full rank)."""
+
+    client_id: int
+    tensors: State
+    control: State
+    reference: State
+    meta: ReplyMeta
+    client_state: dict = field(default_factory=dict)
+    rank: int | None = None  # this client's LoRA rank when ranks differ
+    payload: bytes = b""
+
+
+class Stage:
+    """One step of the pipeline. ``client`` changes the outgoing upload in place (setting
+    ``meta.error`` stops it); ``server`` undoes or checks it on the way in and returns why
+    the update must be left out, or None."""
+
+    name = "stage"
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Stage | None:
+        """The stage a config asks for, or None when it is not active."""
+        return cls()
+
+    def client(self, up: Upload) -> None:
+        pass
+
+    def server(self, up: Upload) -> str | None:
+        return None
+
+
+class Pipeline:
+    """The configured stages, in client order."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = stages
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Pipeline:
+        built = (STAGES.get(name).from_config(cfg) for name in STAGE_ORDER)
+        return cls([s for s in built if s is not None])
+
+    def send(self, up: Upload) -> Reply:
+        """The client halves in order: the reply carrying the payload, or the error."""
+        for stage in self.stages:
+            stage.client(up)
+            if up.meta.error:
+                return Reply(up.client_id, b"", up.meta)
+        return Reply(up.client_id, up.payload, up.meta)
+
+    def receive(self, reply: Reply, reference: State) -> ClientUpdate | str:
+        """The server halves in reverse: a :class:`ClientUpdate` of adapter values, or the
+        reason the reply is left out."""
+        meta = reply.meta
+        if meta.error:
+            return str(meta.error)
+        up = Upload(reply.client_id, {}, {}, reference, meta, payload=reply.payload)
+        for stage in reversed(self.stages):
+            why = stage.server(up)
+            if why is not None:
+                return why
+        extra: dict[str, Any] = {CONTROL_DELTA: up.control} if meta.has_control else {}
+        if meta.rank is not None:
+            extra[RANK] = int(meta.rank)
+        return ClientUpdate(reply.client_id, up.tensors, dict(meta.num_samples),
+                            dict(meta.quality), int(meta.num_steps), dict(meta.metrics), extra,
+                            len(reply.payload))
+
+
+# ------------------------------------------------------------------ payload layout
+
+def pack(state: State, control: State) -> State:
+    """One payload's tensors: adapter tensors plus control variates under :data:`CONTROL`."""
+    return {**state, **{CONTROL + n: v for n, v in control.items()}}
+
+
+def unpack(tensors: State) -> tuple[State, State]:
+    """Inverse of :func:`pack`: (adapter tensors, control variates)."""
+    state = {n: v for n, v in tensors.items() if not n.startswith(CONTROL)}
+    control = {n[len(CONTROL):]: v for n, v in tensors.items() if n.startswith(CONTROL)}
+    return state, control
+
+
+@dataclass
+class Download:
+    """What a client receives: the global adapters (maybe truncated to its rank), the tensors
+    the strategy sends (SCAFFOLD's server control) and the residuals folded so far."""
+
+    state: State
+    control: State
+    residual: State
+
+
+def encode_download(down: Download, spec: str) -> bytes:
+    residual = {RESIDUAL + m: r for m, r in down.residual.items()}
+    return encode({**pack(down.state, down.control), **residual}, spec)
+
+
+def decode_download(payload: bytes) -> Download:
+    tensors = decode(payload)
+    residual = {k[len(RESIDUAL):]: v for k, v in tensors.items() if k.startswith(RESIDUAL)}
+    state, control = unpack({k: v for k, v in tensors.items() if not k.startswith(RESIDUAL)})
+    return Download(state, control, residual)

@@ -1,0 +1,143 @@
+"""How a run treats its clients, decided once from the config: federated (the strategy
+aggregates one global model), or one of the two baselines users spell as strategy names:
+``centralized`` (one client holding all the training data, FedAvg over it) and ``local``
+(every client keeps its own adapters, nothing is exchanged).
+
+What the server holds between rounds differs accordingly (:class:`Federation` or
+:class:`Isolated`); the round loop asks it and never branches on the mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedumm.config import BASELINE_MODES, Config
+from fedumm.fl.lora_aggregation import lora_modules, round_lora_errors
+from fedumm.fl.lora_modes import LoraMode
+from fedumm.fl.strategies import Strategy, build_strategy
+from fedumm.fl.updates import ClientUpdate
+from fedumm.models.lora import LoraAdapters
+from fedumm.models.protocol import AdapterGroup
+
+State = dict[str, torch.Tensor]
+FL, CENTRALIZED, LOCAL = "fl", *BASELINE_MODES
+
+
+def run_mode(cfg: Config) -> str:
+    """``fl``, ``centralized`` or ``local``."""
+    return cfg.strategy.name if cfg.strategy.name in BASELINE_MODES else FL
+
+
+def num_clients(cfg: Config) -> int:
+    return 1 if run_mode(cfg) == CENTRALIZED else cfg.clients
+
+
+def strategy_name(cfg: Config) -> str:
+    """The registered strategy the run uses: the baselines average with FedAvg."""
+    return cfg.strategy.name if run_mode(cfg) == FL else "fedavg"
+
+
+def strategy_for(cfg: Config, groups: tuple[AdapterGroup, ...]) -> Strategy:
+    """The run's strategy, with the LoRA mode's frozen keys."""
+    strategy = build_strategy(cfg.strategy, num_clients(cfg), cfg.seed, groups,
+                              name=strategy_name(cfg))
+    strategy.frozen = LoraMode.from_config(cfg.lora).frozen()
+    return strategy
+
+
+class Federation:
+    """One global adapter state, aggregated by the strategy each round; with exact LoRA
+    aggregation, the residuals folded into the frozen weights so far."""
+
+    counts_traffic = True  # adapters travel both ways
+
+    def __init__(self, cfg: Config, strategy: Strategy, adapters: LoraAdapters,
+                 initial: State) -> None:
+        self.strategy, self.adapters = strategy, adapters
+        self.exact = cfg.lora.aggregation == "exact"
+        self.scaling = cfg.lora.alpha / cfg.lora.r
+        self.modules = lora_modules(initial)
+        self.residual: State = {}
+        self.states = [dict(initial)]
+        if hasattr(strategy, "init_state"):
+            strategy.init_state(initial)
+
+    def selected(self, rnd: int) -> list[int]:
+        return self.strategy.sample_clients(rnd)
+
+    def client_config(self, rnd: int) -> dict[str, Any]:
+        return self.strategy.client_config(rnd)
+
+    def source(self, client_id: int) -> int:
+        """Which of :attr:`states` client ``client_id`` starts from."""
+        return 0
+
+    def absorb(self, rnd: int, updates: list[ClientUpdate], received: dict[int, State]
+               ) -> dict[str, Any]:
+        """Aggregate the round's updates; the round record's extra entries."""
+        if not updates:
+            return {}
+        new = self.strategy.aggregate(rnd, self.states[0], updates)
+        errors = round_lora_errors(
+            self.strategy.layout, self.modules, new,
+            [(received[u.client_id], u.tensors) for u in updates],
+            lambda group, at: self.strategy.group_weights(group, [updates[i] for i in at]),
+            self.scaling, self.residual if self.exact else None)
+        if self.exact and self.residual:
+            self.adapters.fold_residuals(self.residual)
+        self.states[0] = new
+        return {"aggregation_error": errors} if errors else {}
+
+    def evaluated(self) -> list[State]:
+        return self.states[:1]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"states": self.states, "strategy": self.strategy.state_dict(),
+                "residual": self.residual}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.states = d["states"]
+        self.strategy.load_state_dict(d["strategy"])
+        self.residual = dict(d.get("residual", {}))
+        if self.residual:
+            self.adapters.fold_residuals(self.residual)
+
+
+class Isolated(Federation):
+    """The ``local`` baseline: every client trains its own adapters from the same start and
+    keeps them; nothing travels, nothing is aggregated; evaluation averages over clients."""
+
+    counts_traffic = False
+
+    def __init__(self, cfg: Config, strategy: Strategy, adapters: LoraAdapters,
+                 initial: State, clients: int) -> None:
+        super().__init__(cfg, strategy, adapters, initial)
+        self.states = [dict(initial) for _ in range(clients)]
+
+    def selected(self, rnd: int) -> list[int]:
+        return list(range(len(self.states)))
+
+    def client_config(self, rnd: int) -> dict[str, Any]:
+        return {}
+
+    def source(self, client_id: int) -> int:
+        return client_id
+
+    def absorb(self, rnd: int, updates: list[ClientUpdate], received: dict[int, State]
+               ) -> dict[str, Any]:
+        for u in updates:
+            self.states[u.client_id] = {**self.states[u.client_id], **u.tensors}
+        return {}
+
+    def evaluated(self) -> list[State]:
+        return self.states
+
+
+def server_for(cfg: Config, strategy: Strategy, adapters: LoraAdapters, initial: State,
+               clients: int) -> Federation:
+    """What the server holds between rounds in this run's mode."""
+    if run_mode(cfg) == LOCAL:
+        return Isolated(cfg, strategy, adapters, initial, clients)
+    return Federation(cfg, strategy, adapters, initial)
