@@ -121,6 +121,22 @@ def test_vqa_v2_files_keep_ten_answers_and_annotation_labels(tmp_path):
         read_samples(files_cfg(understanding=tmp_path / "vqa"))
 
 
+def test_vqa_v2_annotation_labels_are_each_records_own(tmp_path):
+    """Records whose derived labels coincide (same first two words, same answer) keep their own
+    annotated question and answer types: labels are shared between records, never edited."""
+    types = ["what color is", "what color are", "what color"]
+    recs = [VQARecord(question_id=i, image_id=0, question=f"what color {v} it", question_type=t,
+                      answer_type=("other", "yes/no", "number")[i],
+                      multiple_choice_answer="red", answers=["red"] * 10)
+            for i, (v, t) in enumerate(zip(["is", "are", "was"], types, strict=True))]
+    write_vqa_v2(tmp_path / "vqa", "val2014", recs, {0: image(0)})
+    samples = read_samples(files_cfg(understanding=tmp_path / "vqa"))
+    assert [s.labels["question_type"] for s in samples] == types
+    assert [s.labels["answer_type"] for s in samples] == ["other", "yes/no", "number"]
+    again = read_samples(files_cfg(understanding=tmp_path / "vqa"))  # the shared cache is intact
+    assert [s.labels["question_type"] for s in again] == types
+
+
 def write_shard(path: Path, items: list[tuple[str, np.ndarray | None, str | None]]) -> Path:
     with tarfile.open(path, "w") as tar:
         for key, img, text in items:

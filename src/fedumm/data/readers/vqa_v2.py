@@ -7,7 +7,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fedumm.data.readers.common import DataFileError, Reader, understanding_labels
+from fedumm.data.readers.common import (
+    DataFileError,
+    Reader,
+    shared_labels,
+    understanding_labels,
+)
 from fedumm.data.readers.vqa_v2_files import load_vqa_v2
 from fedumm.data.records import ImageRef, Sample
 from fedumm.data.scenarios import UNDERSTANDING
@@ -48,10 +53,12 @@ def read_vqa(path: Path, images: str = "", max_samples: int = 0) -> list[Sample]
             image = ImageRef(path=str(ds.image_path(r.image_id)))
         except FileNotFoundError as exc:
             raise DataFileError(root, f"question {r.question_id}", str(exc)) from exc
-        labels = understanding_labels(r.question, r.multiple_choice_answer)
-        labels.update(question_type=r.question_type, answer_type=r.answer_type)
-        if r.family:
-            labels["family"] = r.family
+        # the annotation's own types over the derived ones; a new dict (the derived one is
+        # shared with every record of the same labels)
+        labels = shared_labels({**understanding_labels(r.question, r.multiple_choice_answer),
+                                "question_type": r.question_type,
+                                "answer_type": r.answer_type,
+                                **({"family": r.family} if r.family else {})})
         out.append(Sample(id=f"q{r.question_id}", task=UNDERSTANDING, text=r.question,
                           image=image, answer=r.multiple_choice_answer,
                           answers=tuple(r.answers), labels=labels))
