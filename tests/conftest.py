@@ -6,10 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from fedumm.models.reference.micro import MICRO_IMAGE_SIZE, micro_backbone
 
 torch.set_num_threads(1)
+
+# Property tests (tests/properties): the same examples on every run (CI reproducible), no
+# example database written into the checkout, and a deadline per example (a hang is a failure)
+settings.register_profile("fedumm", derandomize=True, database=None, deadline=3000,
+                          max_examples=40, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("fedumm")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -102,3 +102,58 @@ def test_pretraining_never_replaces_a_checkpoint(tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         pretrain(PretrainConfig(steps=1), tmp_path / "ck")
     assert (tmp_path / "ck" / "model.safetensors").read_text() == "mine"
+
+
+# ---- every load error is a ConfigError naming the file, override or key
+
+
+def test_alias_cycles_and_alias_bombs_name_the_file(tmp_path):
+    cycle = tmp_path / "cycle.yaml"
+    cycle.write_text("train: &t {lr: *t}\n")
+    with pytest.raises(ConfigError, match=r"cycle\.yaml: train\.lr refers to a value that "
+                                          r"holds it \(a YAML alias cycle\)"):
+        load_config(cycle)
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"a{i}: &a{i} [{', '.join(['*a' + ('' if i == 1 else str(i - 1))] * 10)}]\n"
+        for i in range(1, 8)))
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: more than 100000 values once YAML "
+                                          "aliases are expanded"):
+        load_config(bomb)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: not valid YAML \(nested too deeply\)"):
+        load_config(deep)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("clients=[1", r"override 'clients=\[1': the value of clients: not valid YAML \(line 1"),
+    ("name=&a [*a]", r"override 'name=&a \[\*a\]': name\[0\] refers to a value that holds"),
+    ("train={1: 2}", r"override 'train=\{1: 2\}': key train\.1 is not a name"),
+    ("name={[1]: 2}", r"override 'name=\{\[1\]: 2\}': the value of name: not valid YAML"),
+    ("name=..", r"name: expected a run name \(printable, no '\.\.'\)"),
+    ("seed=99999999999999999999", r"seed: expected a value <= 9223372036854775807"),
+])
+def test_bad_override_values_name_the_override(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_an_optional_package_a_setting_needs_is_refused_at_load(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # `import zstandard` fails
+    with pytest.raises(ConfigError, match=r"codec\.upload: codec step 'zstd' needs the "
+                                          r"optional 'zstandard' package \(pip install "
+                                          r"zstandard\)"):
+        load_config(None, ["codec=topk:0.1+int8+zstd"])
+    assert load_config(None, ["codec=int8+zlib"]).codec.upload == "int8+zlib"
+
+    (tmp_path / "train.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ConfigError, match=r"data\.generation: .*train\.parquet is read as hf "
+                                          r"data, which needs the optional package 'datasets' "
+                                          r"\(pip install 'fedumm\[hf\]'\)"):
+        load_config(None, ["data.format=files", f"data.generation={tmp_path}/*.parquet"])
+    # other formats need nothing optional; a missing path is left to the readers
+    load_config(None, ["data.format=files", f"data.understanding={tmp_path}/u.jsonl"])

@@ -4,15 +4,58 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 from pathlib import Path
 
-from fedumm.config import Config, ConfigError, load_config
+from fedumm.config import MAX_SEED, Config, ConfigError, load_config
+from fedumm.outputs import claim_file
 from fedumm.runtime.run_dir import RunDirError, RunFailedError
 
 # Each subcommand is an ``_add_<name>(sub)`` that declares its parser and binds its handler,
 # ``_cmd_<name>(args)``, defined right below it; ``build_parser`` lists them in help order.
+
+
+# ---- argument types: every number is checked where it is parsed, so a bad one is argparse's
+# one-line usage error (exit 2), never a traceback or a silently odd run
+
+def int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi] (no upper bound when ``hi`` is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+    parse.__name__ = "int"
+    return parse
+
+
+def finite_float(lo: float | None = None):
+    """An argparse type: a finite number (nan and inf refused), > ``lo`` when given."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if lo is not None and value <= lo:
+            raise argparse.ArgumentTypeError(f"expected a number > {lo}, got {text!r}")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
+positive_int = int_in(1)
+non_negative_int = int_in(0)
+seed_int = int_in(0, MAX_SEED)  # torch seeds take 64 bits
+image_size_int = int_in(16, 256)  # ShapesWorld's sizes, as data.image_size
+positive_float = finite_float(0.0)
 
 
 def _load(args: argparse.Namespace, *first: str) -> Config:
@@ -43,11 +86,12 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("partition", help="split a dataset over clients and show heterogeneity")
     p.add_argument("--config", help="YAML config (defaults when omitted)")
     p.add_argument("--split", default="downstream", choices=["base", "downstream"])
-    p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--alpha", type=float, help="Dirichlet concentration (partition.alpha)")
+    p.add_argument("--clients", type=positive_int, default=4)
+    p.add_argument("--alpha", type=positive_float,
+                   help="Dirichlet concentration (partition.alpha)")
     p.add_argument("--method", help="iid | dirichlet | quantity_skew | domain")
     p.add_argument("--label", help="label key for Dirichlet (answer, question_type, tag, ...)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--out", help="heat map PNG path")
     p.add_argument("overrides", nargs="*", help="config overrides key=value")
@@ -66,6 +110,9 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     if args.label is not None:
         overrides.append(f"partition.label={args.label}")
     cfg = _load(args, *overrides)
+    heat_map = None if args.json else claim_file(  # checked before the work
+        args.out or f"runs/partition_k{cfg.clients}_a{cfg.partition.alpha}_s{cfg.seed}.png",
+        ".png", command="partition")
     data = read_samples(cfg.data)
     summary = split_clients(data, cfg.partition, cfg.clients, cfg.seed).summary()
     if args.json:
@@ -84,8 +131,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     het = summary["heterogeneity"]
     print("heterogeneity: " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                         for k, v in het.items()))
-    out = Path(args.out or f"runs/partition_k{cfg.clients}_a{p.alpha}_s{cfg.seed}.png")
-    print(f"heat map: {partition_heatmap(summary, out, title=f'K={cfg.clients}')}")
+    print(f"heat map: {partition_heatmap(summary, heat_map, title=f'K={cfg.clients}')}")
     return 0
 
 
@@ -101,19 +147,18 @@ def _add_data_preview(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("preview", help="PNG grid of samples with their questions / prompts")
     p.add_argument("--out", default="runs/preview")
     p.add_argument("--splits", nargs="+", default=["base", "downstream"])
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=image_size_int, default=64)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=_cmd_data_preview)
 
 
 def _cmd_data_preview(args: argparse.Namespace) -> int:
     from fedumm.data.readers.shapes import generate_shapes
-    from fedumm.experiments.preview import preview_grid
+    from fedumm.experiments.preview import write_preview
 
-    out = Path(args.out)
     for split in args.splits:
         data = generate_shapes(split, 24, seed=args.seed, image_size=args.image_size)
-        path = preview_grid(data, out / f"preview_{split}.png")
+        path = write_preview(data, args.out)
         print(f"{split}: {len(data.vqa)} questions, {len(data.gen)} prompts -> {path}")
     return 0
 
@@ -168,9 +213,9 @@ def _add_data_export(sub: argparse._SubParsersAction) -> None:
                    help="official: VQA v2 + GenEval; llava: llava.json + t2i/metadata.jsonl")
     p.add_argument("--split", default="downstream", choices=["base", "downstream"])
     p.add_argument("--role", default="val", choices=["train", "val", "test"])
-    p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=positive_int, default=200)
+    p.add_argument("--image-size", type=image_size_int, default=48)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.set_defaults(func=_cmd_data_export)
 
 
@@ -229,9 +274,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if fin.get("classification"):
         print(f"  AUC {fin.get('auc')} (hard labels {fin.get('auc_hard')})  |  macro-F1 "
               f"{fin.get('macro_f1')}")
+    reduction = comm["reduction_vs_full"]
     print(f"  upload {comm['upload_bytes_per_client_round'] / 2**20:.2f} MiB per client-round "
-          f"({comm['reduction_vs_full']}x less than full fine-tuning)  |  wall "
-          f"{summary['time']['wall_s']} s")
+          f"({f'{reduction}x less than full fine-tuning' if reduction else 'nothing uploaded'})"
+          f"  |  wall {summary['time']['wall_s']} s")
+    upd = summary.get("updates", {})
+    if upd.get("rejected"):
+        print(f"  {upd['rejected']} of {upd['rejected'] + upd['accepted']} client updates were "
+              f"rejected (first: {upd['first_rejection']}); see metrics.jsonl")
     print(f"  report: {Path(out) / 'report.md'}")
     return 0
 
@@ -247,7 +297,7 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
                    " replaces the config's baselines")
     p.add_argument("--out", help="sweep directory (default runs/sweep_<config name>)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress bars")
-    p.add_argument("--jobs", type=int, default=1, metavar="N",
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="run N cells at once, each in its own process (set train.threads so "
                    "that N x threads fits the cores; results equal a one-at-a-time sweep at "
                    "the same threads)")
@@ -371,10 +421,10 @@ def _cmd_backbone_info(args: argparse.Namespace) -> int:
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="pretrain the reference UMM on the ShapesWorld base split")
     p.add_argument("--out", required=True, help="checkpoint folder to write")
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=positive_int, default=None,
                    help="optimizer steps (default: the recipe's, PretrainConfig.steps)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop early past this wall time (default: PretrainConfig.max_minutes)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_pretrain)
@@ -395,10 +445,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="VQA accuracy and GenEval score of a model")
     p.add_argument("checkpoint", help="'base' (shipped), a checkpoint folder or a run directory")
     p.add_argument("--split", default="downstream", choices=["base", "downstream"])
-    p.add_argument("--scenes", type=int, default=200)
-    p.add_argument("--max-vqa", type=int, default=400)
-    p.add_argument("--max-gen", type=int, default=120)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=positive_int, default=200)
+    p.add_argument("--max-vqa", type=non_negative_int, default=400)
+    p.add_argument("--max-gen", type=non_negative_int, default=120)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -428,8 +478,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="'base', a checkpoint folder or a run directory")
     p.add_argument("prompts", nargs="+")
     p.add_argument("--out", default="runs/generated.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--cfg-scale", type=finite_float(), default=3.0)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -437,10 +487,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from fedumm.experiments.plots import image_grid
     from fedumm.models.loading import load_for_eval
 
+    out = claim_file(args.out, ".png", command="generate")  # before loading the model
     _threads()
     backbone = load_for_eval(args.checkpoint)
     images = backbone.generate(args.prompts, seed=args.seed, cfg_scale=args.cfg_scale)
-    print(f"grid: {image_grid(list(images), args.prompts, args.out)}")
+    print(f"grid: {image_grid(list(images), args.prompts, out)}")
     return 0
 
 
@@ -539,7 +590,10 @@ def main(argv: list[str] | None = None) -> int:
                                                  for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    previous = signal.signal(signal.SIGTERM, _terminated)  # ends like Ctrl-C: cleanly
+    # SIGTERM (timeout, scancel, systemd: often to the whole process group) ends like Ctrl-C:
+    # a KeyboardInterrupt that stops the run's workers and FLARE processes on its way out
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _terminated)}
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RunDirError,
@@ -547,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedumm: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        for s in (signal.SIGINT, signal.SIGTERM):  # stopping already: a repeat must not cut
+            signal.signal(s, signal.SIG_IGN)       # this message short (restored below)
         sig = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
         print(f"fedumm: stopped ({signal.Signals(sig).name}){_resume_hint(args)}",
               file=sys.stderr)
@@ -556,10 +612,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedumm: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to restore
+                signal.signal(s, handler)
 
 
 def _terminated(signum, frame) -> None:
+    """SIGTERM as Ctrl-C, carrying its number (the exit code is 128 + it)."""
     raise KeyboardInterrupt(signum)
 
 

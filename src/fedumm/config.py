@@ -9,6 +9,8 @@ is saved with a run.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import math
 import re
 import types
@@ -24,6 +26,14 @@ from fedumm.registry import BACKBONES, CODECS, PARTITIONERS, READERS, STRATEGIES
 
 class ConfigError(ValueError):
     """A config key is unknown, has the wrong type, or is out of range."""
+
+    def __init__(self, message: str) -> None:
+        # one line whatever a user's key or value holds (a newline, a tab, U+2028)
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
+
+
+# Seeds reach torch.manual_seed, which takes at most 64 bits; derived seeds add small offsets
+MAX_SEED = 2**63 - 1
 
 
 # Baselines spelled as strategy names: the runtime decides its mode from them once
@@ -74,7 +84,7 @@ class DataConfig:
     generation_val: str = ""
     heldout_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
     max_samples: int = field(default=0, metadata=_range(0))  # per file, first N (0: all)
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=_range(0, MAX_SEED))
 
     def validate(self) -> None:
         sources = [n for n in READERS.names() if READERS.get(n).source is not None]
@@ -88,6 +98,9 @@ class DataConfig:
             if own:
                 raise ConfigError(f"data.{own[0]} is set but data.format=shapes; add "
                                   "data.format=files to train on your files")
+        if self.format == "files":
+            for key in ("understanding", "generation", "understanding_val", "generation_val"):
+                _check_reader_packages(f"data.{key}", key.split("_")[0], getattr(self, key))
 
 
 @dataclass
@@ -104,7 +117,11 @@ class CodecConfig:
     def validate(self) -> None:
         for key in ("upload", "download"):
             try:  # the canonical spelling, resolved step by step through the registry
-                setattr(self, key, str(CODECS.resolve(getattr(self, key))))
+                spec = CODECS.resolve(getattr(self, key))
+                require = getattr(spec, "require", None)
+                if callable(require):  # an optional package a step needs (zstd: zstandard)
+                    require()
+                setattr(self, key, str(spec))
             except (ValueError, ImportError) as exc:
                 raise ConfigError(f"codec.{key}: {exc}") from exc
 
@@ -200,7 +217,8 @@ class StrategyConfig:
     fraction: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_clients: int = field(default=1, metadata=_range(1))
     mu: float = field(default=0.01, metadata=_range(0.0))
-    server_lr: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    # None: the strategy's own default from its paper (fedumm.fl.strategies, each docstring)
+    server_lr: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
     momentum: float = field(default=0.9, metadata=_range(0.0, 1.0))
     beta1: float = field(default=0.9, metadata=_range(0.0, 1.0))
     beta2: float = field(default=0.99, metadata=_range(0.0, 1.0))
@@ -208,6 +226,8 @@ class StrategyConfig:
 
     def validate(self) -> None:
         _registered("strategy.name", self.name, STRATEGIES.names(), BASELINE_MODES)
+        if self.momentum >= 1.0:  # the server momentum would sum every round's step forever
+            raise ConfigError(f"strategy.momentum: expected a value < 1, got {self.momentum}")
 
 
 @dataclass
@@ -272,7 +292,7 @@ class Config:
     # processes that share the frozen backbone copy-on-write; train.threads (0: all cores) is
     # split between them
     workers: int = field(default=1, metadata=_range(1, 256))
-    seed: int = field(default=0, metadata=_range(0))
+    seed: int = field(default=0, metadata=_range(0, MAX_SEED))
     clients: int = field(default=4, metadata=_range(1, 1000))
     rounds: int = field(default=5, metadata=_range(1))
     local_epochs: int = field(default=1, metadata=_range(1))
@@ -287,6 +307,11 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
+        # the name is the default run folder (runs/<name>; a sweep adds /<cell>)
+        parts = self.name.replace("\\", "/").split("/")
+        if not self.name.strip() or ".." in parts or not self.name.isprintable():
+            raise ConfigError(f"name: expected a run name (printable, no '..'), got "
+                              f"{_show(self.name)}")
         name = self.strategy.name
         if self.lora.aggregation == "exact" and name not in BASELINE_MODES and \
                 not STRATEGIES.get(name).keeps_client_mean:
@@ -305,6 +330,21 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+# A config holds a few hundred values; YAML aliases can make a small file expand far beyond
+# that (each level of `b: [*a, *a, ...]` multiplies), so loading stops past these
+MAX_NODES = 100_000
+MAX_DEPTH = 32
+
+
+def _name(key: str) -> str:
+    """A key as written when it is plain text, else its repr (a newline stays one line)."""
+    return key if key.isprintable() and len(key) <= 120 else _show(key)
+
+
+def _show(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` cut to one short line for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # YAML 1.2 numbers that YAML 1.1 (PyYAML) reads as strings: 1e-3, 2E5, -1.5e+2
@@ -320,9 +360,9 @@ def _check_scalar(key: str, value: Any, tp: type, meta: dict) -> Any:
         raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
     if not ok:
-        raise ConfigError(f"{key}: expected {_TYPE_NAMES[tp]}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_TYPE_NAMES[tp]}, got {_show(value)}")
     if "choices" in meta and value not in meta["choices"]:
-        raise ConfigError(f"{key}: expected one of {list(meta['choices'])}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {list(meta['choices'])}, got {_show(value)}")
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
         op = ">" if meta.get("lo_open") else ">="
@@ -334,13 +374,14 @@ def _check_scalar(key: str, value: Any, tp: type, meta: dict) -> Any:
 
 def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got "
+                          f"{_show(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s}; valid keys under "
+            f"unknown key {_name(prefix + unknown[0])}; valid keys under "
             f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}"
         )
     kwargs: dict[str, Any] = {}
@@ -355,7 +396,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
                 if item_tp is int:
                     value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
             if not isinstance(value, list):
-                raise ConfigError(f"{key}: expected a list, got {value!r}")
+                raise ConfigError(f"{key}: expected a list, got {_show(value)}")
             kwargs[name] = [_check_scalar(f"{key}[{i}]", v, item_tp, meta)
                             for i, v in enumerate(value)]
         elif isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
@@ -377,8 +418,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"override {text!r}: empty key component")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+        raise ConfigError(f"override {_show(text)}: empty key component")
+    if not raw.strip():
+        return parts, ""
+    value = _load_yaml(raw, f"override {_show(text)}: the value of {key.strip()}")
+    check_tree(value, f"override {_show(text)}", key.strip())
+    return parts, value
 
 
 def _expand_shorthands(raw: dict[str, Any]) -> None:
@@ -415,7 +460,11 @@ def _deepcopy(d: Any) -> Any:
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Validate a nested dict (plus overrides) into a :class:`Config`."""
-    return _build(Config, apply_overrides(raw or {}, overrides or []))
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {_show(raw)}")
+    check_tree(raw, "config")
+    return _build(Config, apply_overrides(raw, overrides or []))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -424,27 +473,98 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+        text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from exc
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read ({exc.strerror})") from exc
+    raw = _load_yaml(text, str(p)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
-    _check_keys_are_names(raw, p)
+    check_tree(raw, str(p))
     return raw
 
 
-def _check_keys_are_names(node: Any, path: Path, prefix: str = "") -> None:
-    """YAML allows ``1: x`` (an integer key); a config key is always a name."""
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` with every failure a ConfigError naming ``where`` (deep nesting
+    makes PyYAML's composer recurse past Python's limit)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML ({at}{problem[:200]})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML (nested too deeply)") from None
+
+
+def check_tree(node: Any, where: str, prefix: str = "") -> None:
+    """A loaded YAML value is something a config can hold: no alias cycle (``a: &x [*x]``),
+    keys that are names (YAML allows ``1: x``), at most :data:`MAX_DEPTH` levels and
+    :data:`MAX_NODES` values with aliases expanded. Errors name ``where`` and the key."""
+    budget = [MAX_NODES]
+    _check_node(node, where, prefix, [], budget)
+
+
+def _check_node(node: Any, where: str, key: str, ancestors: list[int], budget: list[int]
+                ) -> None:
+    if not isinstance(node, (dict, list)):
+        return
+    here = _name(key) if key else "the top level"
+    if id(node) in ancestors:
+        raise ConfigError(f"{where}: {here} refers to a value that holds it (a YAML alias "
+                          "cycle)")
+    if len(ancestors) >= MAX_DEPTH:
+        raise ConfigError(f"{where}: {here} is nested more than {MAX_DEPTH} levels deep")
+    budget[0] -= len(node)
+    if budget[0] < 0:
+        raise ConfigError(f"{where}: more than {MAX_NODES} values once YAML aliases are "
+                          f"expanded (at {here}); a config is far smaller")
+    ancestors.append(id(node))
     if isinstance(node, dict):
         for k, v in node.items():
             if not isinstance(k, str):
-                raise ConfigError(f"{path}: key {prefix}{k!r} is not a name (a "
-                                  f"{type(k).__name__}); config keys are words")
-            _check_keys_are_names(v, path, f"{prefix}{k}.")
+                raise ConfigError(f"{where}: key {key + '.' if key else ''}{_show(k)} is not "
+                                  f"a name (a {type(k).__name__}); config keys are words")
+            _check_node(v, where, f"{key}.{k}" if key else k, ancestors, budget)
+    else:
+        for i, v in enumerate(node):
+            _check_node(v, where, f"{key}[{i}]", ancestors, budget)
+    ancestors.pop()
+
+
+def _check_reader_packages(key: str, modality: str, spec: str) -> None:
+    """The data files ``spec`` names can be read with what is installed: the file format
+    each is detected as may need an optional package (a Hugging Face dataset: ``datasets``).
+    Paths that do not exist are left to the readers, which name them."""
+    if not spec:
+        return
+    paths = sorted(glob.glob(spec)) if any(c in spec for c in "*?[") else [spec]
+    for path in (Path(p) for p in paths):
+        name, reader = _detected_reader(modality, path)
+        for module, install in getattr(reader, "requires", ()):
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(f"{key}: {path} is read as {name} data, which needs the "
+                                  f"optional package '{module}' ({install})")
+
+
+def _detected_reader(modality: str, path: Path) -> tuple[str, Any]:
+    """(name, reader) of the file format that reads ``path``, asking the formats in their
+    detection order only as far as the last one that needs an optional package (detecting
+    can read a file, so the others are left to reading)."""
+    formats = sorted((getattr(r, "order", 50), n, r) for n in READERS.names()
+                     if (r := READERS.get(n)).detect is not None and modality in r.modalities)
+    needy = [i for i, (_, _, r) in enumerate(formats) if getattr(r, "requires", ())]
+    if not path.exists() or not needy:
+        return "", None
+    for _, name, reader in formats[: needy[-1] + 1]:
+        try:
+            if reader.detect(path):
+                return name, reader
+        except (OSError, ValueError):  # unreadable: reading it says why, naming the file
+            return "", None
+    return "", None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

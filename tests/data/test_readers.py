@@ -194,9 +194,18 @@ def test_both_modalities_and_a_seeded_heldout_split(tmp_path):
     assert [s.id for s in read_samples(cfg, "val")] == [s.id for s in val]  # seeded
     assert len(read_samples(cfg, "all")) == 6
     # held-out files instead of a split
-    cfg2 = files_cfg(understanding=tmp_path / "u.jsonl", understanding_val=tmp_path / "u.jsonl",
+    write_jsonl(tmp_path / "v.jsonl", [
+        {"id": f"v{i}", "image": n, "question": q, "answer": a}
+        for i, (n, (q, a)) in enumerate(zip(names, QA, strict=True))])
+    cfg2 = files_cfg(understanding=tmp_path / "u.jsonl", understanding_val=tmp_path / "v.jsonl",
                      images=tmp_path / "imgs")
     assert len(read_samples(cfg2, "train")) == len(read_samples(cfg2, "val")) == 3
+    # the same records on both sides would score what was trained on: refused by id
+    cfg3 = files_cfg(understanding=tmp_path / "u.jsonl", understanding_val=tmp_path / "u.jsonl",
+                     images=tmp_path / "imgs")
+    with pytest.raises(DataFileError, match=r"share the id 'u0' \(in .*u\.jsonl "
+                       r"\(data\.understanding\) and in .*u\.jsonl \(data\.understanding_val\)"):
+        read_samples(cfg3, "train")
 
 
 def test_heldout_split_keeps_questions_about_one_image_together(tmp_path):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+import signal
 from collections import Counter
 
 import numpy as np
@@ -7,7 +9,15 @@ import pytest
 
 from fedumm.data.readers.shapes import generate_shapes, shapes_samples
 from fedumm.data.render import COLORS, SHAPES, SceneObject, object_id_map, render_scene
-from fedumm.data.world import SPLITS, sample_prompt
+from fedumm.data.world import (
+    FAMILIES,
+    MIN_OBJECTS,
+    QUESTION_FAMILIES,
+    SPLITS,
+    askable,
+    sample_prompt,
+    sample_scene,
+)
 from fedumm.eval.geneval import Detection, evaluate_image
 
 
@@ -154,3 +164,60 @@ def test_families_restrict_the_questions():
     assert {r.multiple_choice_answer for r in data.vqa if r.family == "spatial"} == {"yes", "no"}
     with pytest.raises(ValueError, match="unknown question families"):
         generate_shapes("downstream", 5, families=["colour"])
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float):
+    """Fail instead of hanging (a rejection loop that can never succeed once did)."""
+    def expire(signum, frame):
+        raise TimeoutError(f"no result in {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_single_family_terminates_on_every_split(split, family):
+    for max_objects in (1, 2, 4, 9):
+        for role in ("train", "val"):
+            with _deadline(10):
+                if family in MIN_OBJECTS and max_objects < MIN_OBJECTS[family]:
+                    with pytest.raises(ValueError, match="max_objects"):
+                        generate_shapes(split, 30, seed=1, role=role, image_size=16,
+                                        max_objects=max_objects, families=[family])
+                    continue
+                data = generate_shapes(split, 30, seed=1, role=role, image_size=16,
+                                       max_objects=max_objects, families=[family])
+            assert len(data.vqa) == 60 and {r.family for r in data.vqa} == {family}
+            for r in data.vqa:  # every scene kept can be asked
+                assert askable(family, data.scene(r.image_id))
+
+
+def test_askable_says_exactly_when_a_family_has_a_question():
+    spec = SPLITS["downstream"]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        objs = sample_scene(rng, spec, 16, int(rng.integers(1, 10)))
+        for family, ask in QUESTION_FAMILIES.items():
+            draws = [ask(np.random.default_rng(s), objs, spec) for s in range(60)]
+            assert askable(family, objs) == any(d is not None for d in draws), (family, objs)
+
+
+def test_a_request_no_scene_meets_is_an_error_not_a_loop():
+    from fedumm.data import world
+
+    with _deadline(10), pytest.raises(ValueError, match="need scenes of 2 or more objects"):
+        generate_shapes("downstream", 5, max_objects=1, families=["spatial"])
+    # with no questions asked, any scene does
+    assert len(generate_shapes("downstream", 5, max_objects=1, families=["spatial"],
+                               questions_per_image=0).vqa) == 0
+    rng = np.random.default_rng(0)
+    one = [SceneObject("circle", "red", "large", 0, 0, 5.0, 5.0, 4.0)]
+    with _deadline(10), pytest.raises(ValueError, match="no question of the families"):
+        world.ask_question(rng, one, SPLITS["base"], ("spatial",))

@@ -20,7 +20,7 @@ from fedumm.fl.strategies import (
     Scaffold,
     build_strategy,
 )
-from fedumm.fl.strategies.scaffold import client_control_update
+from fedumm.fl.strategies.scaffold import ScaffoldCorrection, mean_gradient_control
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
 from fedumm.models.protocol import IMAGE_INPUTS
 from fedumm.models.reference import REFERENCE_GROUPS as REF
@@ -269,12 +269,41 @@ def test_scaffold_server_and_control_update_by_hand() -> None:
 
 
 def test_scaffold_client_control_update_by_hand() -> None:
-    # c_i+ = c_i - c + (x - y) / (K eta) = (1, 0) - (0.5, 0.5) + ((2, 0) - (1, 2)) / (4 * 0.5)
-    new, delta = client_control_update(
-        c_local={L: t(1.0, 0.0)}, c_server={L: t(0.5, 0.5)}, x={L: t(2.0, 0.0)},
-        y={L: t(1.0, 2.0)}, num_steps=4, lr=0.5)
+    # c_i+ = (sum of K gradients) / K = (4, -6) / 4; delta = c_i+ - c_i
+    new, delta = mean_gradient_control(c_local={L: t(1.0, 0.0)}, grad_sum={L: t(4.0, -6.0)},
+                                       num_steps=4)
     assert close(new[L], 1.0, -1.5)
     assert close(delta[L], 0.0, -1.5)
+    with pytest.raises(ValueError, match="num_steps >= 1"):
+        mean_gradient_control({L: t(0.0)}, {L: t(0.0)}, 0)
+
+
+def test_scaffold_client_update_equals_option_ii_under_plain_sgd(tiny_overrides) -> None:
+    """With plain SGD (no clipping, no weight decay) the mean local gradient is the paper's
+    option II, ``c_i - c + (x - y) / (K eta)``; under AdamW only the former is a gradient."""
+    from fedumm.config import load_config
+    from fedumm.eval.model_eval import heldout_quality
+    from fedumm.fl.client import ClientTrainer
+    from fedumm.runtime.experiment import build_adapters, client_datasets, load_backbone
+
+    cfg = load_config(None, [*tiny_overrides, "train.optimizer=sgd", "train.grad_clip=0",
+                             "train.lr=0.05", "train.max_steps=3"])
+    backbone = load_backbone(cfg)
+    adapters = build_adapters(cfg, backbone)
+    clients, _ = client_datasets(cfg, backbone)
+    x = {k: v.clone() for k, v in adapters.state().items()}
+    g = torch.Generator().manual_seed(0)
+    c = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in x.items()}
+    c_i = {k: 0.01 * torch.randn(v.shape, generator=g) for k, v in x.items()}
+    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed, heldout_quality)
+    upd, state = trainer.train(clients[0], x, 0, [ScaffoldCorrection(c)], {"control": c_i})
+    y, k_steps = upd.tensors, upd.num_steps
+    assert k_steps == 3 and y
+    for key in y:
+        option_ii = c_i[key] - c[key] + (x[key] - y[key]) / (k_steps * cfg.train.lr)
+        torch.testing.assert_close(state["control"][key], option_ii, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(upd.extra["control_delta"][key], option_ii - c_i[key],
+                                   rtol=1e-4, atol=1e-5)
 
 
 # -- properties of every strategy --------------------------------------------------------------

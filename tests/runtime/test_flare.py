@@ -100,8 +100,11 @@ def test_exported_job_passes_flares_job_validation(tmp_path, tiny_overrides):
         assert "/" not in args["task_script_path"]  # relative: works on remote hosts
     server = json.loads((job / "app_server" / "config" / "config_fed_server.json").read_text())
     assert server["workflows"][0]["args"]["config"] == {**cfg.to_dict()}
-    with pytest.raises(RunDirError, match="exists"):
-        export_flare_job(cfg, tmp_path)
+    assert export_flare_job(cfg, tmp_path) == job  # its own folder: exported afresh
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    with pytest.raises(RunDirError, match="not a fedumm export flare job folder .*notes.md"):
+        export_flare_job(cfg, tmp_path / "mine")
 
 
 def test_job_builder_rejects_what_flare_cannot_run(tiny_overrides):
@@ -210,7 +213,7 @@ def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny
 
     import torch
 
-    from fedumm.runtime.flare.runner import _kill_leftovers
+    from fedumm.runtime.procs import run_processes
 
     extra = ["rounds=4", "strategy.name=scaffold"]
     local = run_experiment(_cfg(tiny_overrides, *extra), tmp_path / "local", progress=False)
@@ -230,9 +233,12 @@ def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny
             except (EOFError, RuntimeError):  # being written
                 pass
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # no handler runs: FLARE's processes go with its guard
     proc.wait()
-    _kill_leftovers(run)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and run_processes(str(run / "flare")):
+        time.sleep(0.2)
+    assert not run_processes(str(run / "flare"), by_command=True)
     assert not (run / "summary.json").exists(), "the run finished before it could be killed"
     done = torch.load(ckpt, weights_only=False)["round"]
     assert done < 3
@@ -247,22 +253,67 @@ def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny
 
 @pytest.mark.slow
 def test_sigterm_to_a_flare_simulator_run_leaves_no_process(tmp_path, tiny_overrides):
+    import os
     import signal
     import subprocess
     import sys
     import time
 
+    from fedumm.runtime.procs import run_processes
+
     cfg_file = tmp_path / "cfg.yaml"
     _cfg(tiny_overrides, "runtime=flare-sim", "rounds=30").save(cfg_file)
     run = tmp_path / "flare"
     proc = subprocess.Popen([sys.executable, "-m", "fedumm.cli", "run", str(cfg_file), "--out",
-                             str(run), "--quiet"], stderr=subprocess.PIPE, text=True)
+                             str(run), "--quiet"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (run / "checkpoint" / "state.pt").is_file():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # the group, as timeout / scancel / systemd do
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "continue with: fedumm run --resume" in err
     time.sleep(1)
     assert not _processes_mentioning(str(run))
+    assert not run_processes(str(run), by_command=True)  # FLARE's, in sessions of their own
+
+
+def test_a_resume_is_refused_while_a_process_of_the_earlier_flare_run_is_alive(
+        tmp_path, tiny_overrides):
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    RunDirectory(run).create(_cfg(tiny_overrides, "runtime=flare-sim"))
+    flare = (run / "flare").resolve()
+    flare.mkdir()
+    (flare / "launch.json").write_text(json.dumps({"sites": None, "site_overrides": None}))
+    # a site of the earlier run, in a session of its own, that outlived its runner
+    site = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                            env={**os.environ, "FEDUMM_RUN": str(flare)},
+                            start_new_session=True)
+    try:
+        with pytest.raises(RunDirError, match=rf"still running: {site.pid} \(.*kill {site.pid}"):
+            run_experiment(None, run, resume=True)
+    finally:
+        site.kill()
+        site.wait(timeout=10)
+
+
+@pytest.mark.parametrize("runtime", ["flare-sim", "flare-poc"])
+def test_a_partition_that_cannot_be_made_fails_before_any_flare_process_starts(
+        tmp_path, tiny_overrides, runtime):
+    import time
+
+    with pytest.raises(ValueError) as local:
+        run_experiment(_cfg(tiny_overrides, "clients=1000"), tmp_path / "local", progress=False)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError) as flare:
+        run_experiment(_cfg(tiny_overrides, "clients=1000", f"runtime={runtime}"),
+                       tmp_path / "flare")
+    assert time.monotonic() - t0 < 20
+    assert str(flare.value) == str(local.value) and "1000 clients" in str(local.value)
+    assert not (tmp_path / "flare" / "flare").exists()  # no FLARE workspace, no site
+    assert not _processes_mentioning(str(tmp_path))

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,3 +83,36 @@ def test_resume_needs_a_run_directory(tmp_path):
 
     with pytest.raises(RunDirError, match="not a run directory"):
         run_experiment(None, tmp_path / "nothing", resume=True, progress=False)
+
+
+def test_a_resume_refuses_data_files_edited_since_the_run_started(tmp_path, tiny_overrides,
+                                                                 monkeypatch):
+    from fedumm.data.export import export_conversation_files
+    from fedumm.data.readers.shapes import generate_shapes
+    from fedumm.models.reference.micro import MICRO_IMAGE_SIZE
+
+    data = generate_shapes("downstream", 16, seed=3, role="train", image_size=MICRO_IMAGE_SIZE)
+    files = export_conversation_files(data, tmp_path / "files")
+    overrides = [*tiny_overrides, "data.format=files",
+                 f"data.understanding={files['understanding']}",
+                 f"data.generation={files['generation']}", "data.heldout_fraction=0.25"]
+    real_train, calls = ClientTrainer.train, {"n": 0}
+
+    def crashing_train(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # round 1: round 0 is checkpointed
+            raise KeyboardInterrupt("simulated kill")
+        return real_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientTrainer, "train", crashing_train)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(config_from_dict({"name": "d"}, overrides), tmp_path / "run",
+                       progress=False)
+    monkeypatch.setattr(ClientTrainer, "train", real_train)
+    edited = Path(files["understanding"])
+    edited.write_text(edited.read_text().replace("circle", "disc"))
+    from fedumm.runtime.run_dir import RunDirError
+
+    with pytest.raises(RunDirError, match=f"the data changed since the run started.*"
+                                          f"{edited.name}"):
+        run_experiment(None, tmp_path / "run", resume=True, progress=False)

@@ -132,16 +132,16 @@ def test_a_client_without_data_is_skipped_with_a_reason(tmp_path, tiny_overrides
 
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    from fedumm.runtime import run_dir
+    from fedumm import outputs
 
     target = tmp_path / "summary.json"
 
-    def full_disk(self, data):
-        with open(self, "wb") as f:
-            f.write(data[:3])
-        raise OSError(28, "No space left on device", str(self))
+    def full_disk(path, fill, mode):
+        with open(path, mode) as f:
+            f.write(b"{}"[:1])
+        raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(run_dir.Path, "write_bytes", full_disk)
-    with pytest.raises(OSError, match="No space left"):
-        run_dir.atomic_write_bytes(target, b"{}" * 100)
+    monkeypatch.setattr(outputs, "_write", full_disk)
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left"):
+        outputs.write_file(target, b"{}" * 100)
     assert list(tmp_path.iterdir()) == []

@@ -142,3 +142,40 @@ def test_a_stage_in_the_client_pipeline_runs_before_the_codec(tmp_path, tiny_ove
     d_full, d_half = codec.decode(full.payload), codec.decode(half.payload)
     k = max(d_full, key=lambda k: float(d_full[k].abs().max()))
     assert torch.allclose(d_half[k], 0.5 * d_full[k], atol=2 * float(d_full[k].abs().max()) / 127)
+
+
+def test_a_run_whose_every_update_was_rejected_fails_and_says_why(tmp_path, tiny_overrides,
+                                                                   monkeypatch, capsys):
+    from fedumm.cli import main
+    from fedumm.fl.client import ClientTrainer
+
+    real = ClientTrainer.train
+
+    def diverge(self, client, *args, **kwargs):
+        upd, state = real(self, client, *args, **kwargs)
+        upd.tensors = {k: v * float("nan") for k, v in upd.tensors.items()}
+        return upd, state
+
+    monkeypatch.setattr(ClientTrainer, "train", diverge)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("name: rejected\n")
+    code = main(["run", str(cfg_file), *tiny_overrides, "--out", str(tmp_path / "run"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no client update was accepted in the 2 round(s): all 4 were rejected" in err
+    assert "non-finite values after local training" in err and "Traceback" not in err
+    summary = RunDirectory(tmp_path / "run")  # the record of what happened is complete
+    import json
+
+    s = json.loads((summary.path / summary.SUMMARY).read_text())
+    assert s["updates"]["accepted"] == 0 and s["updates"]["rejected"] == 4
+
+
+def test_the_report_says_how_many_updates_were_rejected(tmp_path, tiny_overrides, monkeypatch):
+    from fedumm.fl.client import ClientTrainer
+
+    monkeypatch.setattr(ClientTrainer, "train", _diverge(1))  # client 1, every round
+    run_experiment(_cfg(tiny_overrides), tmp_path / "run", progress=False)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "**2 of 4 client updates were rejected** (first: client 1 in round 0: " in report

@@ -102,3 +102,76 @@ def test_trainers_take_the_largest_clients_first():
     done = list(transport.drain(tasks, transport.largest_first(tasks)))
     assert seen == [3, 1, 4, 0, 2]  # 9, 9 (ties: job order), 5, 3, 1
     assert [tasks[i][0] for i, _ in done] == seen and [r for _, (r, _) in done] == seen
+
+
+class _Dies:
+    """Round 0: a worker that takes a client is killed (as the out-of-memory killer would), or
+    this process is interrupted while the worker trains a long client; later rounds train."""
+
+    def __init__(self, how: str) -> None:
+        import os
+
+        self.parent, self.how = os.getpid(), how
+
+    def handle(self, client, rnd, payload, client_config, state):
+        import os
+        import signal
+        import time
+
+        if rnd == 0 and os.getpid() != self.parent:
+            if self.how == "killed":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(60)  # a long client: the parent must not wait for it
+        if rnd == 0 and self.how == "interrupted":
+            time.sleep(0.5)  # the worker has taken its client
+            raise KeyboardInterrupt
+        time.sleep(0.05)
+        return os.getpid(), {}
+
+
+def _transport(how: str):
+    from types import SimpleNamespace
+
+    from fedumm.runtime.local import LocalTransport
+
+    clients = [SimpleNamespace(client_id=k, train=[None]) for k in range(4)]
+    return LocalTransport(clients, _Dies(how), workers=2, threads=1)
+
+
+def test_a_worker_that_dies_fails_the_round_at_once_and_the_next_round_runs():
+    import time
+
+    import pytest
+
+    from fedumm.runtime.workers import WorkerDiedError
+
+    transport = _transport("killed")
+    jobs = {k: b"" for k in range(4)}
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerDiedError, match=r"worker process \d+ ended \(killed by "
+                                                  "SIGKILL"):
+            transport.train(0, jobs, {}, lambda reply: None)
+        assert time.monotonic() - t0 < 10  # noticed, not waited for
+        assert transport._pool is None  # the round's workers are gone
+        assert len(transport.train(1, jobs, {}, lambda reply: None)) == 4  # new workers
+    finally:
+        transport.close()
+
+
+def test_an_interrupted_round_stops_its_workers_without_waiting_for_their_clients():
+    import multiprocessing
+    import time
+
+    import pytest
+
+    transport = _transport("interrupted")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            transport.train(0, {k: b"" for k in range(4)}, {}, lambda reply: None)
+        assert time.monotonic() - t0 < 10  # the worker's 60 s client was not waited for
+        assert transport._pool is None
+        assert not multiprocessing.active_children()
+    finally:
+        transport.close()

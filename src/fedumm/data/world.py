@@ -16,7 +16,7 @@ Everything is a pure function of ``(split, seed, sizes)``: same arguments, same 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -247,6 +247,59 @@ QUESTION_FAMILIES: dict[str, Callable[..., QA | None]] = {
     "existence": _q_existence, "counting": _q_counting, "color": _q_color,
     "shape_at": _q_shape_at, "spatial": _q_spatial, "binding": _q_binding,
 }
+
+# Whether a family has any question about a scene: its generator returns None for every draw
+# when it has not (a scene of two circles has no "what color is the circle?"). The fewest
+# objects a scene needs for one is what makes a family impossible at a data.max_objects.
+ASKABLE: dict[str, Callable[[list[SceneObject]], bool]] = {
+    "color": lambda objs: bool(_unique(objs, lambda o: o.shape)),
+    "spatial": lambda objs: len(_unique(objs, lambda o: (o.color, o.shape))) >= 2,
+    "binding": lambda objs: bool(_unique(objs, lambda o: o.color)
+                                 or _unique(objs, lambda o: o.shape)),
+}
+MIN_OBJECTS = {"spatial": 2}  # 1 for the others
+# rejection sampling with a bound: a scene no family can ask about is drawn again, and a
+# request that no draw meets is an error instead of a loop that never ends
+MAX_SCENE_DRAWS = 1000
+MAX_QUESTION_DRAWS = 1000
+
+
+def askable(family: str, objs: list[SceneObject]) -> bool:
+    return ASKABLE.get(family, lambda _: True)(objs)
+
+
+def check_families(families: Sequence[str], max_objects: int) -> None:
+    """Refuse question families that no scene of at most ``max_objects`` objects can ask."""
+    need = min(MIN_OBJECTS.get(f, 1) for f in families)
+    if need > max_objects:
+        raise ValueError(f"question families {list(families)} need scenes of {need} or more "
+                         f"objects; data.max_objects={max_objects} (raise it, or add a family)")
+
+
+def askable_scene(rng: np.random.Generator, spec: SplitSpec, size: int, max_objects: int,
+                  families: Sequence[str]) -> list[SceneObject]:
+    """A scene that some family of ``families`` can ask about; the first draw whenever one
+    can (so the random stream is the one every family mix has always drawn)."""
+    for _ in range(MAX_SCENE_DRAWS):
+        objs = sample_scene(rng, spec, size, max_objects)
+        if any(askable(f, objs) for f in families):
+            return objs
+    raise ValueError(f"{MAX_SCENE_DRAWS} scenes drawn (split {spec.name}, at most "
+                     f"{max_objects} objects) and none has a question of the families "
+                     f"{list(families)}; add a family or raise data.max_objects")
+
+
+def ask_question(rng: np.random.Generator, objs: list[SceneObject], spec: SplitSpec,
+                 families: Sequence[str]) -> tuple[str, QA]:
+    """(family, question) for a scene, the family drawn from ``families`` again while the one
+    drawn has no question about this scene."""
+    for _ in range(MAX_QUESTION_DRAWS):
+        family = str(rng.choice(families))
+        qa = QUESTION_FAMILIES[family](rng, objs, spec)
+        if qa is not None:
+            return family, qa
+    raise ValueError(f"no question of the families {list(families)} about a scene of "
+                     f"{len(objs)} object(s) in {MAX_QUESTION_DRAWS} draws")
 
 
 def human_answers(rng: np.random.Generator, answer: str, answer_type: str,

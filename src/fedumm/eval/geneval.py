@@ -22,8 +22,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedumm.data.images import decode_image
 from fedumm.data.readers.geneval_files import (
     GENEVAL_TAGS,
+    GenEvalFormatError,
     GenEvalRecord,
     geneval_image_path,
     list_geneval_samples,
@@ -283,9 +285,9 @@ def score_geneval_dir(
     With ``n_samples`` the files ``0000.png`` .. are required; otherwise every ``<digits>.png``
     of each prompt is used (at least one). Raises ``FileNotFoundError`` naming the missing path.
     """
-    from PIL import Image, ImageOps
-
     records = load_geneval_metadata(metadata_path)
+    if not records:
+        raise GenEvalFormatError(f"{metadata_path}: no prompts to score")
     entries: list[list[np.ndarray]] = []
     for i in range(len(records)):
         if n_samples is None:
@@ -298,9 +300,6 @@ def score_geneval_dir(
             for p in paths:
                 if not p.is_file():
                     raise FileNotFoundError(f"missing GenEval image {p}")
-        imgs = []
-        for p in paths:
-            with Image.open(p) as im:
-                imgs.append(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
-        entries.append(imgs)
+        # checked like every data image (pixel budget, modes, truncation), turned by EXIF
+        entries.append([decode_image(p, str(p), exif=True) for p in paths])
     return score_geneval(records, entries, detector, **rules)

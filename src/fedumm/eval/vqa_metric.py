@@ -76,12 +76,31 @@ def _question_accuracy(gt_answers: list[dict[str, Any]], res_ans: str) -> float:
     return _plain_sum(accs) / len(accs)
 
 
+def _show(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _require(entry: Any, keys: tuple[str, ...], where: str, index: int) -> None:
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{where} entry {index} is not an object: {entry!r}")
+        raise ValueError(f"{where} entry {index} is not an object: {_show(entry)}")
     for key in keys:
         if key not in entry:
             raise ValueError(f"{where} entry {index} has no key {key!r}")
+
+
+def _typed(entry: Mapping, key: str, kinds: tuple[type, ...], what: str, where: str,
+           index: int) -> Any:
+    """``entry[key]`` when it is one of ``kinds`` (never a bool), else a ValueError naming the
+    file, the entry and the key. Ids and types key dicts, so a list there would otherwise be a
+    TypeError deep inside the scoring."""
+    value = entry[key]
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{where} entry {index}: {key} is {_show(value)}; expected {what}")
+    return value
+
+
+_ID = ((int, str), "an integer (or string) question id")
 
 
 def _ids_text(ids: Iterable[Any], limit: int = 20) -> str:
@@ -94,6 +113,7 @@ def evaluate(
     questions: list[dict[str, Any]],
     annotations: list[dict[str, Any]],
     results: list[dict[str, Any]],
+    sources: tuple[str, str, str] = ("questions", "annotations", "results"),
 ) -> dict[str, Any]:
     """Score results with the official VQA v2 accuracy.
 
@@ -106,6 +126,8 @@ def evaluate(
     results : list of dict
         ``{"question_id": int, "answer": str}`` entries. As in the official ``loadRes``, their
         question ids must be exactly the annotated ones; a repeated id keeps its last answer.
+    sources : (str, str, str)
+        What errors call the questions, annotations and results (their files' paths).
 
     Returns
     -------
@@ -120,35 +142,40 @@ def evaluate(
         On malformed entries, duplicated annotation ids, annotated questions absent from
         ``questions``, or results that do not cover exactly the annotated question ids.
     """
-    if not annotations:
-        raise ValueError("no annotations to evaluate")
+    q_src, a_src, r_src = sources
+    if not isinstance(annotations, list) or not annotations:
+        raise ValueError(f"{a_src}: no annotations to evaluate")
     ann_by_id: dict[Any, dict[str, Any]] = {}
     for i, ann in enumerate(annotations):
-        _require(ann, ("question_id", "question_type", "answer_type", "answers"), "annotations", i)
-        qid = ann["question_id"]
+        _require(ann, ("question_id", "question_type", "answer_type", "answers"), a_src, i)
+        qid = _typed(ann, "question_id", *_ID, a_src, i)
+        _typed(ann, "question_type", (str,), "a string", a_src, i)
+        _typed(ann, "answer_type", (str,), "a string", a_src, i)
         if qid in ann_by_id:
-            raise ValueError(f"annotations: question id {qid!r} appears more than once")
+            raise ValueError(f"{a_src}: question id {qid!r} appears more than once")
         if not isinstance(ann["answers"], list) or not ann["answers"]:
-            raise ValueError(f"annotations entry {i} (question {qid!r}) has no answers")
+            raise ValueError(f"{a_src} entry {i} (question {qid!r}) has no answers")
         for j, a in enumerate(ann["answers"]):
-            _require(a, ("answer",), f"annotations entry {i} answers", j)
+            _require(a, ("answer",), f"{a_src} entry {i} answers", j)
+            _typed(a, "answer", (str,), "a string", f"{a_src} entry {i} answers", j)
         ann_by_id[qid] = ann
+    if not isinstance(questions, list):
+        raise ValueError(f"{q_src}: not a list of questions")
     question_ids = set()
     for i, q in enumerate(questions):
-        _require(q, ("question_id",), "questions", i)
-        question_ids.add(q["question_id"])
+        _require(q, ("question_id",), q_src, i)
+        question_ids.add(_typed(q, "question_id", *_ID, q_src, i))
     unasked = set(ann_by_id) - question_ids
     if unasked:
-        raise ValueError(f"annotated question ids missing from questions: {_ids_text(unasked)}")
+        raise ValueError(f"annotated question ids missing from {q_src}: {_ids_text(unasked)}")
 
     if not isinstance(results, list):
-        raise ValueError("results is not an array of objects")
+        raise ValueError(f"{r_src}: results is not an array of objects")
     res_by_id: dict[Any, str] = {}
     for i, r in enumerate(results):
-        _require(r, ("question_id", "answer"), "results", i)
-        if not isinstance(r["answer"], str):
-            raise ValueError(f"results entry {i}: answer is not a string: {r['answer']!r}")
-        res_by_id[r["question_id"]] = r["answer"]
+        _require(r, ("question_id", "answer"), r_src, i)
+        qid = _typed(r, "question_id", *_ID, r_src, i)
+        res_by_id[qid] = _typed(r, "answer", (str,), "a string (the answer)", r_src, i)
     missing = set(ann_by_id) - set(res_by_id)
     extra = set(res_by_id) - set(ann_by_id)
     if missing or extra:
@@ -157,7 +184,8 @@ def evaluate(
             parts.append(f"no result for question ids {_ids_text(missing)}")
         if extra:
             parts.append(f"results for question ids not in the annotations {_ids_text(extra)}")
-        raise ValueError("results do not correspond to the annotations: " + "; ".join(parts))
+        raise ValueError(f"{r_src}: results do not correspond to the annotations: "
+                         + "; ".join(parts))
 
     all_accs: list[float] = []
     by_qtype: dict[str, list[float]] = {}
@@ -190,6 +218,11 @@ def _load_json(path: str | Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # a number past int's digit limit, deep nesting
+        raise ValueError(f"{path}: cannot parse JSON ({' '.join(str(e).split())[:200]})"
+                         ) from None
 
 
 def _entries(data: Any, key: str, path: str | Path) -> list[dict[str, Any]]:
@@ -225,7 +258,8 @@ def evaluate_files(
     results = _load_json(results_path)
     if not isinstance(results, list):
         raise ValueError(f"{results_path}: results is not an array of objects")
-    return evaluate(questions, annotations, results)
+    sources = (str(questions_path), str(annotations_path), str(results_path))
+    return evaluate(questions, annotations, results, sources)
 
 
 def score_answers(predictions: Mapping[int, str], records: list[VQARecord]) -> dict[str, Any]:

@@ -11,6 +11,16 @@ from pathlib import Path
 from fedumm.data.readers.shapes import ShapesWorldData, shapes_samples
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
 from fedumm.experiments.plots import image_grid
+from fedumm.outputs import OutputFolder
+
+COMMAND = "data-preview"  # the marker of a preview folder: .fedumm-data-preview
+
+
+def write_preview(data: ShapesWorldData, out_dir: str | Path, **kwargs) -> Path:
+    """``out_dir/preview_<split>.png`` (see :func:`preview_grid`), in a new or empty folder or
+    one an earlier preview made (the output policy, :mod:`fedumm.outputs`)."""
+    OutputFolder(out_dir, COMMAND).claim()
+    return preview_grid(data, Path(out_dir) / f"preview_{data.split}.png", **kwargs)
 
 
 def preview_grid(data: ShapesWorldData, out: str | Path, *, num_vqa: int = 12,

@@ -14,6 +14,7 @@ import csv
 import io
 import itertools
 import json
+import os
 import re
 import time
 import traceback
@@ -32,7 +33,8 @@ from fedumm.config import (
     load_config,
     parse_override,
 )
-from fedumm.runtime.run_dir import RunDirectory, atomic_write_bytes
+from fedumm.outputs import OutputFolder, OutputWriteError, write_file
+from fedumm.runtime.run_dir import RunDirectory
 
 SWEEP_JSON, SWEEP_CSV = "sweep.json", "sweep.csv"
 # summary.json figures copied into every row (dotted); per-client lists stay in the run dir
@@ -150,8 +152,7 @@ def summary_row(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_tables(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    atomic_write_bytes(out / SWEEP_JSON,
-                        (json.dumps({**meta, "cells": rows}, indent=2) + "\n").encode())
+    write_file(out / SWEEP_JSON, json.dumps({**meta, "cells": rows}, indent=2) + "\n")
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
@@ -159,7 +160,7 @@ def _write_tables(out: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -
     writer = csv.DictWriter(buf, fieldnames=columns, restval="")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_bytes(out / SWEEP_CSV, buf.getvalue().encode())
+    write_file(out / SWEEP_CSV, buf.getvalue())
 
 
 def _check_same_config(run: Path, cfg: Config) -> None:
@@ -212,7 +213,12 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
                               "--jobs 1 with workers=N)")
         configs[cell.name] = cfg
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    # the sweep folder and every cell folder follow the output policy; checked before any run
+    sweep_folder = OutputFolder(out, "sweep")
+    sweep_folder.check()
+    for cell in cells:
+        RunDirectory(out / cell.name).check()
+    sweep_folder.claim()
     meta = {"name": base.name, "axes": [[k, v] for k, v in axes],
             "baselines": [c.values for c in cells if c.baseline],
             "methods": dict(methods)}
@@ -221,10 +227,10 @@ def run_sweep(raw: dict[str, Any], out: str | Path, *, grid: list[str] | None = 
     todo: list[tuple[int, Cell, bool]] = []
     for i, cell in enumerate(cells):
         run = out / cell.name
-        if (run / RunDirectory.CONFIG).is_file():
-            _check_same_config(run, configs[cell.name])
         d = RunDirectory(run)
-        if d.is_finished():
+        if d.is_marked() and (run / RunDirectory.CONFIG).is_file():
+            _check_same_config(run, configs[cell.name])
+        if d.is_marked() and d.is_finished():
             summary = json.loads((run / RunDirectory.SUMMARY).read_text())
             rows[i] = {"cell": cell.name, "baseline": cell.baseline, **cell.values,
                        "status": "done", "reused": True, **summary_row(summary)}
@@ -258,12 +264,13 @@ def _run_cell(cell: Cell, cfg: Config, run: Path, resume: bool, run_fn: RunFn,
     row: dict[str, Any] = {"cell": cell.name, "baseline": cell.baseline, **cell.values}
     try:
         summary = run_fn(None if resume else cfg, run, resume=resume, progress=progress)
+    except OutputWriteError:  # a full disk fails every cell after it: stop with one line
+        raise
     except Exception as exc:  # a failed cell is recorded; the sweep goes on
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "error.txt").write_text(traceback.format_exc())
+        RunDirectory(run).write_text(RunDirectory.ERROR, traceback.format_exc())
         row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
     else:
-        (run / "error.txt").unlink(missing_ok=True)
+        RunDirectory(run).remove(RunDirectory.ERROR)
         row.update(status="done", reused=False, **summary_row(summary))
     return row
 
@@ -292,17 +299,24 @@ def _run_parallel(todo: list[tuple[int, Cell, bool]], configs: dict[str, Config]
     cells one after another at the same thread count."""
     import multiprocessing
 
-    from fedumm.runtime.local import worker_signals
-
     global _PARALLEL
     _PARALLEL = (configs, out, run_fn)
     log(f"running {len(todo)} cells, {jobs} at a time")
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(jobs, initializer=worker_signals,  # stopped by the sweep, not Ctrl-C
+    with ctx.Pool(jobs, initializer=_cell_worker_init, initargs=(os.getpid(),),
                   maxtasksperchild=1) as pool:  # a fresh process per cell
         for i, row in pool.imap_unordered(_parallel_cell, todo):
             log(_cell_line(i, n, row))
             record(i, row)
+
+
+def _cell_worker_init(parent: int) -> None:
+    """A cell process is stopped by the sweep, not by Ctrl-C, and dies with it (SIGKILL)."""
+    from fedumm.runtime.local import worker_signals
+    from fedumm.runtime.procs import die_with_parent
+
+    worker_signals()
+    die_with_parent(parent)
 
 
 def cells_wall_s(rows: list[dict[str, Any]]) -> float:

@@ -21,7 +21,8 @@ from fedumm.config import BASELINE_MODES  # noqa: E402
 from fedumm.experiments.benchmark_report import benchmark_sections  # noqa: E402
 from fedumm.experiments.plots import partition_heatmap  # noqa: E402
 from fedumm.experiments.sweep import cells_wall_s, load_sweep  # noqa: E402
-from fedumm.runtime.report import fmt_bytes, save_figure  # noqa: E402
+from fedumm.outputs import write_file  # noqa: E402
+from fedumm.runtime.report import fmt_bytes, report_folder, save_figure  # noqa: E402
 from fedumm.runtime.run_dir import RunDirectory  # noqa: E402
 
 GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -226,9 +227,8 @@ def grid_sections(sweep: dict, sweep_dir: Path, out: Path) -> list[str]:
 
 def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> Path:
     sweep_dir = Path(sweep_dir)
-    out = Path(out) if out else sweep_dir
-    out.mkdir(parents=True, exist_ok=True)
     sweep = load_sweep(sweep_dir)
+    out = report_folder(sweep_dir, out, "sweep")
     rows = sweep["cells"]
     failed = [r for r in rows if r["status"] != "done"]
     lines = [f"# Sweep report: {sweep['name']}", "",
@@ -243,6 +243,4 @@ def write_sweep_report(sweep_dir: str | Path, out: str | Path | None = None) -> 
     if failed:
         lines += ["## Failed cells", ""] + [f"- `{r['cell']}`: {r.get('error')}"
                                              for r in failed] + [""]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_file(out / "report.md", "\n".join(lines))

@@ -168,7 +168,7 @@ class ClientTrainer:
         for k in set(ad.keys()) - set(names):
             ad.params[k].requires_grad_(False)
         local = LocalRound({k: ad.params[k] for k in names}, global_state,
-                           dict(client_state or {}), self.cfg.lr)
+                           dict(client_state or {}))
         opt = self._optimizer(list(local.params.values()))
         if self.cfg.persistent_optimizer and "optimizer" in local.client_state:
             opt.load_state_dict(local.client_state["optimizer"])

@@ -23,12 +23,11 @@ State = dict[str, torch.Tensor]
 class LocalRound:
     """What a hook sees of one client's round: the tensors it trains (``params``, by key), the
     global adapters it started from, the client's state carried across rounds (a hook keeps
-    its own entries there), the learning rate and, once training ends, the step count."""
+    its own entries there) and, once training ends, the step count."""
 
     params: dict[str, torch.nn.Parameter]
     start: State
     client_state: dict
-    lr: float
     steps: int = 0
     extra: dict[str, State] = field(default_factory=dict)  # goes out in the update
 

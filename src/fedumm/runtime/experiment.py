@@ -8,10 +8,12 @@ but call these same functions, which is what makes the two runtimes give the sam
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from fedumm.config import Config
 from fedumm.data.clients import split_clients
@@ -32,6 +34,8 @@ from fedumm.models.protocol import Backbone
 from fedumm.runtime.modes import CENTRALIZED, run_mode, strategy_name
 from fedumm.runtime.report import write_run_report
 from fedumm.runtime.run_dir import RunDirectory
+
+RESIDUAL_FILE = "base_residual.safetensors"  # beside the adapters: exact aggregation's residual
 
 
 def peak_rss_bytes() -> int:
@@ -164,6 +168,8 @@ def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapter
             "codec": cfg.codec.upload if cfg.codec.upload == cfg.codec.download else
             f"{cfg.codec.upload} up / {cfg.codec.download} down",
         },
+        "updates": {"accepted": acc.get("accepted"), "rejected": acc.get("rejected"),
+                    "first_rejection": acc.get("first_rejection")},
         "time": {"wall_s": round(wall, 2), "client_train_s": round(acc["client_train_s"], 2),
                  "eval_s": round(acc["eval_s"], 2)},
         "memory": {"peak_rss_bytes": peak_rss if peak_rss is not None else peak_rss_bytes()},
@@ -195,12 +201,21 @@ def mid_run_eval(cfg: Config, rnd: int) -> bool | None:
 
 def finish_run(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
                fingerprint: str, clients: int, state: dict[str, torch.Tensor], final: dict,
-               acc: dict, wall: float) -> dict[str, Any]:
-    """Log the final evaluation, export the global adapters (PEFT), write summary.json and
-    report.md. Only adapters are persisted."""
+               acc: dict, wall: float, residual: dict[str, torch.Tensor] | None = None
+               ) -> dict[str, Any]:
+    """Log the final evaluation, export the global adapters (PEFT; with exact aggregation also
+    the frozen-weight ``residual`` they need, as ``base_residual.safetensors``), write
+    summary.json and report.md. Only adapters are persisted."""
     run_dir.log({"type": "eval", "round": cfg.rounds - 1, **final})
     adapters.load_state(state)
-    adapters.export(run_dir.path / run_dir.ADAPTERS)
+
+    def save(folder: Path) -> None:
+        adapters.export(folder)
+        if residual:
+            save_file({m: r.contiguous() for m, r in residual.items()},
+                      str(folder / RESIDUAL_FILE))
+
+    run_dir.write_folder(run_dir.ADAPTERS, save)
     summary = make_summary(cfg, run_dir, backbone, adapters, fingerprint, clients, final, acc,
                            wall)
     run_dir.write_summary(summary)

@@ -10,6 +10,7 @@ are the bytes that would be sent.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -35,6 +36,7 @@ from fedumm.runtime.experiment import (
 from fedumm.runtime.loop import RoundLoop
 from fedumm.runtime.modes import strategy_for
 from fedumm.runtime.run_dir import RunDirectory
+from fedumm.runtime.workers import WorkerPool
 
 
 class LocalTransport:
@@ -76,9 +78,17 @@ class LocalTransport:
         return [reply for reply, _ in results]
 
     def _claim(self) -> int:
-        with self._next.get_lock():
+        lock = self._next.get_lock()
+        while True:  # the parent watches its workers between tasks and while it waits
+            if self._pool is not None:  # (None in a worker: its copy is from before the fork)
+                self._pool.check()  # a worker that died holding the lock would block us
+            if lock.acquire(timeout=0.5):
+                break
+        try:
             i = self._next.value
             self._next.value += 1
+        finally:
+            lock.release()
         return i
 
     def largest_first(self, tasks: list[tuple]) -> list[int]:
@@ -99,8 +109,7 @@ class LocalTransport:
         pool = self._start_workers()
         order = self.largest_first(tasks)
         self._next.value = 0
-        pending = [pool.apply_async(_pool_drain, (tasks, order))
-                   for _ in range(self.workers - 1)]
+        pool.send((tasks, order))
         results: dict[int, tuple[Reply, dict]] = {}
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads)  # this process trains like a worker meanwhile
@@ -108,34 +117,37 @@ class LocalTransport:
             for i, result in self.drain(tasks, order):
                 results[i] = result
                 on_reply(result[0])
+            theirs = pool.results()  # notices a worker that dies instead of waiting for it
         except BaseException:
-            with self._next.get_lock():
-                self._next.value = len(tasks)  # the workers take nothing more
-            for p in pending:
-                p.wait()
+            # a failed or stopped round ends its workers now (a deadline, no waiting for the
+            # clients they train); the next round forks new ones
+            self.close()
             raise
         finally:
             torch.set_num_threads(threads)
-        for p in pending:
-            for i, result in p.get():
+        for part in theirs:
+            for i, result in part:
                 results[i] = result
                 on_reply(result[0])
         return [results[i] for i in range(len(tasks))]
 
-    def _start_workers(self):
+    def _serve(self, msg: tuple[list[tuple], list[int]]) -> list[tuple[int, tuple[Reply, dict]]]:
+        """A worker's part of a round (runs in the worker, on its forked copy of this)."""
+        return list(self.drain(*msg))
+
+    def _start_workers(self) -> WorkerPool:
         if self._pool is None:
             import multiprocessing
 
-            global _POOL_TRANSPORT
-            _POOL_TRANSPORT = self  # what the forked workers inherit
-            ctx = multiprocessing.get_context("fork")
-            self._next = ctx.Value("i", 0)
+            # the round's next unclaimed task; new with each pool (a killed worker may have
+            # died holding the old one's lock)
+            self._next = multiprocessing.get_context("fork").Value("i", 0)
             # the collector would touch every object the parent built and copy its pages in
             # each worker: freeze them, so the frozen base and the data stay shared
             gc.collect()
             gc.freeze()
-            self._pool = ctx.Pool(self.workers - 1, initializer=_worker_init,
-                                  initargs=(self.threads,))
+            self._pool = WorkerPool(self.workers - 1, self._serve,
+                                    functools.partial(_worker_init, self.threads))
         return self._pool
 
     def training_done(self) -> None:
@@ -143,9 +155,8 @@ class LocalTransport:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            pool.close()
             gc.unfreeze()
 
     def state_dict(self) -> dict[str, Any]:
@@ -155,13 +166,10 @@ class LocalTransport:
         self.client_states = dict(state.get("client_states", {}))
 
 
-_POOL_TRANSPORT: LocalTransport | None = None  # set in the parent before the workers fork
-
-
 def worker_signals() -> None:
     """In a forked worker process: the default SIGTERM and no Ctrl-C. It inherits the CLI's
     handlers, which turn SIGTERM into a clean exit of the *run*; a worker is stopped by its
-    parent (``Pool.terminate`` sends SIGTERM) and leaves Ctrl-C to it."""
+    parent (SIGTERM) and leaves Ctrl-C to it."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -170,10 +178,6 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
     worker_signals()
     fix_mmap_threshold()  # a worker's heap would grow to ~2x what it holds (allocator.py)
-
-
-def _pool_drain(tasks: list[tuple], order: list[int]) -> list[tuple[int, tuple[Reply, dict]]]:
-    return list(_POOL_TRANSPORT.drain(tasks, order))
 
 
 class LocalRuntime:

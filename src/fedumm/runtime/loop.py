@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from safetensors.torch import save_file
-
 from fedumm.config import Config
+from fedumm.data.fingerprint import data_manifest, describe_change
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import (
     SERVER_CONTROL,
@@ -33,7 +32,7 @@ from fedumm.fl.pipeline import (
 from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import evaluate_states, finish_run, mid_run_eval, round_record
 from fedumm.runtime.modes import server_for
-from fedumm.runtime.run_dir import RunDirectory, RunDirError
+from fedumm.runtime.run_dir import RunDirectory, RunDirError, RunFailedError
 
 
 class Transport(Protocol):
@@ -73,6 +72,9 @@ class RoundLoop:
         self.lora = LoraMode.from_config(cfg.lora)
         self.config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()
                                           ).hexdigest()
+        # what the data files are now (paths -> size, time or content): a resume refuses
+        # data edited since the run started
+        self.data = data_manifest(cfg.data, val_data)
 
     def selected(self, rnd: int) -> list[int]:
         return self.server.selected(rnd)
@@ -99,6 +101,10 @@ class RoundLoop:
             raise RunDirError(f"{self.dir.path / self.dir.CONFIG} changed since the run "
                               "started; resume needs the config it ran with (start a new run "
                               "to change settings)")
+        if ckpt.get("data", self.data) != self.data:
+            raise RunDirError(f"the data changed since the run started ("
+                              f"{describe_change(ckpt['data'], self.data)}); resume needs the "
+                              "data it ran with (start a new run to train on the new data)")
         self.server.load_state_dict(ckpt)
         self.transport.load_state_dict(ckpt.get("transport", {}))
         self.dir.truncate_metrics(ckpt["round"])
@@ -110,6 +116,9 @@ class RoundLoop:
         resumed = self._resume() if resume else None
         start, acc = resumed or (0, {"upload": [], "download": [], "client_train_s": 0.0,
                                      "eval_s": 0.0, "wall_before_s": 0.0})
+        acc.setdefault("accepted", 0)  # client updates aggregated / left out, all rounds
+        acc.setdefault("rejected", 0)
+        acc.setdefault("first_rejection", None)
         if resumed is None and cfg.eval.every:  # round -1: the frozen base, the curve's start
             d.log({"type": "eval", "round": -1, **self._timed_eval(acc, False, base=True)})
         for rnd in range(start, cfg.rounds):
@@ -124,17 +133,20 @@ class RoundLoop:
                                "transport": self.transport.state_dict(),
                                "counters": {**acc, "wall_before_s": acc["wall_now_s"]},
                                "fingerprint": self.fingerprint,
-                               "config_hash": self.config_hash})
+                               "config_hash": self.config_hash, "data": self.data})
         self.transport.training_done()
         final = self._timed_eval(acc, True)
-        residual = self.server.residual
-        if residual:  # exact aggregation: the adapters need these frozen-weight changes
-            (d.path / d.ADAPTERS).mkdir(parents=True, exist_ok=True)
-            save_file({m: r.contiguous() for m, r in residual.items()},
-                      str(d.path / d.ADAPTERS / "base_residual.safetensors"))
-        return finish_run(cfg, d, self.backbone, self.adapters, self.fingerprint,
-                          self.num_clients, self.server.states[0], final, acc,
-                          acc["wall_before_s"] + time.perf_counter() - t_start)
+        summary = finish_run(cfg, d, self.backbone, self.adapters, self.fingerprint,
+                             self.num_clients, self.server.states[0], final, acc,
+                             acc["wall_before_s"] + time.perf_counter() - t_start,
+                             residual=self.server.residual)
+        if not acc["accepted"]:  # the run "finished" with the frozen base: say so, and fail
+            raise RunFailedError(f"no client update was accepted in the {cfg.rounds} round(s): "
+                                 f"all {acc['rejected']} were rejected (first: "
+                                 f"{acc['first_rejection']}); the adapters are the ones the run "
+                                 f"started from (see the rejected records in "
+                                 f"{d.path / d.METRICS})")
+        return summary
 
     def _downloads(self, selected: list[int], control: dict
                    ) -> tuple[dict[int, bytes], dict[int, dict]]:
@@ -174,6 +186,11 @@ class RoundLoop:
                 updates.append(upd)
         for r in rejected:
             self.dir.log({"type": "rejected", "round": rnd, **r})
+        acc["accepted"] += len(updates)
+        acc["rejected"] += len(rejected)
+        if rejected and acc["first_rejection"] is None:
+            acc["first_rejection"] = (f"client {rejected[0]['client']} in round {rnd}: "
+                                      f"{rejected[0]['reason']}")
         if counted:
             acc["upload"] += [u.upload_bytes for u in updates]
         record = {**round_record(rnd, selected, updates, count_upload=counted),

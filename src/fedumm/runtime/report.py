@@ -14,17 +14,33 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedumm.outputs import OutputExistsError, OutputFolder, save_png, write_file  # noqa: E402
 from fedumm.runtime.run_dir import RunDirectory  # noqa: E402
 
 
 def save_figure(fig, out: str | Path) -> Path:
-    """Tight layout, write a PNG (creating folders), close the figure."""
+    """Tight layout, write a PNG (creating folders; atomic, in the output folder the command
+    claimed), close the figure."""
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    try:
+        return save_png(fig, out, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def report_folder(source: Path, out: str | Path | None, source_command: str) -> Path:
+    """Claim where a report of ``source`` goes: the source folder itself (a run or sweep folder
+    fedumm made, ``source_command``) or ``out``, a new, empty or earlier report folder."""
+    if out is None or Path(out).resolve() == source.resolve():
+        folder = OutputFolder(source, source_command)
+        if not folder.is_marked():
+            raise OutputExistsError(f"{source} is not a {source_command} folder fedumm made (no "
+                                    f"{folder.marker.name}), so its report is not written into "
+                                    "it: give --out NEW_FOLDER")
+        folder.claim()
+        return source
+    OutputFolder(out, "report").claim()
+    return Path(out)
 
 
 def fmt_bytes(n: float) -> str:
@@ -80,15 +96,17 @@ def plot_bytes(metrics: list[dict], full_model_bytes: int, out: Path) -> Path:
 def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """``report.md`` + plots of a finished run, into ``out`` (default: the run directory)."""
     run_dir = Path(run_dir)
-    dest = Path(out) if out else run_dir
-    dest.mkdir(parents=True, exist_ok=True)
     summary = json.loads((run_dir / "summary.json").read_text())
+    dest = report_folder(run_dir, out, "run")
     metrics = RunDirectory(run_dir).metrics()
     acc_png = plot_accuracy(metrics, dest / "accuracy.png",
                             f"{summary['strategy']}, K={summary['clients']}")
     comm = summary["communication"]
     bytes_png = plot_bytes(metrics, comm["full_model_bytes"], dest / "bytes.png")
     fin, base, t = summary["final"], summary.get("base", {}), summary["time"]
+    reduction = (f"{comm['reduction_vs_full']}x" if comm.get("reduction_vs_full")
+                 else "n/a (nothing uploaded)")
+    updates = summary.get("updates") or {}
     lines = [
         f"# Run report: {summary['name']}",
         "",
@@ -109,12 +127,16 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
           if fin.get("classification") else []),
         f"| upload per client per round | {fmt_bytes(comm['upload_bytes_per_client_round'])} |",
         f"| full model (same dtype) | {fmt_bytes(comm['full_model_bytes'])} |",
-        f"| reduction vs full fine-tuning | {comm.get('reduction_vs_full')}x |",
+        f"| reduction vs full fine-tuning | {reduction} |",
         f"| total bytes (up + down) | {fmt_bytes(comm['total_bytes'])} |",
         f"| wall time / client training | {t['wall_s']} s / {t['client_train_s']} s |",
         f"| peak RSS | {fmt_bytes(summary['memory']['peak_rss_bytes'])} |",
         "",
     ]
+    if updates.get("rejected"):  # the server left updates out: say how many and why
+        lines += [f"**{updates['rejected']} of {updates['rejected'] + updates['accepted']} "
+                  f"client updates were rejected** (first: {updates['first_rejection']}); "
+                  "each has a `rejected` record in `metrics.jsonl`.", ""]
     if fin.get("vqa_by_family"):
         lines += ["VQA by question family (final vs base):", "", "| family | base | final |",
                   "|---|---|---|"]
@@ -135,6 +157,4 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         lines += [f"| {k} | {v} |" for k, v in fin["geneval_by_task"].items()]
         lines.append("")
     lines += [f"![accuracy]({acc_png.name})", "", f"![bytes]({bytes_png.name})", ""]
-    path = dest / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_file(dest / "report.md", "\n".join(lines))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,8 +39,9 @@ from fedumm.registry import READERS
 if TYPE_CHECKING:
     from fedumm.config import DataConfig
 
-__all__ = ["DataFileError", "ROLES", "READERS", "Reader", "detect_format", "file_formats",
-           "heldout_split", "read_files", "read_path", "read_samples", "sources"]
+__all__ = ["DataFileError", "ROLES", "READERS", "Reader", "check_unique_ids", "detect_format",
+           "file_formats", "heldout_split", "read_each", "read_files", "read_path",
+           "read_samples", "sources"]
 
 ROLES = ("train", "val", "all")  # "all": every record of the training files (no held-out split)
 
@@ -72,27 +73,53 @@ def file_formats(modality: str) -> list[str]:
 
 
 def read_files(cfg: DataConfig, role: str = "train") -> list[Sample]:
-    """The user's files (``data.format=files``) for one role, every record checked."""
+    """The user's files (``data.format=files``) for one role, every record checked. Sample ids
+    must be unique over everything the role's split reads: the training files before the
+    seeded held-out split, and with ``data.*_val`` files the held-out files too (read by the
+    ``train`` role to check), so no record is both trained on and scored."""
     out: list[Sample] = []
+    read: list[tuple[str, list[Sample]]] = []  # (file and key, its samples): ids checked over
     for modality, train, val in ((UNDERSTANDING, cfg.understanding, cfg.understanding_val),
                                  (GENERATION, cfg.generation, cfg.generation_val)):
         if not train:
             continue
-        if val and role == "val":
-            out += read_path(modality, val, cfg)
-        elif val or role == "all":
-            out += read_path(modality, train, cfg)
+        files = _labelled(read_each(modality, val if val and role == "val" else train, cfg),
+                          f"data.{modality}_val" if val and role == "val" else
+                          f"data.{modality}")
+        read += files
+        if val or role == "all":
+            out += _flat(files)
+            if val and role == "train":
+                read += _labelled(read_each(modality, val, cfg), f"data.{modality}_val")
         else:
-            train_part, val_part = heldout_split(read_path(modality, train, cfg),
-                                                 cfg.heldout_fraction, cfg.seed)
+            train_part, val_part = heldout_split(_flat(files), cfg.heldout_fraction, cfg.seed)
             out += val_part if role == "val" else train_part
-    seen: dict[str, Sample] = {}
-    for s in out:
-        if s.id in seen:  # ids key caches (e.g. a backbone's image codes): they must be unique
-            raise ValueError(f"two samples share the id {s.id!r} ({seen[s.id].task} and "
-                             f"{s.task}); record ids must be unique across data files")
-        seen[s.id] = s
+    check_unique_ids(read)
     return out
+
+
+def _labelled(files: list[tuple[Path, list[Sample]]], key: str) -> list[tuple[str, list[Sample]]]:
+    return [(f"{path} ({key})", samples) for path, samples in files]
+
+
+def check_unique_ids(files: list[tuple[str, list[Sample]]]) -> None:
+    """Every sample id occurs once over ``files`` ((file, samples) pairs); a DataFileError
+    names the id and both files otherwise. Ids key caches (a backbone's image codes) and the
+    held-out split, so they must be unique."""
+    seen: dict[str, tuple[str, Sample]] = {}
+    for path, samples in files:
+        for s in samples:
+            first = seen.setdefault(s.id, (path, s))
+            if first[1] is not s:
+                where = f"twice in {path}" if first[0] == path else \
+                    f"in {first[0]} and in {path}"
+                raise DataFileError(path, "", f"two samples share the id {s.id!r} ({where}: "
+                                    f"{first[1].task} and {s.task}); record ids must be unique "
+                                    "across the training and held-out data files")
+
+
+def _flat(files: list[tuple[Any, list[Sample]]]) -> list[Sample]:
+    return [s for _, samples in files for s in samples]
 
 
 def heldout_split(samples: list[Sample], fraction: float, seed: int
@@ -126,12 +153,17 @@ def expand(spec: str, key: str) -> list[Path]:
 
 def read_path(modality: str, spec: str, cfg: DataConfig) -> list[Sample]:
     """Every sample of the files ``spec`` names (a path or a glob), for one modality."""
-    out: list[Sample] = []
+    return _flat(read_each(modality, spec, cfg))
+
+
+def read_each(modality: str, spec: str, cfg: DataConfig) -> list[tuple[Path, list[Sample]]]:
+    """(path, its samples) of every path ``spec`` names (a path or a glob), for one modality."""
+    out: list[tuple[Path, list[Sample]]] = []
     for path in expand(spec, modality):
         read = READERS.get(detect_format(modality, path)).read
         assert read is not None  # a file format: it has read and detect
-        out += read(path, modality, cfg)
-    if not out:
+        out.append((path, read(path, modality, cfg)))
+    if not any(samples for _, samples in out):
         raise ValueError(f"data.{modality}={spec!r}: no samples")
     return out
 

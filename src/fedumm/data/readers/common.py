@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedumm.data.answers import normalize_answer
+from fedumm.data.images import DataFileError, check_image
 from fedumm.data.records import ImageRef, Sample
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
 
@@ -42,7 +43,7 @@ class Reader:
     of ``data.understanding`` / ``data.generation``: the file formats of that modality are asked
     in ``order`` (lower first, so that a catch-all such as any ``.json`` file comes last) and
     the first whose ``detect`` says yes reads the path; ``expected`` describes its files for the
-    error when none does.
+    error when none does; ``requires`` lists the optional packages it needs.
     """
 
     source: Callable[[DataConfig, str], list[Sample]] | None = None  # (cfg, role)
@@ -51,6 +52,9 @@ class Reader:
     modalities: tuple[str, ...] = (UNDERSTANDING, GENERATION)
     expected: str = ""
     order: int = 50
+    # (import name, install command) of optional packages the format needs: config
+    # validation refuses a path detected as this format when one is missing
+    requires: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.source is None and (self.read is None or self.detect is None):
@@ -61,48 +65,70 @@ class Reader:
                              f"{GENERATION}")
 
 
-class DataFileError(ValueError):
-    """A data file, or one record of it, is not what its format expects."""
-
-    def __init__(self, path: str | Path, where: str, problem: str) -> None:
-        self.path, self.where = str(path), where
-        super().__init__(f"{path}: {where}: {problem}" if where else f"{path}: {problem}")
-
-
 def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(position, record) of a JSONL file (one object per line), a JSON list, or a CSV file
-    with a header row. A JSONL file is streamed; a JSON list is parsed whole."""
+    with a header row. A JSONL file is streamed; a JSON list is parsed whole. Text that is not
+    UTF-8, malformed JSON or CSV, and nesting too deep to parse are DataFileErrors naming the
+    file and the record."""
     try:
         f = path.open(encoding="utf-8", newline="")
     except OSError as exc:
         raise DataFileError(path, "", f"cannot open ({exc.strerror})") from exc
-    with f:
-        if path.suffix == ".csv":
-            reader = csv.DictReader(f)
-            if not reader.fieldnames:
-                raise DataFileError(path, "", "empty CSV file (expected a header row)")
-            for i, row in enumerate(reader):
-                yield f"row {i + 2}", row  # the header is row 1
-            return
-        first = _first_char(f)
-        if first == "[":  # a JSON list (the LLaVA layout)
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise DataFileError(path, f"line {exc.lineno}", f"malformed JSON ({exc.msg})"
-                                    ) from exc
-            for i, rec in enumerate(data):
-                yield f"index {i}", rec
-            return
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataFileError(path, f"line {n}", f"malformed JSON ({exc.msg}); expected "
-                                    "one JSON object per line") from exc
-            yield f"line {n}", rec
+    where = ""
+    try:
+        with f:
+            for where, rec in _records(f, path):
+                yield where, rec
+    except UnicodeDecodeError as exc:
+        raise DataFileError(path, where and f"after {where}",
+                            f"not UTF-8 text (byte {exc.start} of a read block)") from None
+    except csv.Error as exc:
+        raise DataFileError(path, where and f"after {where}", f"malformed CSV ({exc})"
+                            ) from None
+    except OSError as exc:  # e.g. a folder named like a file, an I/O error
+        raise DataFileError(path, "", f"cannot read ({exc.strerror or exc})") from None
+
+
+def _records(f, path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix == ".csv":
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise DataFileError(path, "", "empty CSV file (expected a header row)")
+        for i, row in enumerate(reader):
+            if None in row:  # more cells than header columns (DictReader keys them None)
+                n = len(reader.fieldnames)
+                raise DataFileError(path, f"row {i + 2}", f"{n + len(row[None])} cells, the "
+                                    f"header has {n} columns (an unquoted comma?)")
+            yield f"row {i + 2}", row  # the header is row 1
+        return
+    first = _first_char(f)
+    if first == "[":  # a JSON list (the LLaVA layout)
+        data = _json(f.read(), path, 0)
+        if not isinstance(data, list):
+            raise DataFileError(path, "", "expected a JSON list of records")
+        for i, rec in enumerate(data):
+            yield f"index {i}", rec
+        return
+    for n, line in enumerate(f, 1):
+        if line.strip():
+            yield f"line {n}", _json(line, path, n)
+
+
+def _json(text: str, path: Path, line: int) -> Any:
+    """One JSON document (``line`` > 0: the line of a JSONL file it is)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = "; expected one JSON object per line" if line else ""
+        raise DataFileError(path, f"line {line or exc.lineno}", f"malformed JSON ({exc.msg})"
+                            f"{hint}") from None
+    except (ValueError, RecursionError) as exc:  # a number past int's digit limit, deep nesting
+        raise DataFileError(path, f"line {line or 1}" if line else "",
+                            f"cannot parse JSON ({_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
 
 
 def _first_char(f) -> str:
@@ -132,19 +158,32 @@ def pick_key(rec: dict, candidates: tuple[str, ...]) -> str | None:
 
 class ImageResolver:
     """Relative image paths -> checked :class:`ImageRef` s. The root is ``data.images``, else
-    the data file's folder; every file is checked to exist while reading, so a missing image
-    stops the run before training starts."""
+    the data file's folder; every file is checked while reading (it exists, its header is an
+    image's, its size is within the pixel budget), so a bad image stops the run before
+    training starts. Each file's header is read once however many records share it."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = str(root)
+        self._checked: set[str] = set()
 
     def __call__(self, value: Any, path: Path, where: str) -> ImageRef:
         if not isinstance(value, str) or not value:
             raise DataFileError(path, where, f"expected an image path, got {value!r:.80}")
         full = value if os.path.isabs(value) else os.path.join(self.root, value)
-        if not os.path.isfile(full):
-            raise DataFileError(path, where, f"image not found: {full} (relative paths are "
-                                f"resolved under {self.root}; set data.images to change it)")
+        if full not in self._checked:
+            try:
+                is_file = os.path.isfile(full)
+            except ValueError:  # an embedded NUL byte
+                is_file = False
+            if not is_file:
+                raise DataFileError(path, where, f"image not found: {full} (relative paths "
+                                    f"are resolved under {self.root}; set data.images to "
+                                    "change it)")
+            try:
+                check_image(full)
+            except DataFileError as exc:
+                raise DataFileError(path, where, str(exc)) from None
+            self._checked.add(full)
         return ImageRef(path=full)
 
 

@@ -130,19 +130,31 @@ def load_geneval_metadata(path: str | Path) -> list[GenEvalRecord]:
     """
     path = Path(path)
     records: list[GenEvalRecord] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GenEvalFormatError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from exc
-            try:
-                records.append(record_from_json(obj))
-            except GenEvalFormatError as exc:
-                raise GenEvalFormatError(f"{path}:{lineno}: {exc}") from None
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if line.strip():
+                    records.append(_record_of_line(line, path, lineno))
+    except UnicodeDecodeError as exc:
+        raise GenEvalFormatError(f"{path}:{lineno + 1}: not UTF-8 text (byte {exc.start} of a "
+                                 "read block)") from None
+    except IsADirectoryError:
+        raise GenEvalFormatError(f"{path}: a folder, not a metadata file") from None
     return records
+
+
+def _record_of_line(line: str, path: Path, lineno: int) -> GenEvalRecord:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise GenEvalFormatError(f"{path}:{lineno}: malformed JSON: {exc.msg}") from exc
+    except (ValueError, RecursionError) as exc:  # past int's digit limit, nesting too deep
+        raise GenEvalFormatError(f"{path}:{lineno}: cannot parse JSON ({exc})"[:300]) from None
+    try:
+        return record_from_json(obj)
+    except GenEvalFormatError as exc:
+        raise GenEvalFormatError(f"{path}:{lineno}: {exc}") from None
 
 
 def write_geneval_metadata(path: str | Path, records: Iterable[GenEvalRecord]) -> None:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["HFImages", "is_hf_dataset", "read_hf"]
 
 BATCH = 1000  # rows read per step while indexing
+HF_INSTALL = "pip install 'fedumm[hf]'"  # the optional extra that brings `datasets`
 # The image column of each understanding layout, in order of preference
 UNDERSTANDING_IMAGE_KEYS = {"qa": ("image", "images"), "llava": ("image", "images"),
                             "messages": ("images", "image")}
@@ -122,7 +123,7 @@ def _datasets(path: Path) -> Any:
         import datasets
     except ImportError as exc:
         raise ImportError(f"reading {path} (a Hugging Face dataset) needs the optional 'hf' "
-                          "extra: pip install 'fedumm[hf]'") from exc
+                          f"extra: {HF_INSTALL}") from exc
     return datasets
 
 
@@ -328,5 +329,5 @@ def _generation(ds: Dataset, path: Path, resolve: ImageResolver, max_samples: in
 
 READERS.register("hf", Reader(
     read=lambda path, modality, cfg: read_hf(path, modality, cfg.images, cfg.max_samples),
-    detect=is_hf_dataset, order=10,
+    detect=is_hf_dataset, order=10, requires=(("datasets", HF_INSTALL),),
     expected="a Hugging Face dataset folder or .parquet file"))

@@ -26,6 +26,9 @@ from fedumm.data.scenarios import GENERATION, UNDERSTANDING
 from fedumm.data.world import (
     QUESTION_FAMILIES,
     SPLITS,
+    ask_question,
+    askable_scene,
+    check_families,
     get_split,
     human_answers,
     partial_description,
@@ -114,8 +117,11 @@ def generate_shapes(
     rng = np.random.default_rng([seed, 1 + list(SPLITS).index(split),
                                  _ROLES[role]])
     images, ids, domains, scenes, vqa = [], [], [], [], []
+    if questions_per_image > 0:  # a request no scene can meet fails now, not in a loop
+        check_families(family_pool, max_objects)
     for i in range(num_scenes):
-        objs = sample_scene(rng, spec, image_size, max_objects)
+        objs = askable_scene(rng, spec, image_size, max_objects, family_pool) \
+            if questions_per_image > 0 else sample_scene(rng, spec, image_size, max_objects)
         domain = str(rng.choice(spec.domains))
         image_id = i + 1
         images.append(render_scene(objs, image_size, domain, rng))
@@ -123,11 +129,7 @@ def generate_shapes(
         domains.append(domain)
         scenes.append(objs)
         for k in range(questions_per_image):
-            qa = None
-            while qa is None:  # some families need e.g. a unique shape in the scene
-                family = str(rng.choice(family_pool))
-                qa = QUESTION_FAMILIES[family](rng, objs, spec)
-            q, ans, qtype, atype = qa
+            family, (q, ans, qtype, atype) = ask_question(rng, objs, spec, family_pool)
             vqa.append(VQARecord(
                 question_id=image_id * 1000 + k, image_id=image_id, question=q,
                 question_type=qtype, answer_type=atype, multiple_choice_answer=ans,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fedumm.data.images import check_image
 from fedumm.data.readers.common import (
     DataFileError,
     Reader,
@@ -48,11 +49,16 @@ def read_vqa(path: Path, images: str = "", max_samples: int = 0) -> list[Sample]
     root, split = found
     ds = load_vqa_v2(root, split, image_dir=images or None)
     out = []
+    images_of: dict[int, ImageRef] = {}  # each image checked once, however many questions
     for r in ds.records[:max_samples or None]:
-        try:
-            image = ImageRef(path=str(ds.image_path(r.image_id)))
-        except FileNotFoundError as exc:
-            raise DataFileError(root, f"question {r.question_id}", str(exc)) from exc
+        image = images_of.get(r.image_id)
+        if image is None:
+            try:
+                image = ImageRef(path=str(ds.image_path(r.image_id)))
+                check_image(image.path)  # its header: an image, within the pixel budget
+            except (FileNotFoundError, DataFileError) as exc:
+                raise DataFileError(root, f"question {r.question_id}", str(exc)) from exc
+            images_of[r.image_id] = image
         # the annotation's own types over the derived ones; a new dict (the derived one is
         # shared with every record of the same labels)
         labels = shared_labels({**understanding_labels(r.question, r.multiple_choice_answer),

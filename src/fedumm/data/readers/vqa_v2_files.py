@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from fedumm.data.images import decode_image
 from fedumm.data.official import VQARecord
 
 __all__ = [
@@ -111,8 +112,8 @@ class VQAv2Dataset:
         """The image as a ``uint8`` array of shape ``(H, W, 3)``."""
         if image_id in self._cache:
             return self._cache[image_id]
-        with Image.open(self.image_path(image_id)) as img:
-            arr = np.array(img.convert("RGB"), dtype=np.uint8)  # COCO has a few grey/CMYK jpgs
+        path = self.image_path(image_id)
+        arr = np.array(decode_image(path, str(path)))  # COCO has a few grey/CMYK jpgs
         if self.cache_images:
             arr.flags.writeable = False
             self._cache[image_id] = arr
@@ -166,6 +167,11 @@ def _read_list(path: Path, key: str) -> list[Any]:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except (ValueError, RecursionError) as e:  # a number past int's digit limit, deep nesting
+        raise ValueError(f"{path}: cannot parse JSON ({' '.join(str(e).split())[:200]})"
+                         ) from None
     if not isinstance(data, dict) or key not in data:
         raise ValueError(f"{path}: missing top-level key {key!r}")
     if not isinstance(data[key], list):
@@ -179,6 +185,26 @@ def _check_keys(entry: Any, keys: Iterable[str], path: Path, where: str) -> None
     for key in keys:
         if key not in entry:
             raise ValueError(f"{path}: {where} has no key {key!r}")
+        kind = _KINDS.get(key)
+        value = entry[key]
+        if kind is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ValueError(f"{path}: {where}: {key} is {shown}; expected "
+                             f"{'an integer' if kind is int else 'a string'}")
+
+
+# The official files' types (ids key dicts and name image files; the rest is text)
+_KINDS: dict[str, type] = {"question_id": int, "image_id": int, "question": str,
+                           "question_type": str, "answer_type": str,
+                           "multiple_choice_answer": str, "answer": str}
+
+
+def _family(ann: dict, path: Path, where: str) -> str:
+    """The ShapesWorld family an exported annotation keeps (not an official key)."""
+    family = ann.get("family", "")
+    if not isinstance(family, str):
+        raise ValueError(f"{path}: {where}: family is {family!r:.60}; expected a string")
+    return family
 
 
 def load_vqa_v2(
@@ -245,7 +271,7 @@ def load_vqa_v2(
                 answer_type=ann["answer_type"],
                 multiple_choice_answer=ann["multiple_choice_answer"],
                 answers=[a["answer"] for a in ann["answers"]],
-                family=ann.get("family", ""),
+                family=_family(ann, a_path, where),
             )
         )
     if questions:  # left-overs: unanswered questions (or a repeated annotation id)

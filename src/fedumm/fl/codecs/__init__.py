@@ -37,11 +37,11 @@ from fedumm.fl.codecs import casts, entropy, int8, tables, topk  # noqa: F401  (
 from fedumm.fl.codecs.container import decode, encode, payload_info, roundtrip
 from fedumm.fl.codecs.error_feedback import ErrorFeedback
 from fedumm.fl.codecs.sizes import bytes_per_value, throughput
-from fedumm.fl.codecs.spec import CodecSpec, carries_values, parse_codec
+from fedumm.fl.codecs.spec import CodecSpec, carries_values, parse_codec, resolve_codec
 from fedumm.fl.codecs.tables import FP4_TABLE, NF4_TABLE
 from fedumm.registry import CODECS
 
-CODECS.set_resolver(parse_codec)
+CODECS.set_resolver(resolve_codec)  # parse + the optional packages a step needs
 
 __all__ = [
     "CodecSpec",

@@ -27,6 +27,12 @@ class EntropyStep:
         return arg is None
 
     @classmethod
+    def require(cls) -> None:
+        """ImportError naming the optional package and its pip command when this step needs
+        one that is not installed. Resolving a spelling asks it, so a config naming the step
+        is refused when it loads instead of failing at the first payload."""
+
+    @classmethod
     def compress(cls, data: bytes) -> bytes:
         raise NotImplementedError
 
@@ -57,7 +63,7 @@ class Zlib(EntropyStep):
 def _zstd():
     try:
         import zstandard
-    except ImportError as exc:  # pragma: no cover - depends on the environment
+    except ImportError as exc:
         raise ImportError(
             "codec step 'zstd' needs the optional 'zstandard' package (pip install zstandard); "
             "use 'zlib' (standard library) instead"
@@ -69,6 +75,10 @@ class Zstd(EntropyStep):
     name = "zstd"
     method = 2
     rank = 1
+
+    @classmethod
+    def require(cls) -> None:
+        _zstd()
 
     @classmethod
     def compress(cls, data: bytes) -> bytes:

@@ -56,6 +56,18 @@ class CodecSpec:
             names = " or ".join(name for name, _ in steps(ENTROPY))
             raise ValueError(f"codec entropy step {self.entropy!r}: expected {names}")
 
+    def require(self) -> CodecSpec:
+        """This spec, once every step's optional package is known to be installed (a step
+        class may define ``require()``, raising ImportError with the pip command)."""
+        classes = [lookup(self.base, BASE)]
+        if self.entropy is not None:
+            classes.append(lookup(self.entropy, ENTROPY))
+        for cls in classes:
+            check = getattr(cls, "require", None)
+            if callable(check):
+                check()
+        return self
+
     @property
     def base_step(self) -> BaseCodec:
         """The base step that encodes the (kept) values."""
@@ -121,6 +133,13 @@ def parse_codec(text: str | CodecSpec) -> CodecSpec:
     name, block = base if base is not None else (DEFAULT_BASE, None)
     return CodecSpec(base=name, block=block, topk_fraction=fraction, topk_count=count,
                      entropy=entropy)
+
+
+def resolve_codec(text: str | CodecSpec) -> CodecSpec:
+    """What ``CODECS.resolve`` should answer: the parsed spelling, refused (ImportError
+    naming the package and the pip command) when a step needs a package that is missing.
+    :func:`parse_codec` alone accepts such a spelling (a payload can still be inspected)."""
+    return parse_codec(text).require()
 
 
 def _parse_arg(text: str, cls: type, arg: str | None) -> tuple:

@@ -49,6 +49,8 @@ class Strategy:
     # the aggregate is the clients' weighted mean (exact LoRA aggregation can fold its
     # residual into the frozen weights); False for rules that move the server model elsewhere
     keeps_client_mean = True
+    # the server learning rate when strategy.server_lr is not set (each rule's paper's value)
+    default_server_lr = 1.0
 
     def __init__(self, cfg: StrategyConfig, num_clients: int, seed: int,
                  groups: tuple[AdapterGroup, ...] = ()) -> None:
@@ -60,6 +62,12 @@ class Strategy:
         self.layout = AdapterLayout(groups)
         # keys no client trains (FFA-LoRA's A): kept as they are, never expected in updates
         self.frozen: Callable[[str], bool] = lambda key: False
+
+    @property
+    def server_lr(self) -> float:
+        """``strategy.server_lr``, or this rule's default when it is not set."""
+        lr = self.cfg.server_lr
+        return float(lr) if lr is not None else float(type(self).default_server_lr)
 
     # -- client side ---------------------------------------------------------------------------
 

@@ -74,7 +74,7 @@ class FedOpt(Strategy):
         v = next_v(self.buffer("v", key, delta), delta * delta)
         # New tensors rather than in-place updates: a state_dict taken earlier stays valid.
         self.buffers["m"][key], self.buffers["v"][key] = m, v
-        return prev + self.cfg.server_lr * m / (v.sqrt() + self.cfg.tau)
+        return prev + self.server_lr * m / (v.sqrt() + self.cfg.tau)
 
     def state_dict(self) -> dict:
         d = super().state_dict()

@@ -6,18 +6,22 @@ Control variates estimate each client's drift from the global update direction a
 during local training. The server keeps ``c`` (one tensor per adapter tensor, zeros at the
 start); each client keeps its own ``c_i`` (zeros at the start, persisted across rounds).
 
-Client side (:class:`ScaffoldCorrection`, run by the client trainer; option II of the paper),
-per trained tensor:
+Client side (:class:`ScaffoldCorrection`, run by the client trainer), per trained tensor:
 
 1. receive ``x`` (global adapters) and ``c = client_config(rnd)["server_control"]``;
 2. local steps from ``y = x``: correct each gradient ``g`` to ``g - c_i + c`` before the
    optimizer step;
-3. after K local steps with learning rate ``eta``:
-   ``c_i+ = c_i - c + (x - y) / (K * eta)``;
+3. after K local steps: ``c_i+ = mean_k g_k``, the mean of the K uncorrected local gradients;
 4. send ``y`` as ``update.tensors`` and ``c_i+ - c_i`` as ``update.extra["control_delta"]``
    (same keys as the tensors trained), then store ``c_i = c_i+``.
 
-``client_control_update`` computes step 3 and 4's delta.
+Step 3 is the paper's option II, ``c_i+ = c_i - c + (x - y) / (K * eta)``, written without the
+optimizer: with plain SGD of learning rate ``eta`` (no clipping, no weight decay) ``x - y =
+eta * sum_k (g_k - c_i + c)``, so both give ``mean_k g_k``. Under AdamW or gradient clipping
+``(x - y) / (K * eta)`` is no gradient at all (AdamW's steps have magnitude ~eta per coordinate
+whatever the gradient), and option II then drives the corrections, and the model, off scale
+(the quickstart's SCAFFOLD with AdamW clients ended at 3 VQA); the mean local gradient is the
+quantity option II estimates, for any client optimizer.
 
 Server side, per adapter group, over the clients S that trained it (weights as FedAvg's):
 ``x = prev + server_lr * sum_k w_k (y_k - prev)`` and
@@ -36,22 +40,14 @@ from fedumm.fl.updates import ClientUpdate
 from fedumm.models.protocol import AdapterGroup
 
 
-def client_control_update(c_local: State, c_server: State, x: State, y: State, num_steps: int,
-                          lr: float) -> tuple[State, State]:
-    """The client's new control variate and the delta it sends (option II of the paper).
-
-    ``c_i+ = c_i - c + (x - y) / (K * eta)`` and ``delta = c_i+ - c_i`` for each key of ``y``
-    (the tensors trained), with ``x`` the global adapters received and ``y`` those after
-    ``K = num_steps`` local steps of learning rate ``eta = lr``.
-    """
-    if num_steps < 1 or lr <= 0:
-        raise ValueError(f"need num_steps >= 1 and lr > 0, got {num_steps} and {lr}")
-    new, delta = {}, {}
-    for key, yk in y.items():
-        ci = c_local[key]
-        new[key] = ci - c_server[key] + (x[key].to(ci.dtype) - yk.to(ci.dtype)) / (num_steps * lr)
-        delta[key] = new[key] - ci
-    return new, delta
+def mean_gradient_control(c_local: State, grad_sum: State, num_steps: int
+                          ) -> tuple[State, State]:
+    """The client's new control variate ``c_i+ = grad_sum / K`` (the mean of its K local
+    gradients) and the delta it sends, ``c_i+ - c_i``, for each key of ``grad_sum``."""
+    if num_steps < 1:
+        raise ValueError(f"need num_steps >= 1, got {num_steps}")
+    new = {k: g / num_steps for k, g in grad_sum.items()}
+    return new, {k: new[k] - c_local[k] for k in new}
 
 
 class ScaffoldCorrection(ClientHook):
@@ -60,21 +56,26 @@ class ScaffoldCorrection(ClientHook):
     def __init__(self, c_server: State) -> None:
         self.c_server = c_server
         self.c_local: State = {}
+        self.grad_sum: State = {}  # the uncorrected local gradients, on the params' devices
 
     def begin(self, rnd: LocalRound) -> None:
         c_local = rnd.client_state.get("control")
         self.c_local = c_local if c_local is not None else \
             {k: torch.zeros_like(rnd.start[k]) for k in rnd.params}
+        self.grad_sum = {k: torch.zeros_like(p, dtype=self.c_local[k].dtype)
+                         for k, p in rnd.params.items()}
 
     def correct(self, rnd: LocalRound) -> None:
         for k, p in rnd.params.items():
             if p.grad is not None:
+                self.grad_sum[k] += p.grad.detach()
                 p.grad.add_((self.c_server[k] - self.c_local[k]).to(p.device))
 
     def end(self, rnd: LocalRound, trained: State) -> None:
         if rnd.steps > 0:
-            rnd.client_state["control"], rnd.extra[CONTROL_DELTA] = client_control_update(
-                self.c_local, self.c_server, rnd.start, trained, rnd.steps, rnd.lr)
+            grads = {k: self.grad_sum[k].detach().cpu() for k in trained}
+            rnd.client_state["control"], rnd.extra[CONTROL_DELTA] = mean_gradient_control(
+                self.c_local, grads, rnd.steps)
 
 
 class Scaffold(Strategy):
@@ -130,7 +131,7 @@ class Scaffold(Strategy):
         for key, p in prev.items():
             # float64 so that server_lr = 1 gives back the mean exactly.
             x = p.double()
-            new[key] = (x + self.cfg.server_lr * (avg[key].double() - x)).to(p.dtype)
+            new[key] = (x + self.server_lr * (avg[key].double() - x)).to(p.dtype)
             c = self.control[key]
             total = torch.zeros_like(c)
             for d in deltas:  # fixed client order: deterministic sum

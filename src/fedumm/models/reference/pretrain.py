@@ -26,11 +26,15 @@ from tqdm import tqdm
 
 from fedumm.data.readers.shapes import generate_shapes
 from fedumm.data.world import CAPTION_QUESTION, describe_scene
+from fedumm.models.checksums import SUMS
 from fedumm.models.reference.backbone import ReferenceBackbone
 from fedumm.models.reference.pretrain_batches import pretrain_encoder
 from fedumm.models.reference.text_tokenizer import TextTokenizer
 from fedumm.models.reference.umm import ReferenceUMM, UMMConfig
 from fedumm.models.reference.vq import PatchCodebook
+from fedumm.outputs import OutputExistsError, OutputFolder, write_tree
+
+COMMAND = "pretrain"  # the marker of a checkpoint folder pretraining made: .fedumm-pretrain
 
 
 @dataclass
@@ -78,12 +82,16 @@ def initial_backbone(cfg: PretrainConfig, train_images: np.ndarray) -> Reference
 
 
 def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Path:
-    """Train from scratch and save a checkpoint folder at ``out`` (which must not exist or be
-    empty: an existing checkpoint is never replaced); returns its path."""
+    """Train from scratch and save a checkpoint folder at ``out``: a new or empty folder, or
+    one an earlier pretraining made that holds no checkpoint (it failed before writing one);
+    an existing checkpoint is never replaced. Returns its path."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty; pretraining writes a new "
-                              "checkpoint folder (choose another --out or delete it)")
+    folder = OutputFolder(out, COMMAND)
+    folder.check()  # before the training, not after it
+    if folder.is_marked() and (out / SUMS).is_file():
+        raise OutputExistsError(f"{out} already holds a pretrained checkpoint; pretraining never "
+                                "replaces one: choose another --out")
+    folder.claim()
     t0 = time.time()
     data = generate_shapes("base", cfg.train_scenes, seed=cfg.seed, role="train",
                            image_size=cfg.image_size, annotator_noise=0.0,
@@ -146,6 +154,11 @@ def pretrain(cfg: PretrainConfig, out: str | Path, progress: bool = True) -> Pat
     model.eval()
     bb.meta = {"pretrain": asdict(cfg), "steps_done": step + 1,
                "train_seconds": round(time.time() - t0, 1), "split": "base"}
-    bb.save(out)
-    (out / "pretrain_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+    def save(folder: Path) -> None:
+        bb.save(folder)
+        (folder / "pretrain_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+    # staged, then copied with the checksums last: a copy cut short never looks complete
+    write_tree(out, save, last=(SUMS,))
     return out

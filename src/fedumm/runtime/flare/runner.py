@@ -23,10 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from fedumm.config import Config
-from fedumm.runtime.flare.client import ERRORS_DIR
+from fedumm.data.clients import split_clients
+from fedumm.data.readers import read_samples
+from fedumm.outputs import OutputFolder, write_tree
+from fedumm.runtime.flare.client import ERRORS_DIR, has_own_data
 from fedumm.runtime.flare.controller import site_names
+from fedumm.runtime.flare.guard import start_guard, stop_guard
 from fedumm.runtime.flare.job import JOB_NAME, build_job
-from fedumm.runtime.modes import num_clients
+from fedumm.runtime.modes import CENTRALIZED, num_clients, run_mode
+from fedumm.runtime.procs import RUN_ENV, deferred_signals, describe, run_processes, stop
 from fedumm.runtime.run_dir import RunDirectory, RunDirError, RunFailedError
 
 FLARE_DIR = "flare"  # FLARE's workspace inside the run directory
@@ -64,40 +69,60 @@ def _nvflare() -> str:
     return str(exe) if exe.is_file() else "nvflare"
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes whose command line names ``text`` (Linux /proc; empty elsewhere)."""
-    pids = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if text.encode() in cmdline.read_bytes():
-                pids.append(int(cmdline.parent.name))
-        except (OSError, ValueError):
-            continue
-    return [p for p in pids if p != os.getpid()]
-
-
 def _stop_all(proc: subprocess.Popen, workspace: Path) -> None:
-    """Stop the simulator, its process group, and any worker it started in a session of its
-    own (they all name the workspace on their command line): nothing is left behind."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    _kill_leftovers(workspace)
+    """Stop the simulator's process group, then every other process of the run (the sites run
+    in sessions of their own; all carry ``FEDUMM_RUN``): nothing is left behind. A second
+    Ctrl-C or SIGTERM waits until this is done."""
+    with deferred_signals():
+        for sig, wait_s in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)  # also when the simulator itself has ended
+            try:
+                proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        _kill_leftovers(workspace)
 
 
 def _kill_leftovers(workspace: Path) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _pids_mentioning(str(workspace))
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + 10
-        while pids and time.monotonic() < deadline and _pids_mentioning(str(workspace)):
-            time.sleep(0.2)
+    """Stop every process of the run whose FLARE folder is (or is inside) ``workspace``."""
+    stop(lambda: run_processes(str(workspace), by_command=True))
+
+
+def launch_tag(flare_dir: Path) -> str:
+    """The ``FEDUMM_RUN`` tag of one launch: a name inside the run's FLARE folder, so that a
+    resume's check finds every launch's processes (:func:`_refuse_while_running`), while a
+    killed launch's guard stops only its own (never those of the resume that follows it)."""
+    return str(flare_dir / f"launch-{os.getpid()}-{time.time_ns()}")
+
+
+def _refuse_while_running(folder: Path) -> None:
+    """Refuse to start while processes of an earlier run in ``folder`` are alive (its runner
+    was killed): they would write into the run directory beside the new ones."""
+    pids = run_processes(str(folder))
+    if pids:
+        raise RunDirError(
+            f"processes of an earlier run in {folder.parent} are still running: "
+            f"{describe(pids)}; wait for them to end (a killed run's guard stops them within "
+            f"seconds) or stop them: kill {' '.join(map(str, pids))}")
+
+
+def check_partition(cfg: Config, sites: list[str] | None = None,
+                    site_overrides: dict[str, list[str]] | None = None) -> None:
+    """Split the config's data over its clients as every site will (the local runtime's
+    :func:`~fedumm.runtime.experiment.client_datasets`), before any FLARE process starts: a
+    partition that cannot be made fails here, in seconds and with the local runtime's error,
+    not on every site after all of them started."""
+    if run_mode(cfg) == CENTRALIZED:
+        return
+    try:
+        names = site_names(num_clients(cfg), sites)
+    except ValueError:  # build_job says what is wrong with the names
+        names = []
+    if names and all(has_own_data((site_overrides or {}).get(s, [])) for s in names):
+        return  # every site brings its own files: nothing is partitioned
+    split_clients(read_samples(cfg.data, "train"), cfg.partition, cfg.clients, cfg.seed)
 
 
 def run_flare_sim(cfg: Config, out: str | Path, **kwargs: Any) -> dict[str, Any]:
@@ -118,6 +143,7 @@ def _run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
     d = RunDirectory(out)
     flare_dir = (d.path / FLARE_DIR).resolve()
     launch = flare_dir / "launch.json"
+    _refuse_while_running(flare_dir)
     if resume:
         if not launch.is_file():
             raise RunDirError(f"{out} has no FLARE run to resume ({launch} is missing)")
@@ -127,6 +153,7 @@ def _run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
         for sub in ("jobs", "staging", "workspace"):  # the job is exported afresh
             shutil.rmtree(flare_dir / sub, ignore_errors=True)
     else:
+        check_partition(cfg, sites, site_overrides)
         d.create(cfg)
         flare_dir.mkdir(parents=True, exist_ok=True)
         launch.write_text(json.dumps({"sites": sites, "site_overrides": site_overrides}))
@@ -136,19 +163,25 @@ def _run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
     cmd = [_nvflare(), "simulator", str(flare_dir / "jobs" / JOB_NAME), "-w",
            str(flare_dir / "workspace"), "-c", ",".join(site_names(k, sites)), "-t", str(k),
            "-l", "concise"]
-    env = {**os.environ, **_site_env(cfg.train.threads or 1)}
+    # every process of the run carries the tag; the guard stops them if this one is killed
+    tag = launch_tag(flare_dir)
+    env = {**os.environ, **_site_env(cfg.train.threads or 1), RUN_ENV: tag}
     t0 = time.perf_counter()
-    with open(flare_dir / "simulator.log", "ab") as out_log:
-        proc = subprocess.Popen(cmd, stdout=out_log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        try:
-            while proc.poll() is None:
-                if any((d.path / ERRORS_DIR).glob("*.txt")):
-                    log("a site failed; stopping the FLARE simulator")
-                    break
-                time.sleep(poll_s)
-        finally:
-            _stop_all(proc, flare_dir)
+    guard = start_guard(tag, flare_dir / "guard.log")
+    try:
+        with open(flare_dir / "simulator.log", "ab") as out_log:
+            proc = subprocess.Popen(cmd, stdout=out_log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            try:
+                while proc.poll() is None:
+                    if any((d.path / ERRORS_DIR).glob("*.txt")):
+                        log("a site failed; stopping the FLARE simulator")
+                        break
+                    time.sleep(poll_s)
+            finally:
+                _stop_all(proc, flare_dir)
+    finally:
+        stop_guard(guard)
     summary = _check_result(d, flare_dir)
     summary["time"]["flare_wall_s"] = round(time.perf_counter() - t0, 2)
     d.write_summary(summary)
@@ -198,17 +231,22 @@ def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> di
     from nvflare.recipe.poc_env import PocEnv
 
     d = RunDirectory(out)
-    d.create(cfg)
     flare_dir = (d.path / FLARE_DIR).resolve()
+    _refuse_while_running(flare_dir)
+    check_partition(cfg)  # before any service starts
+    d.create(cfg)
     poc = flare_dir / "poc"
-    old = {n: os.environ.get(n) for n in ("NVFLARE_POC_WORKSPACE", *_site_env(1))}
-    os.environ["NVFLARE_POC_WORKSPACE"] = str(poc)
-    os.environ.update(_site_env(cfg.train.threads or 1))
-    k = num_clients(cfg)
-    env = PocEnv(num_clients=k)
-    t0 = time.perf_counter()
     flare_dir.mkdir(parents=True, exist_ok=True)
+    old = {n: os.environ.get(n) for n in ("NVFLARE_POC_WORKSPACE", RUN_ENV, *_site_env(1))}
+    tag = launch_tag(flare_dir)
+    env, guard = None, start_guard(tag, flare_dir / "guard.log")
+    t0 = time.perf_counter()
     try:
+        os.environ["NVFLARE_POC_WORKSPACE"] = str(poc)
+        os.environ[RUN_ENV] = tag  # inherited by every service: the guard finds them
+        os.environ.update(_site_env(cfg.train.threads or 1))
+        k = num_clients(cfg)
+        env = PocEnv(num_clients=k)
         with open(flare_dir / "poc_admin.log", "w") as admin_log, \
                 contextlib.redirect_stdout(admin_log):
             job_id = _deploy_poc(env, poc, k, build_job(
@@ -218,14 +256,17 @@ def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> di
                 env.abort_job(job_id)
                 raise FlareRunError(f"the POC job {job_id} did not finish in {timeout_s} s")
     finally:
-        with contextlib.suppress(Exception):
-            env.stop(clean_up=False)
-        _kill_leftovers(poc)
-        for n, v in old.items():
-            if v is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = v
+        with deferred_signals():  # a second Ctrl-C must not leave services running
+            if env is not None:
+                with contextlib.suppress(Exception):
+                    env.stop(clean_up=False)
+            _kill_leftovers(flare_dir)
+            stop_guard(guard)
+            for n, v in old.items():
+                if v is None:
+                    os.environ.pop(n, None)
+                else:
+                    os.environ[n] = v
     summary = _check_result(d, flare_dir)
     summary["time"]["flare_wall_s"] = round(time.perf_counter() - t0, 2)
     d.write_summary(summary)
@@ -236,13 +277,15 @@ def export_flare_job(cfg: Config, out: str | Path,
                      site_overrides: dict[str, list[str]] | None = None,
                      sites: list[str] | None = None) -> Path:
     """A job folder for ``nvflare job submit`` on a real deployment: sites named ``sites``
-    (default site-1..site-K), each with its ``key=value`` overrides."""
+    (default site-1..site-K), each with its ``key=value`` overrides. ``out`` follows the
+    output policy (:mod:`fedumm.outputs`): new, empty, or an earlier export (which is
+    replaced; files fedumm did not write are kept)."""
     out = Path(out)
-    if (out / JOB_NAME).exists():
-        raise RunDirError(f"{out / JOB_NAME} exists; choose another --out or delete it")
     with tempfile.TemporaryDirectory(prefix="fedumm_job_") as staging:
-        build_job(cfg, staging=Path(staging), site_overrides=site_overrides,
-                  sites=sites).export_job(str(out))
+        job = build_job(cfg, staging=Path(staging), site_overrides=site_overrides, sites=sites)
+        folder = OutputFolder(out, "export-flare-job").claim()  # after the job validated
+        write_tree(out, lambda root: job.export_job(str(root)))
+    folder.prune()
     return out / JOB_NAME
 
 

@@ -1,0 +1,32 @@
+"""Small makers shared by test modules (importable as ``makers``: pytest puts this folder,
+the root conftest's, on ``sys.path``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import zlib
+
+import fedumm.cli as cli
+
+
+def png(width: int, height: int, color_type: int, depth: int, raw: bytes) -> bytes:
+    """A PNG written by hand, so any header (16-bit, huge sizes) can be made."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    """(exit code, stderr) of ``fedumm argv``, argparse's exits included."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, err.getvalue()
