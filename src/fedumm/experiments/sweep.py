@@ -311,12 +311,12 @@ def _run_parallel(todo: list[tuple[int, Cell, bool]], configs: dict[str, Config]
 
 
 def _cell_worker_init(parent: int) -> None:
-    """A cell process is stopped by the sweep, not by Ctrl-C, and dies with it (SIGKILL)."""
+    """A cell process is stopped by the sweep, not by Ctrl-C, and ends when the sweep ends."""
     from fedumm.runtime.local import worker_signals
-    from fedumm.runtime.procs import die_with_parent
+    from fedumm.runtime.procs import watch_parent
 
     worker_signals()
-    die_with_parent(parent)
+    watch_parent(parent)
 
 
 def cells_wall_s(rows: list[dict[str, Any]]) -> float:

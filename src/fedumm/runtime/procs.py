@@ -33,6 +33,20 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> bool:
     return ok
 
 
+def watch_parent(parent_pid: int, poll_s: float = 1.0) -> None:
+    """In a forked child whose creator may be a helper *thread* (``multiprocessing.Pool``
+    forks replacement workers from one): a daemon thread that ends this process once its
+    parent process has ended. :func:`die_with_parent` would be wrong there: its signal comes
+    when the forking thread ends, e.g. as the pool shuts down, killing a worker that holds the
+    pool's queue lock, and the pool's ``terminate`` then waits forever."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="fedumm-watch-parent", daemon=True).start()
+
+
 def _pids() -> Iterator[int]:
     try:
         entries = os.listdir("/proc")
