@@ -3,7 +3,9 @@
 A LoRA module adds ``scaling * B @ A`` to a frozen weight. Averaging the clients' A and B
 separately gives ``mean(B) @ mean(A)``, which is not ``mean(B_k @ A_k)``; the difference grows
 with heterogeneity. This module holds the pure maths (states are ``dict[str, Tensor]`` with
-PEFT's key names ``<module>.lora_A.weight`` (r x in) and ``<module>.lora_B.weight`` (out x r)):
+PEFT's key names: ``<module>.lora_A.weight`` (r x in) and ``<module>.lora_B.weight`` (out x r)
+for Linear layers; ``<module>.lora_embedding_A`` (r x num) and ``lora_embedding_B`` (dim x r)
+for Embedding layers, whose update is the transpose, ``(B A)^T``; every mode covers both):
 
 * :func:`aggregation_error`: ``||mean_k(B_k A_k) - B A|| / ||mean_k(B_k A_k)||`` over a set of
   modules (Frobenius norms summed over modules), for any aggregated state;
@@ -11,9 +13,10 @@ PEFT's key names ``<module>.lora_A.weight`` (r x in) and ``<module>.lora_B.weigh
   usual and the residual ``mean_k(B_k A_k) - mean(B) mean(A)`` (scaled) is folded into the
   frozen weight, so the model equals the average of the clients' models; its cost is one
   dense residual per adapted layer on the way down (:func:`exact_residuals`);
-* ``ffa`` (FFA-LoRA, Sun et al. 2024, arXiv:2403.12313): A stays at its shared seeded
-  initialisation and only B trains and travels, so averaging B is exact (``B A`` is linear in
-  B) and the upload halves;
+* ``ffa`` (FFA-LoRA, Sun et al. 2024, arXiv:2403.12313): the factor PEFT seeds at random
+  (Linear's A, Embedding's B: :func:`is_seeded`) stays at its shared initialisation and only
+  the other trains and travels, so averaging it is exact (``B A`` is linear in each factor)
+  and the upload halves;
 * heterogeneous ranks (HetLoRA, Cho et al. 2024, arXiv:2401.06432): client k trains the first
   ``r_k`` rank components; its tensors travel truncated (:func:`truncate_ranks`) and are
   zero-padded back (:func:`pad_ranks`); each rank component is averaged over the clients that
@@ -29,15 +32,29 @@ import torch
 from fedumm.models.protocol import AdapterLayout
 
 State = dict[str, torch.Tensor]
-A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+# PEFT's factor pairs, (A suffix, B suffix): the update is B @ A with A (r x in) and B (out x r)
+# for Linear layers (A initialised at random, B at zero), and (B @ A)^T for Embedding layers,
+# whose lora_embedding_A (r x num_embeddings) starts at zero and lora_embedding_B (dim x r) at
+# random: the roles of the initialisations are swapped, the shapes' rank axes are not.
+LINEAR = (".lora_A.weight", ".lora_B.weight")
+EMBEDDING = (".lora_embedding_A", ".lora_embedding_B")
+PAIRS = (LINEAR, EMBEDDING)
 
 
 def is_lora_a(key: str) -> bool:
-    return key.endswith(A_SUFFIX)
+    """A factor whose rank components are its rows (``A`` of ``B @ A``)."""
+    return any(key.endswith(a) for a, _ in PAIRS)
 
 
 def is_lora_b(key: str) -> bool:
-    return key.endswith(B_SUFFIX)
+    """A factor whose rank components are its columns (``B`` of ``B @ A``)."""
+    return any(key.endswith(b) for _, b in PAIRS)
+
+
+def is_seeded(key: str) -> bool:
+    """The factor PEFT initialises at random (Linear's A, Embedding's B): the one FFA-LoRA
+    keeps at its shared initialisation, so that the other one's average is exact."""
+    return key.endswith(LINEAR[0]) or key.endswith(EMBEDDING[1])
 
 
 def lora_modules(keys) -> dict[str, tuple[str, str]]:
@@ -45,15 +62,17 @@ def lora_modules(keys) -> dict[str, tuple[str, str]]:
     keys = set(keys)
     out = {}
     for k in sorted(keys):
-        if is_lora_a(k):
-            prefix = k[:-len(A_SUFFIX)]
-            if prefix + B_SUFFIX in keys:
-                out[prefix] = (k, prefix + B_SUFFIX)
+        for a, b in PAIRS:
+            if k.endswith(a) and k[:-len(a)] + b in keys:
+                out[k[:-len(a)]] = (k, k[:-len(a)] + b)
     return out
 
 
 def _product(state: State, a: str, b: str) -> torch.Tensor:
-    return state[b].double() @ state[a].double()
+    """The module's weight update ``B @ A`` in the shape of its weight (an embedding's is
+    transposed: num_embeddings x dim)."""
+    p = state[b].double() @ state[a].double()
+    return p.T if a.endswith(EMBEDDING[0]) else p
 
 
 def mean_products(states: Sequence[State], weights: Sequence[float],
@@ -175,7 +194,7 @@ def round_lora_errors(layout: AdapterLayout, modules: dict[str, tuple[str, str]]
     for group in layout.names:
         mods = {m: ab for m, ab in modules.items() if layout.group_of(ab[0]) == group}
         trained = [i for i, (_, sent) in enumerate(clients)
-                   if any(ab[1] in sent for ab in mods.values())]
+                   if any(k in sent for ab in mods.values() for k in ab)]
         if not mods or not trained:
             continue
         weights = weights_of(group, trained)

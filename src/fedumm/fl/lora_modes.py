@@ -15,16 +15,23 @@ import torch
 
 from fedumm.config import LoraSettings
 from fedumm.fl.client_hooks import ClientHook, LocalRound
-from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b, pad_ranks, truncate_ranks
+from fedumm.fl.lora_aggregation import (
+    is_lora_a,
+    is_lora_b,
+    is_seeded,
+    pad_ranks,
+    truncate_ranks,
+)
 
 State = dict[str, torch.Tensor]
 
 
 class FreezeA(ClientHook):
-    """FFA-LoRA's client side: only B trains."""
+    """FFA-LoRA's client side: the randomly initialised factor of every LoRA module keeps its
+    shared value (Linear's A, Embedding's B); the zero-initialised one trains."""
 
     def trains(self, key: str) -> bool:
-        return not is_lora_a(key)
+        return not is_seeded(key)
 
 
 def rank_masks(params: dict[str, torch.Tensor], rank: int | None) -> dict[str, torch.Tensor]:
@@ -84,7 +91,7 @@ class LoraMode:
 
     def frozen(self) -> Callable[[str], bool]:
         """Keys the server never aggregates (no client trains them)."""
-        return is_lora_a if self.ffa else (lambda key: False)
+        return is_seeded if self.ffa else (lambda key: False)
 
     def client_hooks(self, client_id: int) -> list[ClientHook]:
         """This client's LoRA hooks: they run before the strategy's (a rank mask zeroes the
