@@ -319,6 +319,13 @@ class Config:
             raise ConfigError(f"lora.aggregation=exact folds the mean client model into the "
                               f"frozen weights; strategy.name={name} moves the server model "
                               f"elsewhere (use {', '.join(fits)})")
+        lr = self.strategy.server_lr
+        if self.lora.aggregation == "exact" and lr is not None and lr != 1.0:
+            # the folded residual is that of the plain client mean: a server step other than
+            # 1 would be undone for the LoRA product while A and B moved by it
+            raise ConfigError(f"lora.aggregation=exact folds the clients' mean model into the "
+                              f"frozen weights, which needs strategy.server_lr=1 (got {lr}); "
+                              "leave strategy.server_lr unset or use lora.aggregation=separate")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

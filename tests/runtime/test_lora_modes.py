@@ -85,3 +85,8 @@ def test_bad_lora_settings_are_config_errors(tiny_overrides):
         config_from_dict({}, ["lora.client_ranks=4,32"])
     with pytest.raises(ConfigError, match="strategy.name=fedadam moves the server model"):
         config_from_dict({}, ["lora.aggregation=exact", "strategy.name=fedadam"])
+    with pytest.raises(ConfigError, match=r"needs strategy.server_lr=1 \(got 0.5\)"):
+        config_from_dict({}, ["lora.aggregation=exact", "strategy.name=scaffold",
+                              "strategy.server_lr=0.5"])
+    for lr in ([], ["strategy.server_lr=1"]):  # unset (the rule's 1) or 1: the mean itself
+        config_from_dict({}, ["lora.aggregation=exact", "strategy.name=scaffold", *lr])
