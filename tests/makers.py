@@ -30,3 +30,24 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return code, err.getvalue()
+
+
+@contextlib.contextmanager
+def killed_at_training_call(n: int):
+    """Inside the block, the n-th client training (``ClientTrainer.train``) raises
+    KeyboardInterrupt: a run killed at that point, mid-round or between rounds."""
+    from fedumm.fl.client import ClientTrainer
+
+    real, calls = ClientTrainer.train, {"n": 0}
+
+    def train(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, *args, **kwargs)
+
+    ClientTrainer.train = train
+    try:
+        yield
+    finally:
+        ClientTrainer.train = real

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
-from fedumm.fl.client import ClientTrainer
 from fedumm.runtime.dispatch import run_experiment
+from makers import killed_at_training_call
 
 
 def _adapters(run):
@@ -33,23 +33,14 @@ def _same(a, b):
     pytest.param(["strategy.name=fedavg", "codec=topk:0.1+int8"], id="fedavg-topk-ef"),
 ])
 def test_resume_after_a_crash_mid_round_matches_an_uninterrupted_run(
-        tmp_path, tiny_overrides, monkeypatch, extra):
+        tmp_path, tiny_overrides, extra):
     overrides = [*tiny_overrides, "rounds=3", *extra]
     run_experiment(config_from_dict({"name": "r"}, overrides), tmp_path / "full", progress=False)
 
-    real_train, calls = ClientTrainer.train, {"n": 0}
-
-    def crashing_train(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:  # round 1 (0-based), second client: the middle of a round
-            raise KeyboardInterrupt("simulated kill")
-        return real_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(ClientTrainer, "train", crashing_train)
-    with pytest.raises(KeyboardInterrupt):
+    # round 1 (0-based), second client: the middle of a round
+    with killed_at_training_call(4), pytest.raises(KeyboardInterrupt):
         run_experiment(config_from_dict({"name": "r"}, overrides), tmp_path / "cut",
                        progress=False)
-    monkeypatch.setattr(ClientTrainer, "train", real_train)
     assert not (tmp_path / "cut" / "summary.json").exists()
     run_experiment(None, tmp_path / "cut", resume=True, progress=False)
     assert _same(_adapters(tmp_path / "full"), _adapters(tmp_path / "cut"))
@@ -85,8 +76,7 @@ def test_resume_needs_a_run_directory(tmp_path):
         run_experiment(None, tmp_path / "nothing", resume=True, progress=False)
 
 
-def test_a_resume_refuses_data_files_edited_since_the_run_started(tmp_path, tiny_overrides,
-                                                                 monkeypatch):
+def test_a_resume_refuses_data_files_edited_since_the_run_started(tmp_path, tiny_overrides):
     from fedumm.data.export import export_conversation_files
     from fedumm.data.readers.shapes import generate_shapes
     from fedumm.models.reference.micro import MICRO_IMAGE_SIZE
@@ -96,19 +86,9 @@ def test_a_resume_refuses_data_files_edited_since_the_run_started(tmp_path, tiny
     overrides = [*tiny_overrides, "data.format=files",
                  f"data.understanding={files['understanding']}",
                  f"data.generation={files['generation']}", "data.heldout_fraction=0.25"]
-    real_train, calls = ClientTrainer.train, {"n": 0}
-
-    def crashing_train(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # round 1: round 0 is checkpointed
-            raise KeyboardInterrupt("simulated kill")
-        return real_train(self, *args, **kwargs)
-
-    monkeypatch.setattr(ClientTrainer, "train", crashing_train)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_training_call(3), pytest.raises(KeyboardInterrupt):  # round 1
         run_experiment(config_from_dict({"name": "d"}, overrides), tmp_path / "run",
                        progress=False)
-    monkeypatch.setattr(ClientTrainer, "train", real_train)
     edited = Path(files["understanding"])
     edited.write_text(edited.read_text().replace("circle", "disc"))
     from fedumm.runtime.run_dir import RunDirError

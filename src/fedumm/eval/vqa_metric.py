@@ -26,7 +26,6 @@ to the result / 3)``; the reported numbers are percentages rounded to 2 decimals
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -39,6 +38,7 @@ from fedumm.data.answers import (
     process_punctuation,
 )
 from fedumm.data.official import VQARecord
+from fedumm.data.readers.vqa_v2_files import read_json
 
 __all__ = ["evaluate", "evaluate_files", "normalize_answer", "score_answers"]
 
@@ -213,16 +213,7 @@ def _load_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQA file not found: {path}")
-    try:
-        with path.open(encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except (ValueError, RecursionError) as e:  # a number past int's digit limit, deep nesting
-        raise ValueError(f"{path}: cannot parse JSON ({' '.join(str(e).split())[:200]})"
-                         ) from None
+    return read_json(path)
 
 
 def _entries(data: Any, key: str, path: str | Path) -> list[dict[str, Any]]:

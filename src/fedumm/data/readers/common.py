@@ -65,9 +65,12 @@ class Reader:
                              f"{GENERATION}")
 
 
+_TABLES = {".csv": ",", ".tsv": "\t"}  # delimited text tables with a header row
+
+
 def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(position, record) of a JSONL file (one object per line), a JSON list, or a CSV file
-    with a header row. A JSONL file is streamed; a JSON list is parsed whole. Text that is not
+    """(position, record) of a JSONL file (one object per line), a JSON list, or a CSV / TSV
+    file with a header row. A JSONL file is streamed; a JSON list is parsed whole. Text that is not
     UTF-8, malformed JSON or CSV, and nesting too deep to parse are DataFileErrors naming the
     file and the record."""
     try:
@@ -83,17 +86,18 @@ def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataFileError(path, where and f"after {where}",
                             f"not UTF-8 text (byte {exc.start} of a read block)") from None
     except csv.Error as exc:
-        raise DataFileError(path, where and f"after {where}", f"malformed CSV ({exc})"
-                            ) from None
+        raise DataFileError(path, where and f"after {where}",
+                            f"malformed {path.suffix[1:].upper()} ({exc})") from None
     except OSError as exc:  # e.g. a folder named like a file, an I/O error
         raise DataFileError(path, "", f"cannot read ({exc.strerror or exc})") from None
 
 
 def _records(f, path: Path) -> Iterator[tuple[str, Any]]:
-    if path.suffix == ".csv":
-        reader = csv.DictReader(f)
+    if path.suffix in _TABLES:
+        reader = csv.DictReader(f, delimiter=_TABLES[path.suffix])
         if not reader.fieldnames:
-            raise DataFileError(path, "", "empty CSV file (expected a header row)")
+            raise DataFileError(path, "", f"empty {path.suffix[1:].upper()} file (expected a "
+                                "header row)")
         for i, row in enumerate(reader):
             if None in row:  # more cells than header columns (DictReader keys them None)
                 n = len(reader.fieldnames)
@@ -190,6 +194,17 @@ class ImageResolver:
 def image_root(images: str, data_file: Path) -> Path:
     """Where relative image paths of ``data_file`` point: ``data.images`` or the file's folder."""
     return Path(images) if images else data_file.parent
+
+
+def table_format(read: Callable[[Path, ImageResolver, int], list[Sample]], modality: str,
+                 expected: str) -> Reader:
+    """A format of one modality read from any .json / .jsonl / .csv table (images resolved
+    under ``data.images`` or the table's folder), asked after the specific formats."""
+    return Reader(
+        read=lambda path, _modality, cfg: read(
+            path, ImageResolver(image_root(cfg.images, path)), cfg.max_samples),
+        detect=lambda path: path.is_file() and path.suffix in TABLE_SUFFIXES,
+        modalities=(modality,), order=90, expected=expected)
 
 
 def understanding_labels(question: str, answer: str, rec: dict | None = None

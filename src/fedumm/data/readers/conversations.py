@@ -23,13 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from fedumm.data.readers.common import (
-    TABLE_SUFFIXES,
     DataFileError,
     ImageResolver,
-    Reader,
-    image_root,
     iter_records,
     require,
+    table_format,
     understanding_labels,
 )
 from fedumm.data.records import ImageRef, Sample
@@ -167,9 +165,5 @@ def read_conversations(path: Path, resolve: ImageResolver, max_samples: int = 0
     return out
 
 
-READERS.register("conversations", Reader(
-    read=lambda path, modality, cfg: read_conversations(
-        path, ImageResolver(image_root(cfg.images, path)), cfg.max_samples),
-    detect=lambda path: path.is_file() and path.suffix in TABLE_SUFFIXES,
-    modalities=(UNDERSTANDING,), order=90,  # any table: asked after the specific formats
-    expected="a .json/.jsonl/.csv conversation file"))
+READERS.register("conversations", table_format(
+    read_conversations, UNDERSTANDING, "a .json/.jsonl/.csv conversation file"))

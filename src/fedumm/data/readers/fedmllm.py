@@ -108,7 +108,7 @@ def _crisismmd(path: Path, resolve: ImageResolver) -> Iterator[Sample]:
     m = _CRISIS_FILE.search(path.name)
     task = m.group("task") if m else "crisis"
     question = f"which {task} category does this post belong to?"
-    for i, (where, row) in enumerate(_tsv_rows(path)):
+    for i, (where, row) in enumerate(iter_records(path)):
         require(row, ("tweet_text", "image", "label"), path, where, "CrisisMMD row")
         answer = row["label"].strip().replace("_", " ")
         rid = row.get("image_id") or row.get("tweet_id") or f"{path.stem}:{i}"
@@ -117,24 +117,6 @@ def _crisismmd(path: Path, resolve: ImageResolver) -> Iterator[Sample]:
                      context=row["tweet_text"],
                      labels=_labels(question, answer, f"crisismmd_{task}",
                                     domain=row.get("event_name") or "crisis"))
-
-
-def _tsv_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """(``row N``, row) of a tab-separated file with a header row (row 1)."""
-    where = ""
-    try:
-        with path.open(encoding="utf-8", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f, delimiter="\t")):
-                where = f"row {i + 2}"
-                if None in row:  # more cells than the header has columns
-                    raise DataFileError(path, where, "more cells than the header has columns")
-                yield where, row
-    except UnicodeDecodeError as exc:
-        raise DataFileError(path, where and f"after {where}",
-                            f"not UTF-8 text (byte {exc.start} of a read block)") from None
-    except csv.Error as exc:
-        raise DataFileError(path, where and f"after {where}", f"malformed TSV ({exc})"
-                            ) from None
 
 
 def _vqa_rad(path: Path, resolve: ImageResolver) -> Iterator[Sample]:

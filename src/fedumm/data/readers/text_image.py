@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedumm.data.readers.common import (
-    TABLE_SUFFIXES,
     DataFileError,
     ImageResolver,
     Reader,
     extra_labels,
-    image_root,
     iter_records,
     pick_key,
     shared_labels,
+    table_format,
 )
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import GENERATION
@@ -77,9 +76,5 @@ def _read_image_folder(path: Path, modality: str, cfg: DataConfig) -> list[Sampl
 READERS.register("image_folder", Reader(
     read=_read_image_folder, detect=lambda path: path.is_dir() and metadata_file(path) is not None,
     modalities=(GENERATION,), order=20, expected="an image folder with metadata.jsonl"))
-READERS.register("text_image", Reader(
-    read=lambda path, modality, cfg: read_text_image_table(
-        path, ImageResolver(image_root(cfg.images, path)), cfg.max_samples),
-    detect=lambda path: path.is_file() and path.suffix in TABLE_SUFFIXES,
-    modalities=(GENERATION,), order=90,  # any table: asked after the specific formats
-    expected="a .jsonl/.json/.csv table of image and text"))
+READERS.register("text_image", table_format(
+    read_text_image_table, GENERATION, "a .jsonl/.json/.csv table of image and text"))

@@ -160,11 +160,12 @@ def _find_file(root: Path, subdir: str, name: str) -> Path:
     raise FileNotFoundError(f"VQA v2 file not found: {root / name} (nor {root / subdir / name})")
 
 
-def _read_list(path: Path, key: str) -> list[Any]:
-    """The list under top-level ``key`` of a JSON file, with errors naming the file."""
+def read_json(path: Path) -> Any:
+    """A JSON file's content; a ValueError naming the file when it cannot be parsed (also the
+    official results files the metric reads)."""
     try:
         with path.open(encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: malformed JSON ({e})") from e
     except UnicodeDecodeError as e:
@@ -172,6 +173,11 @@ def _read_list(path: Path, key: str) -> list[Any]:
     except (ValueError, RecursionError) as e:  # a number past int's digit limit, deep nesting
         raise ValueError(f"{path}: cannot parse JSON ({' '.join(str(e).split())[:200]})"
                          ) from None
+
+
+def _read_list(path: Path, key: str) -> list[Any]:
+    """The list under top-level ``key`` of a JSON file, with errors naming the file."""
+    data = read_json(path)
     if not isinstance(data, dict) or key not in data:
         raise ValueError(f"{path}: missing top-level key {key!r}")
     if not isinstance(data[key], list):
