@@ -31,6 +31,11 @@ def _same(a, b):
     pytest.param(["strategy.name=fedavg", "lora.dropout=0.2"], id="fedavg-dropout"),
     # the error-feedback residual lives in the client state, checkpointed with the round
     pytest.param(["strategy.name=fedavg", "codec=topk:0.1+int8"], id="fedavg-topk-ef"),
+    # a lossy download: the clients' copies (client state) and the server's (checkpoint);
+    # half the clients per round, so a client that missed a round receives the full copy
+    pytest.param(["strategy.name=fedavg", "codec.download=nf4", "clients=4",
+                  "strategy.fraction=0.5"],
+                 id="fedavg-nf4-download-partial"),
 ])
 def test_resume_after_a_crash_mid_round_matches_an_uninterrupted_run(
         tmp_path, tiny_overrides, extra):

@@ -8,6 +8,7 @@ from typing import Any
 
 from fedumm.fl.client import ClientData, ClientTrainer
 from fedumm.fl.client_hooks import ClientHook
+from fedumm.fl.downloads import OutOfSync, receive
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import (
     CONTROL_DELTA,
@@ -16,7 +17,6 @@ from fedumm.fl.pipeline import (
     Reply,
     ReplyMeta,
     Upload,
-    decode_download,
 )
 from fedumm.fl.strategies import Strategy
 
@@ -40,7 +40,12 @@ class ClientEndpoint:
     def handle(self, client: ClientData, rnd: int, payload: bytes,
                client_config: dict[str, Any], client_state: dict | None
                ) -> tuple[Reply, dict]:
-        down = decode_download(payload)
+        client_state = dict(client_state or {})
+        try:  # a lossy download is a change of the copy this client holds
+            down = receive(payload, client_state)
+        except OutOfSync as exc:
+            meta = ReplyMeta(num_samples=client.num_samples, error=str(exc))
+            return Reply(client.client_id, b"", meta), client_state
         ad = self.trainer.adapters
         if down.residual:  # exact LoRA aggregation: the frozen weights carry the residual
             ad.fold_residuals(down.residual)
@@ -49,7 +54,7 @@ class ClientEndpoint:
         state = self.lora.restore(down.state, {k: p.detach() for k, p in ad.params.items()})
         if not client.groups_with_data(ad):  # nothing it could train
             meta = ReplyMeta(num_samples=client.num_samples, error="no training data")
-            return Reply(client.client_id, b"", meta), dict(client_state or {})
+            return Reply(client.client_id, b"", meta), client_state
         t = time.perf_counter()
         upd, client_state = self.trainer.train(client, state, rnd,
                                                self.hooks(client.client_id, ccfg), client_state)

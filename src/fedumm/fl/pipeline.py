@@ -13,11 +13,15 @@ client half did::
 A stage that is not configured (e.g. ``rank`` without ``lora.client_ranks``) is left out of
 both sides. The download is the global adapters (truncated to the client's rank) with the
 tensors the strategy sends beside them and the exact-aggregation residuals, in the download
-codec; both sides decode the same bytes, so the server knows what each client started from.
+codec; a lossy download carries the change of the global adapters with the server's error
+feedback instead (:mod:`fedumm.fl.downloads`), and the server applies every update to its own
+model, never to what a client decoded.
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +101,9 @@ class Upload:
     client_state: dict = field(default_factory=dict)
     rank: int | None = None  # this client's LoRA rank when ranks differ
     payload: bytes = b""
+    # server side: what the client started from when it is not ``reference`` (a lossy
+    # download's copy; the update is applied to ``reference``, the server's own model)
+    start: State | None = None
 
 
 class Stage:
@@ -137,13 +144,16 @@ class Pipeline:
                 return Reply(up.client_id, b"", up.meta)
         return Reply(up.client_id, up.payload, up.meta)
 
-    def receive(self, reply: Reply, reference: State) -> ClientUpdate | str:
-        """The server halves in reverse: a :class:`ClientUpdate` of adapter values, or the
-        reason the reply is left out."""
+    def receive(self, reply: Reply, reference: State, start: State | None = None
+                ) -> ClientUpdate | str:
+        """The server halves in reverse: a :class:`ClientUpdate` of adapter values (the
+        client's change applied to ``reference``, the server's model; ``start``: what the
+        client started from, when it differs), or the reason the reply is left out."""
         meta = reply.meta
         if meta.error:
             return str(meta.error)
-        up = Upload(reply.client_id, {}, {}, reference, meta, payload=reply.payload)
+        up = Upload(reply.client_id, {}, {}, reference, meta, payload=reply.payload,
+                    start=None if start is reference else start)
         for stage in reversed(self.stages):
             why = stage.server(up)
             if why is not None:
@@ -173,20 +183,40 @@ def unpack(tensors: State) -> tuple[State, State]:
 @dataclass
 class Download:
     """What a client receives: the global adapters (maybe truncated to its rank), the tensors
-    the strategy sends (SCAFFOLD's server control) and the residuals folded so far."""
+    the strategy sends (SCAFFOLD's server control) and the residuals folded so far. A lossy
+    download (:mod:`fedumm.fl.downloads`) also says which round's copy it is (``round``) and,
+    when ``state`` is the change of a copy, the round of the copy it changes (``base``)."""
 
     state: State
     control: State
     residual: State
+    round: int | None = None
+    base: int | None = None
+
+
+# a download with a round: FRAME, the header's length (4 bytes, little-endian), the header's
+# JSON, then the container; a lossless download is the container alone
+FRAME = b"FUMD"
 
 
 def encode_download(down: Download, spec: str) -> bytes:
     residual = {RESIDUAL + m: r for m, r in down.residual.items()}
-    return encode({**pack(down.state, down.control), **residual}, spec)
+    body = encode({**pack(down.state, down.control), **residual}, spec)
+    if down.round is None:
+        return body
+    header = json.dumps({"round": down.round, "base": down.base}).encode()
+    return FRAME + struct.pack("<I", len(header)) + header + body
 
 
 def decode_download(payload: bytes) -> Download:
+    rnd = base = None
+    if payload[:len(FRAME)] == FRAME:
+        start = len(FRAME) + 4
+        (size,) = struct.unpack("<I", payload[len(FRAME):start])
+        header = json.loads(payload[start:start + size])
+        rnd, base = int(header["round"]), header["base"]
+        payload = payload[start + size:]
     tensors = decode(payload)
     residual = {k[len(RESIDUAL):]: v for k, v in tensors.items() if k.startswith(RESIDUAL)}
     state, control = unpack({k: v for k, v in tensors.items() if not k.startswith(RESIDUAL)})
-    return Download(state, control, residual)
+    return Download(state, control, residual, rnd, None if base is None else int(base))

@@ -20,15 +20,9 @@ from typing import Any, Protocol
 
 from fedumm.config import Config
 from fedumm.data.fingerprint import data_manifest, describe_change
+from fedumm.fl.downloads import OUT_OF_SYNC, Downloads
 from fedumm.fl.lora_modes import LoraMode
-from fedumm.fl.pipeline import (
-    SERVER_CONTROL,
-    Download,
-    Pipeline,
-    Reply,
-    decode_download,
-    encode_download,
-)
+from fedumm.fl.pipeline import SERVER_CONTROL, Pipeline, Reply
 from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import evaluate_states, finish_run, mid_run_eval, round_record
 from fedumm.runtime.modes import server_for
@@ -70,6 +64,8 @@ class RoundLoop:
         self.server = server_for(cfg, strategy, adapters, adapters.state(), num_clients)
         self.pipeline = Pipeline.from_config(cfg)
         self.lora = LoraMode.from_config(cfg.lora)
+        self.downloads = Downloads(cfg.codec.download, self.lora,
+                                   lossy_allowed=self.server.counts_traffic)
         self.config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()
                                           ).hexdigest()
         # what the data files are now (paths -> size, time or content): a resume refuses
@@ -106,6 +102,7 @@ class RoundLoop:
                               f"{describe_change(ckpt['data'], self.data)}); resume needs the "
                               "data it ran with (start a new run to train on the new data)")
         self.server.load_state_dict(ckpt)
+        self.downloads.load_state_dict(ckpt.get("downloads", {}))
         self.transport.load_state_dict(ckpt.get("transport", {}))
         self.dir.truncate_metrics(ckpt["round"])
         return ckpt["round"] + 1, ckpt["counters"]
@@ -130,6 +127,7 @@ class RoundLoop:
                 self.progress(f"VQA {res.get('vqa_accuracy', math.nan):.1f}")
             acc["wall_now_s"] = acc["wall_before_s"] + time.perf_counter() - t_start
             d.save_checkpoint({"round": rnd, **self.server.state_dict(),
+                               "downloads": self.downloads.state_dict(),
                                "transport": self.transport.state_dict(),
                                "counters": {**acc, "wall_before_s": acc["wall_now_s"]},
                                "fingerprint": self.fingerprint,
@@ -148,27 +146,13 @@ class RoundLoop:
                                  f"{d.path / d.METRICS})")
         return summary
 
-    def _downloads(self, selected: list[int], control: dict
-                   ) -> tuple[dict[int, bytes], dict[int, dict]]:
-        """Each client's download payload, encoded once per distinct (state, rank), and what
-        the client starts from (decoded from those bytes, at full rank)."""
-        payloads: dict[tuple[int, int | None], bytes] = {}
-        received: dict[tuple[int, int | None], dict] = {}
-        jobs, starts = {}, {}
-        for k in selected:
-            key = (self.server.source(k), self.lora.rank_of(k))
-            if key not in payloads:
-                state = self.server.states[key[0]]
-                down = Download(self.lora.cut(state, k), control, self.server.residual)
-                payloads[key] = encode_download(down, self.cfg.codec.download)
-                received[key] = self.lora.restore(decode_download(payloads[key]).state, state)
-            jobs[k], starts[k] = payloads[key], received[key]
-        return jobs, starts
-
     def _round(self, rnd: int, acc: dict) -> None:
         selected = self.server.selected(rnd)
         ccfg = dict(self.server.client_config(rnd))
-        jobs, received = self._downloads(selected, ccfg.pop(SERVER_CONTROL, {}))
+        out = self.downloads.prepare(rnd, selected, lambda k: self.server.states[
+            self.server.source(k)], self.server.source, ccfg.pop(SERVER_CONTROL, {}),
+            self.server.residual)
+        jobs, received = out.payloads, out.references
         counted = self.server.counts_traffic
         if counted:
             acc["download"] += [len(jobs[k]) for k in selected]
@@ -178,7 +162,8 @@ class RoundLoop:
         updates: list[ClientUpdate] = []
         rejected: list[dict] = []
         for reply in sorted(replies, key=lambda r: r.client_id):  # a fixed aggregation order
-            upd = self.pipeline.receive(reply, received[reply.client_id]) \
+            upd = self.pipeline.receive(reply, received[reply.client_id],
+                                        out.starts[reply.client_id]) \
                 if reply.client_id in received else "not selected"
             if isinstance(upd, str):
                 rejected.append({"client": reply.client_id, "reason": upd})
@@ -186,6 +171,8 @@ class RoundLoop:
                 updates.append(upd)
         for r in rejected:
             self.dir.log({"type": "rejected", "round": rnd, **r})
+        self.downloads.delivered(rnd, [r.client_id for r in replies if r.client_id in received
+                                       and not str(r.meta.error or "").startswith(OUT_OF_SYNC)])
         acc["accepted"] += len(updates)
         acc["rejected"] += len(rejected)
         if rejected and acc["first_rejection"] is None:
