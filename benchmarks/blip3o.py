@@ -81,6 +81,7 @@ def coupling(und, gen, gen_val, steps: int = 30) -> dict:
     out = {}
     for und_groups in (["vision", "language"], ["vision"]):
         bb = tiny()
+        bb.generation_trains_language = True  # the language adapter learns generation too
         ad = LoraAdapters(bb, r=8, alpha=16, seed=0)
         _train(bb, ad, ["generation", "alignment", "language"], gen, GENERATION, 60, 3e-3)
         g = bb.collate(gen_val).parts[GENERATION]

@@ -25,7 +25,8 @@ from the protocol.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GENERATION", "IMAGE_INPUTS", "UNDERSTANDING", "AdapterGroup", "AdapterLayout",
            "Backbone", "Batch", "DecoderLayers", "ModelPlacement", "base_state_dict",
-           "in_eval_mode", "resolve_device", "state_fingerprint"]
+           "in_eval_mode", "prepare_samples", "resolve_device", "state_fingerprint"]
 
 
 @dataclass
@@ -77,7 +78,14 @@ class Backbone(Protocol):
     Optional capability: ``answer_likelihoods(images, questions, candidates) -> (N, C)``, the
     log-likelihood of each candidate answer per question; with it classification tasks get
     an AUC from answer probabilities (the built-in backbones have it), without it
-    only the hard-label metrics."""
+    only the hard-label metrics.
+
+    Optional setting: ``generation_trains_language: bool``, on a backbone whose generation is
+    a network of its own conditioned on the language model (BLIP3o's DiT): whether the
+    generation loss also trains the language adapters (and so whether the language group
+    counts generation samples). The runtime sets it from ``lora.generation_trains_language``
+    before it builds the adapters. A backbone that generates through the language model itself
+    (reference, Janus) has no such attribute: its generation always trains that model."""
 
     kind: str
     model: nn.Module  # what PEFT wraps; module names are what the group targets match
@@ -101,9 +109,12 @@ class Backbone(Protocol):
         """Side of the square images ``generate`` returns."""
         ...
 
-    def prepare(self, samples: Sequence[Sample]) -> None:
+    def prepare(self, samples: Sequence[Sample],
+                progress: Callable[[int, int], None] | None = None) -> None:
         """Optionally precompute per-sample inputs (tokens, target image codes) that ``collate``
-        would otherwise compute every epoch. Calling it is never required for correctness."""
+        would otherwise compute every epoch. Calling it is never required for correctness.
+        ``progress(done, total)``, where given, is called as the work advances (a backbone
+        whose ``prepare`` takes no ``progress`` still works: see :func:`prepare_samples`)."""
         ...
 
     def collate(self, samples: Sequence[Sample], drop_text: Sequence[bool] | None = None
@@ -133,3 +144,13 @@ class Backbone(Protocol):
     def fingerprint(self) -> str:
         """sha256 of the frozen weights, so clients can refuse a backbone they don't expect."""
         ...
+
+
+def prepare_samples(backbone: Backbone, samples: Sequence[Sample],
+                    progress: Callable[[int, int], None] | None = None) -> None:
+    """``backbone.prepare(samples)``, with ``progress`` where its ``prepare`` takes one (a
+    backbone written before the parameter existed is called as it was)."""
+    if progress is not None and "progress" in inspect.signature(backbone.prepare).parameters:
+        backbone.prepare(samples, progress=progress)
+    else:
+        backbone.prepare(samples)

@@ -180,6 +180,22 @@ def _worker_init(threads: int) -> None:
     fix_mmap_threshold()  # a worker's heap would grow to ~2x what it holds (allocator.py)
 
 
+def _count_bar(desc: str, show: bool) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar, opened at the first report (a
+    step that reports nothing shows nothing) and closed when done reaches total."""
+    bar: tqdm | None = None
+
+    def report(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, disable=not show, dynamic_ncols=True)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return report
+
+
 class LocalRuntime:
     """Builds everything a config describes and runs the rounds through the one round loop
     (:mod:`fedumm.runtime.loop`) over the in-process transport."""
@@ -195,7 +211,8 @@ class LocalRuntime:
         self.backbone = load_backbone(cfg)
         fingerprint = self.backbone.fingerprint()  # frozen: hash it once
         val_data = eval_samples(cfg)
-        self.clients, self.partition_summary = client_datasets(cfg, self.backbone)
+        self.clients, self.partition_summary = client_datasets(
+            cfg, self.backbone, progress=_count_bar("preparing data", progress))
         adapters = build_adapters(cfg, self.backbone)
         strategy = strategy_for(cfg, self.backbone.groups)
         self.transport = LocalTransport(self.clients, client_endpoint(cfg, adapters),

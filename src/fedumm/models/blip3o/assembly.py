@@ -13,12 +13,16 @@
   tower (``SiglipVisionModel``) stands in for it;
 * ``decoder``: features -> pixels. BLIP3o uses a separate diffusion decoder; here a linear
   patch decoder, fitted by least squares (:func:`fit_patch_decoder`);
-* the components around the model: Qwen2.5-VL's image processor, a word-level tokenizer for
-  the ``tiny`` preset, and the sampling scheduler (diffusers' ``FlowMatchEulerDiscrete``,
-  given to the backbone as diffusers pipelines are given theirs).
+* the components around the model: Qwen2.5-VL's image processor (aspect ratio kept, pixel
+  count bounded), a word-level tokenizer for the ``tiny`` preset (with Qwen2.5-VL's special
+  tokens, BLIP3o's ``[IMG]`` and Qwen's chat template), and the sampling scheduler
+  (diffusers' ``FlowMatchEulerDiscrete``, given to the backbone as diffusers pipelines are
+  given theirs).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +30,21 @@ from torch import nn
 
 from fedumm.models.blip3o.presets import Blip3oDims
 
-# Qwen2.5-VL's special tokens that fedumm's prompts use
+# Qwen2.5-VL's special tokens that fedumm's prompts use, and the one BLIP3o adds and puts
+# before the queries (its train.py adds [IMG], [/IMG] and <image>; only [IMG] enters a prompt)
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-            "<|image_pad|>", "<|video_pad|>")
-IMAGE_PAD = "<|image_pad|>"
+            "<|image_pad|>", "<|video_pad|>", "[IMG]")
+IMAGE_PAD, IMG_START = "<|image_pad|>", "[IMG]"
+# BLIP3o's generation prompt: Qwen's system prompt, then this user turn (train.py's T2I
+# conversation; inference.py, eval/geneval/generate.py)
+SYSTEM_PROMPT = "You are a helpful assistant."
+GENERATION_INSTRUCTION = "Please generate image based on the following caption: "
+# Qwen2.5-VL's chat template for what fedumm sends: text and image parts, and Qwen's default
+# system turn when the messages have none
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}"
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\n"
+    + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}"
     "{{ m['content'] }}{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
@@ -97,7 +110,12 @@ def special_token_ids(tok) -> dict[str, int]:
     """The ids of the special tokens the model config and the prompts need."""
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in (
         ("image", IMAGE_PAD), ("video", "<|video_pad|>"), ("vision_start", "<|vision_start|>"),
-        ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"))}
+        ("vision_end", "<|vision_end|>"), ("eos", "<|im_end|>"), ("pad", "<|endoftext|>"),
+        ("img_start", IMG_START))}
+    if IMG_START not in tok.get_vocab():
+        raise ValueError(f"the tokenizer has no {IMG_START} token, which BLIP3o puts before "
+                         "the learnable queries (BLIP3o's training adds it to Qwen2.5-VL's "
+                         "tokenizer: is this a plain Qwen2.5-VL tokenizer?)")
     ids["bos"] = tok.bos_token_id
     return ids
 
@@ -112,7 +130,9 @@ def tiny_tokenizer():
 
     from fedumm.models.reference.text_tokenizer import world_vocabulary
 
-    words = [*SPECIALS, "<unk>", ":", ",", ".", "?", "user", "assistant", *world_vocabulary()]
+    prompt_words = re.findall(r"\w+", f"{SYSTEM_PROMPT} {GENERATION_INSTRUCTION}".lower())
+    words = [*SPECIALS, "<unk>", ":", ",", ".", "?", "user", "assistant", "system",
+             *prompt_words, *world_vocabulary()]
     tok = Tokenizer(WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))},
                               unk_token="<unk>"))
     tok.normalizer = Lowercase()
@@ -125,11 +145,12 @@ def tiny_tokenizer():
 
 
 def image_processor(dims: Blip3oDims):
-    """Qwen2.5-VL's image processor, resizing every image to about ``dims.image_pixels``."""
+    """Qwen2.5-VL's image processor: each image keeps its aspect ratio and is resized to
+    between ``dims.min_pixels`` and ``dims.max_pixels`` (``smart_resize``)."""
     from transformers import Qwen2VLImageProcessorPil
 
     v = dims.vision
-    return Qwen2VLImageProcessorPil(min_pixels=dims.image_pixels, max_pixels=dims.image_pixels,
+    return Qwen2VLImageProcessorPil(min_pixels=dims.min_pixels, max_pixels=dims.max_pixels,
                                     patch_size=v["patch_size"], merge_size=v["spatial_merge_size"],
                                     temporal_patch_size=v["temporal_patch_size"])
 

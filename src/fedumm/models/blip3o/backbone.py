@@ -2,20 +2,29 @@
 
 * Understanding: Qwen2.5-VL with its chat template; causal-LM cross-entropy on the answer
   tokens (and ``<|im_end|>``) only.
-* Generation (BLIP3o's recipe): the prompt's chat turn, then the learnable queries; the LLM's
-  last hidden states at the queries, projected to the DiT's width, condition the DiT by
-  cross-attention. The DiT is trained with flow matching on the target encoder's pooled
-  features x0: sigma ~ U(0, 1), x_t = (1 - sigma) x0 + sigma e, the DiT (at timestep
-  1000 sigma, BLIP3o's convention) predicts the velocity e - x0 (MSE). A dropped prompt
-  (classifier-free guidance) zeroes the condition, as BLIP3o's ``mask_drop`` does, and
-  sampling uses the zero condition as the unconditional branch: the backbone's scheduler
-  (``FlowMatchEulerDiscrete`` by default) steps with guidance, then the patch decoder turns
-  features into pixels.
-* Adapter groups: ``vision`` (Qwen2.5-VL vision blocks + merger), ``language`` (LLM attention
-  / MLP), ``generation`` (DiT attention / feed-forward and the caption projection),
-  ``alignment`` (the learnable queries, trained in full as ``modules_to_save``). A language
-  adapter also moves the query hidden states, so understanding training changes generation:
-  the two are coupled through the LLM (measured in the closing note of the issue).
+* Understanding images keep their aspect ratio: Qwen2.5-VL's processor resizes each to between
+  the preset's (or folder's) ``min_pixels`` and ``max_pixels`` and returns its patches
+  flattened with its ``image_grid_thw`` row, so a batch mixes image sizes.
+* Generation (BLIP3o's recipe, ``blip3o_qwen.py`` / ``train.py`` / ``inference.py``): under
+  Qwen's system prompt, the user turn "Please generate image based on the following caption:
+  <caption>", then BLIP3o's ``[IMG]`` token, then the learnable queries; the LLM's last hidden
+  states at the queries, projected to the DiT's width (``caption_projection``, inside BLIP3o's
+  DiT), condition the DiT by cross-attention. Training closes the chat with an empty assistant
+  turn before ``[IMG]`` (BLIP3o's ``preprocess_qwen`` of its T2I conversation); sampling opens
+  the assistant turn instead (its ``conv_qwen`` template with ``add_generation_prompt``). The
+  DiT is trained with flow matching on the target encoder's pooled features x0: sigma ~ U(0,
+  1), x_t = (1 - sigma) x0 + sigma e, the DiT (at timestep 1000 sigma, BLIP3o's convention)
+  predicts the velocity e - x0 (MSE). A dropped prompt (classifier-free guidance) zeroes the
+  LLM's hidden states before the projection, as BLIP3o's ``mask_drop`` does, so the null
+  condition is ``caption_projection(0)``, which is also sampling's unconditional branch: the
+  backbone's scheduler (``FlowMatchEulerDiscrete`` by default) steps with guidance, then the
+  patch decoder turns features into pixels.
+* Adapter groups (:func:`adapter_groups`): ``vision`` and ``language`` (Qwen2.5-VL's vision
+  blocks + merger, LLM attention / MLP) trained by understanding; ``generation`` (DiT attention
+  / feed-forward, caption projection) and ``alignment`` (the queries, in full) by generation.
+  BLIP3o trains generation with the MLLM frozen: the loss reaches the queries through the LLM
+  but trains none of its adapters, unless ``generation_trains_language``. A language adapter
+  always moves the query hidden states, so understanding training changes generation.
 * Generation quality (for the quality-weighted rule): the held-out flow-matching loss L as a
   score 1 - L / L0 clipped to [0, 1], where L0 is the loss of predicting zero velocity (so 0 =
   no better than nothing, 1 = perfect), on fixed noise and a fixed sigma grid
@@ -26,7 +35,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,8 +48,10 @@ from fedumm.data.records import Sample
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
 from fedumm.models.batching import candidate_log_likelihoods, pad_sequences, split_tasks
 from fedumm.models.blip3o.assembly import (
+    GENERATION_INSTRUCTION,
     IMAGE_PAD,
     NO_GENERATION,
+    SYSTEM_PROMPT,
     TARGET_MEAN,
     TARGET_STD,
     Blip3oModel,
@@ -53,17 +65,27 @@ from fedumm.models.protocol import Batch
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
 
-GROUPS = (
-    AdapterGroup("vision", r"qwen\.model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)"
-                           r"|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])", (UNDERSTANDING,),
-                 needs_images=True),
-    AdapterGroup("language", r"qwen\.model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj"
-                             r"|mlp\.(gate|up|down)_proj)", (UNDERSTANDING, GENERATION)),
-    AdapterGroup("generation", r"dit\.layers\.\d+\.(attn1\.to_[qkv]|attn2\.(to_[qkv]|to_out\.0)"
-                               r"|feed_forward\.linear_[123])|caption_projection\.linear_[12]",
-                 (GENERATION,)),
-    AdapterGroup("alignment", None, (UNDERSTANDING, GENERATION), modules_to_save=("queries",)),
-)
+
+
+def adapter_groups(generation_trains_language: bool = False) -> tuple[AdapterGroup, ...]:
+    """The adapter groups; the modalities say whose samples train (and weigh) each group: the
+    queries serve generation only, and the language adapters learn from generation only when
+    ``generation_trains_language`` (BLIP3o freezes the MLLM for generation)."""
+    language_by = (UNDERSTANDING, GENERATION) if generation_trains_language else (UNDERSTANDING,)
+    return (
+        AdapterGroup("vision", r"qwen\.model\.visual\.(blocks\.\d+\.(attn\.(qkv|proj)"
+                               r"|mlp\.(gate|up|down)_proj)|merger\.mlp\.[02])", (UNDERSTANDING,),
+                     needs_images=True),
+        AdapterGroup("language", r"qwen\.model\.language_model\.layers\.\d+\."
+                                 r"(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)", language_by),
+        AdapterGroup("generation", r"dit\.layers\.\d+\.(attn1\.to_[qkv]|attn2\.(to_[qkv]"
+                                   r"|to_out\.0)|feed_forward\.linear_[123])"
+                                   r"|caption_projection\.linear_[12]", (GENERATION,)),
+        AdapterGroup("alignment", None, (GENERATION,), modules_to_save=("queries",)),
+    )
+
+
+GROUPS = adapter_groups()  # BLIP3o's recipe: generation leaves the language adapters alone
 QUALITY_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # the held-out flow-matching loss's sigma grid
 
 
@@ -75,10 +97,13 @@ class Blip3oBackbone(ModelPlacement):
 
     def __init__(self, model: Blip3oModel, tokenizer, processor,
                  scheduler: SchedulerMixin | None = None, sample_steps: int = 0,
-                 cfg_scale: float = 3.0) -> None:
+                 cfg_scale: float = 3.0, generation_trains_language: bool = False) -> None:
         """``scheduler``: the sampler of :meth:`generate`, a diffusers flow-matching scheduler
         (its ``set_timesteps`` takes ``sigmas``); None: the default of
-        :func:`~fedumm.models.blip3o.assembly.flow_scheduler`."""
+        :func:`~fedumm.models.blip3o.assembly.flow_scheduler`. ``generation_trains_language``:
+        see the module docstring (set before adapters are built on the backbone: it decides
+        the groups' modalities)."""
+        self.generation_trains_language = generation_trains_language
         self.model = model
         self.tokenizer = tokenizer
         self.processor = processor
@@ -92,7 +117,7 @@ class Blip3oBackbone(ModelPlacement):
     # --------------------------------------------------------------- properties
     @property
     def groups(self) -> tuple[AdapterGroup, ...]:
-        return GROUPS
+        return adapter_groups(self.generation_trains_language)
 
     @property
     def decoder_layers(self) -> DecoderLayers:
@@ -138,6 +163,22 @@ class Blip3oBackbone(ModelPlacement):
             texts.append(text)
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
+    def _generation_ids(self, captions: Sequence[str], training: bool) -> list[list[int]]:
+        """BLIP3o's conditioning prompt per caption, ending with its ``[IMG]`` token (the
+        queries follow): the chat with the empty assistant turn closed when ``training``
+        (BLIP3o's ``train.py``), the assistant turn opened when sampling (its
+        ``inference.py``)."""
+        texts = []
+        for caption in captions:
+            chat = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": GENERATION_INSTRUCTION + caption}]
+            if training:
+                chat.append({"role": "assistant", "content": ""})
+            texts.append(self.tokenizer.apply_chat_template(
+                chat, add_generation_prompt=not training, tokenize=False))
+        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [list(i) + [self.ids["img_start"]] for i in ids]
+
     def _pad(self, seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, ...]:
         ids, mask = pad_sequences(seqs, left, pad_id=self.ids["pad"])
         return ids.to(self.device), mask.to(self.device)
@@ -176,8 +217,8 @@ class Blip3oBackbone(ModelPlacement):
                                           "labels": labels, **vision}
             batch.counts[UNDERSTANDING] = len(und)
         if gen:
-            ids, mask = self._pad(self._prompt_ids([s.text or "" for s, _ in gen],
-                                                   [None] * len(gen), None), left=True)
+            ids, mask = self._pad(self._generation_ids([s.text or "" for s, _ in gen],
+                                                       training=True), left=True)
             keep = torch.tensor([not d and s.text is not None for s, d in gen],
                                 dtype=self.dtype, device=self.device)
             x0 = self._parts.target_features(self._target_pixels([s.load_image()
@@ -188,10 +229,10 @@ class Blip3oBackbone(ModelPlacement):
         return batch
 
     # --------------------------------------------------------------- losses
-    def _condition(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor
-                   ) -> torch.Tensor:
-        """The DiT's condition (B, Q, width): the LLM's last hidden states at the queries that
-        follow the (left-padded) prompt, projected; zero where the prompt is dropped."""
+    def _query_states(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The LLM's last hidden states (B, Q, hidden) at the queries that follow the
+        (left-padded) prompt. Gradients reach the queries through the LLM; its adapters get
+        none unless ``generation_trains_language``."""
         parts = self._parts  # PEFT wraps modules in place: queries call their trained copy
         qwen = parts.qwen
         n_query = self.dims.n_query
@@ -200,11 +241,20 @@ class Blip3oBackbone(ModelPlacement):
         embeds = torch.cat([text, queries.to(text.dtype).expand(len(ids), -1, -1)], dim=1)
         full = torch.cat([mask, mask.new_ones(len(ids), n_query)], dim=1)
         pos = (full.cumsum(1) - 1).clamp(min=0)
-        hidden = qwen.model.language_model(
-            inputs_embeds=embeds, attention_mask=full,
-            position_ids=pos.unsqueeze(0).expand(3, -1, -1)).last_hidden_state
-        cond = parts.caption_projection(hidden[:, -n_query:])
-        return cond * keep.to(cond.dtype)[:, None, None]
+        llm = qwen.model.language_model
+        frozen = contextlib.nullcontext() if self.generation_trains_language else _frozen(llm)
+        with frozen:
+            hidden = llm(inputs_embeds=embeds, attention_mask=full,
+                         position_ids=pos.unsqueeze(0).expand(3, -1, -1)).last_hidden_state
+        return hidden[:, -n_query:]
+
+    def _condition(self, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor
+                   ) -> torch.Tensor:
+        """The DiT's condition (B, Q, width): the query hidden states, zeroed where the prompt
+        is dropped (BLIP3o's ``mask_drop``), then projected: a dropped prompt gives the null
+        condition ``caption_projection(0)``."""
+        hidden = self._query_states(ids, mask)
+        return self._parts.caption_projection(hidden * keep.to(hidden.dtype)[:, None, None])
 
     def _rotary(self) -> torch.Tensor:
         if self._rope is None:
@@ -301,8 +351,8 @@ class Blip3oBackbone(ModelPlacement):
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8
                  ) -> np.ndarray:
         """Images (N, S, S, 3) uint8: Euler flow-matching steps from seeded noise with
-        classifier-free guidance (zero condition as the unconditional branch), then the
-        patch decoder. The global RNG is not touched."""
+        classifier-free guidance (the null condition ``caption_projection(0)`` as the
+        unconditional branch), then the patch decoder. The global RNG is not touched."""
         parts = self._parts
         if parts.decoder is None:
             raise ValueError(NO_GENERATION)
@@ -311,10 +361,11 @@ class Blip3oBackbone(ModelPlacement):
         chunks = []
         for s in range(0, len(prompts), batch_size):
             part = list(prompts[s:s + batch_size])
-            ids, mask = self._pad(self._prompt_ids(part, [None] * len(part), None), left=True)
-            keep = torch.ones(len(part), device=self.device, dtype=self.dtype)
-            cond = self._condition(ids, mask, keep)
-            both = torch.cat([cond, torch.zeros_like(cond)])
+            ids, mask = self._pad(self._generation_ids(part, training=False), left=True)
+            hidden = self._query_states(ids, mask)
+            # the unconditional branch: the projection of zero hidden states (BLIP3o's
+            # sample_images passes zeros to its DiT, which projects them)
+            both = parts.caption_projection(torch.cat([hidden, torch.zeros_like(hidden)]))
             x = torch.randn((len(part), c, g, g), generator=gen_rng).to(self.device,
                                                                         self.dtype)
             # a scheduler holds the step state of one sampling run: a fresh copy of the given
@@ -334,3 +385,17 @@ class Blip3oBackbone(ModelPlacement):
         size = self.image_size
         return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
 
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module) -> Iterator[None]:
+    """No gradient reaches ``module``'s parameters from what runs inside (autograd records
+    no edge to a parameter that does not require grad); gradients still flow through it to
+    its inputs. Restores the parameters' flags on leaving."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

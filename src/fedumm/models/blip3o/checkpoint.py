@@ -15,14 +15,18 @@ published name                     here
 =================================  =======================================================
 
 plus ``config.json`` (Qwen2.5-VL's config and ``n_query`` / ``gen_pooling``), the tokenizer
-and ``preprocessor_config.json``. What does not load: BLIP3o's target encoder
-(EVA-CLIP-E-14-plus, not in transformers) and its ``diffusion-decoder/`` (a custom SDXL-style
-pipeline). fedumm reads a transformers vision model from ``target_encoder/`` and a patch
-decoder from ``patch_decoder.safetensors`` instead; a folder without them loads for
-understanding only, and generation (training or sampling) then stops with a message saying
-so. The DiT's head count is not in BLIP3o's config: ``dit_num_attention_heads`` (default 28,
-BLIP3o's) and ``dit_num_kv_heads`` are read when present. :func:`save_folder` writes this
-layout (with the fedumm parts), and :func:`load_folder` reads it.
+(with BLIP3o's added ``[IMG]`` token, which precedes the queries) and
+``preprocessor_config.json``. Understanding images are resized by that processor to between
+``min_pixels`` and ``max_pixels`` of ``config.json`` (fedumm's keys; a folder without them gets
+the bounds BLIP3o evaluates at, 200,704 to 1,605,632 pixels). What does not load: BLIP3o's
+target encoder (EVA-CLIP-E-14-plus, not in transformers) and its ``diffusion-decoder/`` (a
+custom SDXL-style pipeline). fedumm reads a transformers vision model from
+``target_encoder/`` and a patch decoder from ``patch_decoder.safetensors`` instead; a folder
+without them loads for understanding only, and generation (training or sampling) then stops
+with a message saying so. The DiT's head count is not in BLIP3o's config:
+``dit_num_attention_heads`` (default 28, BLIP3o's) and ``dit_num_kv_heads`` are read when
+present. :func:`save_folder` writes this layout (with the fedumm parts), and
+:func:`load_folder` reads it.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedumm.models.blip3o.assembly import Blip3oModel, PatchDecoder
-from fedumm.models.blip3o.presets import Blip3oDims
+from fedumm.models.blip3o.presets import EVAL_MAX_PIXELS, EVAL_MIN_PIXELS, Blip3oDims
 from fedumm.models.checksums import verify_checksums, write_folder_checksums
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -46,7 +50,8 @@ TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 TARGET_DIR, DECODER_FILE = "target_encoder", "patch_decoder.safetensors"
 _DIT_PREFIX, _QUERIES = "model.dit.model.", "model.latent_queries"
 _BLIP3O_KEYS = ("n_query", "gen_pooling", "gen_vision_tower", "gen_hidden_size",
-                "dit_num_attention_heads", "dit_num_kv_heads", "image_pixels", "rope_len")
+                "dit_num_attention_heads", "dit_num_kv_heads", "min_pixels", "max_pixels",
+                "rope_len")
 
 
 def check_folder(path: Path) -> dict[str, Any]:
@@ -126,7 +131,8 @@ def folder_dims(path: Path, config: dict[str, Any] | None = None,
         dit=dict(hidden_size=int(width), num_layers=len(layers), num_attention_heads=heads,
                  num_kv_heads=int(config.get("dit_num_kv_heads", heads))),
         target=target, pool=pool, rope_len=int(config.get("rope_len", 384)),
-        image_pixels=int(config.get("image_pixels", 448 * 448)))
+        min_pixels=int(config.get("min_pixels", EVAL_MIN_PIXELS)),
+        max_pixels=int(config.get("max_pixels", EVAL_MAX_PIXELS)))
 
 
 def load_folder(path: Path) -> tuple[Blip3oModel, Any, Any]:
@@ -182,7 +188,9 @@ def load_folder(path: Path) -> tuple[Blip3oModel, Any, Any]:
                          f"{missing[:5]}, unexpected {extra[:5]}")
     model.load_state_dict(rest, strict=False, assign=True)
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    processor = Qwen2VLImageProcessorPil.from_pretrained(str(path), local_files_only=True)
+    # the folder's processor, with the understanding pixel bounds of the folder's config
+    processor = Qwen2VLImageProcessorPil.from_pretrained(
+        str(path), local_files_only=True, min_pixels=dims.min_pixels, max_pixels=dims.max_pixels)
     return model, tok, processor
 
 
@@ -233,7 +241,7 @@ def save_folder(model: Blip3oModel, tokenizer, processor, path: Path) -> Path:
                   gen_hidden_size=dims.feature_dim,
                   dit_num_attention_heads=dims.dit["num_attention_heads"],
                   dit_num_kv_heads=dims.dit["num_kv_heads"], rope_len=dims.rope_len,
-                  image_pixels=dims.image_pixels)
+                  min_pixels=dims.min_pixels, max_pixels=dims.max_pixels)
     (path / "config.json").write_text(json.dumps(config, indent=1))
     tokenizer.save_pretrained(str(path))
     processor.save_pretrained(str(path))

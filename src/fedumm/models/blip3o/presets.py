@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PRESETS = ("tiny", "blip3o-4b", "blip3o-8b")
+# the pixel bounds BLIP3o evaluates understanding at (its lmms-eval model, eval/lmms-eval/
+# lmms_eval/models/blip3o.py: min_pixels 256 * 28 * 28, max_pixels 1605632 = 2048 * 28 * 28)
+EVAL_MIN_PIXELS, EVAL_MAX_PIXELS = 256 * 28 * 28, 2048 * 28 * 28
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,10 @@ class Blip3oDims:
     target: dict[str, Any]  # the vision target encoder (SiglipVisionConfig keys)
     pool: int  # average pooling of the target encoder's patch grid
     rope_len: int = 384  # rotary table of the DiT (BLIP3o: 384 x 384)
-    image_pixels: int = 448 * 448  # understanding images are resized to about this many pixels
+    # understanding images keep their aspect ratio and are resized by Qwen2.5-VL's processor
+    # (``smart_resize``) to between min_pixels and max_pixels, sides multiples of 28
+    min_pixels: int = EVAL_MIN_PIXELS
+    max_pixels: int = EVAL_MAX_PIXELS
 
     @property
     def grid(self) -> int:
@@ -72,7 +78,7 @@ def preset_dims(name: str) -> Blip3oDims:
             # 48 px ShapesWorld images: 6x6 patches of 8 px, pooled 2x2 to the 3x3 scene grid
             target=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=2, image_size=48, patch_size=8),
-            pool=2, rope_len=32, image_pixels=56 * 56)
+            pool=2, rope_len=32, min_pixels=56 * 56, max_pixels=112 * 112)
     if name == "blip3o-8b":  # Qwen2.5-VL-7B-Instruct (untied LM head), 3 added tokens
         return Blip3oDims(text=_qwen(3584, 18944, 28, 28, 4, 151668), vision=_QWEN_VISION,
                           tie_word_embeddings=False, n_query=64, dit=_DIT, target=_EVA_E,

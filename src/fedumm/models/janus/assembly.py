@@ -7,30 +7,46 @@ through :mod:`.checkpoint`)."""
 from __future__ import annotations
 
 BOI, EOI, IMAGE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
+# DeepSeek's "deepseek" conversation (janus/utils/conversation.py, ``get_prompt``) as the
+# converted checkpoints' template renders it: "<|User|>: {content}\n\n", "<|Assistant|>:
+# {answer}" and EOS between turns (after the last turn the caller adds it), "<|Assistant|>:" to
+# prompt an answer; each message stripped, an image as "<image_placeholder>\n" before its text.
+# The system prompt is the processor's (``use_default_system_prompt``), not the template's.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ '<|User|>' if m['role'] == 'user' else '<|Assistant|>' }}: "
-    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image_placeholder>\n"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n\n{% endfor %}"
+    "{% for m in messages %}{{ '<|User|>: ' if m['role'] == 'user' else '<|Assistant|>: ' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image_placeholder>"
+    "{% if not loop.last %}{{ '\\n' }}{% endif %}{% else %}{{ c['text'] | trim }}{% endif %}"
+    "{% endfor %}{% if not loop.last or add_generation_prompt %}"
+    "{{ '\\n\\n' if m['role'] == 'user' else eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|Assistant|>:{% endif %}")
 
 
 def tiny_processor(image_size: int, num_image_tokens: int):
-    """A JanusProcessor with a small word-level tokenizer (ShapesWorld's words) built in code."""
+    """A JanusProcessor laid out as the converted checkpoints' (BOS first, the default system
+    prompt on understanding prompts, :data:`CHAT_TEMPLATE`) with a small word-level tokenizer
+    (ShapesWorld's and the system prompt's words) built in code."""
+    import re
+
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from tokenizers.normalizers import Lowercase
     from tokenizers.pre_tokenizers import Whitespace
+    from tokenizers.processors import TemplateProcessing
     from transformers import JanusImageProcessorPil, JanusProcessor, PreTrainedTokenizerFast
+    from transformers.models.janus.processing_janus import DEFAULT_SYSTEM_PROMPT
 
     from fedumm.models.reference.text_tokenizer import world_vocabulary
 
     specials = ["<pad>", "<unk>", "<bos>", "<eos>", IMAGE, BOI, EOI, "<|User|>",
                 "<|Assistant|>"]
-    words = specials + [":", ",", ".", "?"] + world_vocabulary()
+    system = re.findall(r"\w+|[^\w\s]+", DEFAULT_SYSTEM_PROMPT.lower())  # Whitespace's split
+    words = specials + [":", ",", ".", "?"] + world_vocabulary() + system
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = Lowercase()
     tok.pre_tokenizer = Whitespace()
+    tok.post_processor = TemplateProcessing(single="<bos> $A",
+                                            special_tokens=[("<bos>", vocab["<bos>"])])
     tok.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
@@ -39,7 +55,7 @@ def tiny_processor(image_size: int, num_image_tokens: int):
     images = JanusImageProcessorPil(size={"height": image_size, "width": image_size},
                                     image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
     return JanusProcessor(images, fast, chat_template=CHAT_TEMPLATE,
-                          num_image_tokens=num_image_tokens)
+                          use_default_system_prompt=True, num_image_tokens=num_image_tokens)
 
 
 def set_generation_config(model, tokenizer) -> None:

@@ -1,14 +1,20 @@
 """Janus-Pro behind the Backbone protocol (``backbone.kind=janus``), through transformers'
 ``JanusForConditionalGeneration`` and ``JanusProcessor`` (built by :mod:`.builder`).
 
-* Understanding: the chat template with the image, then causal-LM cross-entropy on the answer
-  tokens (and EOS) only.
-* Generation: transformers has no training loss for it. The target image is VQ-encoded with
-  the model's own ``vqmodel``; the codes are embedded through ``generation_embeddings`` +
-  ``generation_aligner`` after the prompt (which ends in ``<begin_of_image>``), and
-  ``generation_head`` predicts each next code (cross-entropy). A dropped prompt (classifier-free
-  guidance) keeps only BOS and BOI and pads the rest, as ``generate(generation_mode="image")``
-  builds its unconditional branch.
+* Understanding: the conversation (the question with its image, then the answer) as the
+  checkpoint's processor renders and tokenises it: its chat template, its default system
+  prompt (DeepSeek's ``VLChatProcessor.system_prompt``, which the converted processors add),
+  each image expanded to BOI + image tokens + EOI; the answer tokenised where the template
+  places it (after "<|Assistant|>:", so a byte-level BPE sees " red", not "red"). Causal-LM
+  cross-entropy on the answer tokens and EOS only (``mask_prompt``).
+* Generation: transformers has no training loss for it. The target image, short side resized
+  and centre-cropped, is VQ-encoded as the official tokenizer does it (:mod:`.targets`); the
+  codes are embedded through ``generation_embeddings`` + ``generation_aligner`` after the
+  prompt (the processor's image-generation prompt: no system prompt, ending in
+  ``<begin_of_image>``, as ``generation_inference.py`` builds it), and ``generation_head``
+  predicts each next code (cross-entropy). A dropped prompt (classifier-free guidance) keeps
+  only BOS and BOI and pads the rest, as ``generate(generation_mode="image")`` and the official
+  ``generate`` build their unconditional branch.
 * Adapter groups: ``vision`` (SigLIP encoder attention / MLP and the understanding aligner),
   ``language`` (decoder attention / MLP), ``generation`` (generation head and generation
   aligner), ``alignment``: the text-embedding rows of ``<begin_of_image>`` and
@@ -22,7 +28,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +39,9 @@ from fedumm.data.records import Sample
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
 from fedumm.models.batching import candidate_log_likelihoods, pad_sequences, split_tasks
 from fedumm.models.groups import AdapterGroup, DecoderLayers
-from fedumm.models.janus.assembly import BOI, EOI, IMAGE
+from fedumm.models.janus.assembly import BOI, EOI
 from fedumm.models.janus.checkpoint import save_folder
+from fedumm.models.janus.targets import target_pixels, vq_codes
 from fedumm.models.placement import ModelPlacement, in_eval_mode
 from fedumm.models.protocol import Batch
 
@@ -109,22 +116,51 @@ class JanusBackbone(ModelPlacement):
         return save_folder(self._janus, self.processor, Path(path))
 
     # --------------------------------------------------------------- inputs
-    def _chat(self, text: str, with_image: bool) -> str:
+    def _chat(self, text: str, with_image: bool, answer: str | None = None) -> str:
+        """The chat template's text of the question (with its image first, as Janus's examples
+        place it) and either the answer or the prompt for one."""
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                  add_generation_prompt=True, tokenize=False)
+        chat = [{"role": "user", "content": content}]
+        if answer is not None:
+            chat.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        return self.processor.apply_chat_template(chat, add_generation_prompt=answer is None,
+                                                  tokenize=False)
 
-    def _pixels(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        out = self.processor.image_processor(images=list(images), return_tensors="pt")
-        return out["pixel_values"].to(self.device, self.dtype)
+    def _encode(self, texts: list[str], images: Sequence[np.ndarray | None],
+                mode: str = "text") -> tuple[list[list[int]], torch.Tensor | None]:
+        """Token ids of rendered chats and the pixels of their images, through the processor:
+        ``mode="text"`` adds its default system prompt, ``"image"`` ends in BOI."""
+        present = [im for im in images if im is not None]
+        out = self.processor(text=texts, images=present or None, generation_mode=mode,
+                             padding=False, return_tensors=None)
+        pixels = None
+        if present:
+            pixels = torch.stack([torch.as_tensor(np.asarray(p)) for p in out["pixel_values"]])
+            pixels = pixels.to(self.device, self.dtype)
+        return [list(ids) for ids in out["input_ids"]], pixels
 
     def _prompt_ids(self, prompts: Sequence[str], images: Sequence[np.ndarray | None]
-                    ) -> list[list[int]]:
-        """Token ids of chat prompts, each image expanded to BOI + image tokens + EOI."""
-        texts = [self._chat(p, im is not None) for p, im in zip(prompts, images, strict=True)]
-        expanded = self.processor.replace_image_token({}, 0)
-        texts = [t.replace(IMAGE, expanded) for t in texts]
-        return self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+                    ) -> tuple[list[list[int]], torch.Tensor | None]:
+        """Token ids of understanding prompts (ending in "<|Assistant|>:") and their pixels."""
+        return self._encode([self._chat(p, im is not None)
+                             for p, im in zip(prompts, images, strict=True)], images)
+
+    def _answer_ids(self, prompts: Sequence[str], images: Sequence[np.ndarray | None],
+                    answers: Sequence[str]
+                    ) -> tuple[list[list[int]], list[int], torch.Tensor | None]:
+        """Token ids of whole conversations (prompt, answer as the template places it, EOS),
+        each prompt's length, and the pixels."""
+        prompt_ids, _ = self._prompt_ids(prompts, images)
+        full, pixels = self._encode([self._chat(p, im is not None, a) for p, im, a
+                                     in zip(prompts, images, answers, strict=True)], images)
+        eos = self.tokenizer.eos_token_id
+        for p, f in zip(prompt_ids, full, strict=True):
+            if f[:len(p)] != p:
+                raise ValueError("the Janus chat template's answer prompt is not a prefix of the "
+                                 "conversation with its answer: cannot mark the answer tokens")
+            if f[-1] != eos:  # the converted template leaves the last turn's EOS to the caller
+                f.append(eos)
+        return full, [len(p) for p in prompt_ids], pixels
 
     def _pad(self, seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, ...]:
         ids, mask = pad_sequences(seqs, left, pad_id=self.tokenizer.pad_token_id)
@@ -133,27 +169,29 @@ class JanusBackbone(ModelPlacement):
     def _generation_prompts(self, texts: Sequence[str | None], drop: Sequence[bool]
                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids ending in BOI; a dropped prompt keeps BOS and BOI only."""
-        seqs = []
-        for text, d in zip(texts, drop, strict=True):
-            ids = self.tokenizer(self._chat(text or "", False), add_special_tokens=True)[
-                "input_ids"] + [self.boi_id]
+        seqs, _ = self._encode([self._chat(t or "", False) for t in texts], [None] * len(texts),
+                               mode="image")
+        keep = {self.tokenizer.bos_token_id, self.boi_id}
+        for i, (text, d) in enumerate(zip(texts, drop, strict=True)):
             if d or text is None:
-                keep = {self.tokenizer.bos_token_id, self.boi_id}
-                ids = [t if t in keep else self.tokenizer.pad_token_id for t in ids]
-            seqs.append(ids)
+                seqs[i] = [t if t in keep else self.tokenizer.pad_token_id for t in seqs[i]]
         return self._pad(seqs, left=True)
 
     # --------------------------------------------------------------- batches
     @torch.no_grad()
-    def prepare(self, samples: Sequence[Sample]) -> None:
-        """VQ-encode the target images of generation samples once (the VQ model is frozen)."""
+    def prepare(self, samples: Sequence[Sample],
+                progress: Callable[[int, int], None] | None = None) -> None:
+        """VQ-encode the target images of generation samples once (the VQ model is frozen);
+        ``progress(done, total)`` after each chunk of images."""
         gen = [s for s in samples if s.task == GENERATION and s.id not in self._codes]
         vq = self._janus.model.vqmodel
         for i in range(0, len(gen), _CODE_CHUNK):
             chunk = gen[i:i + _CODE_CHUNK]
-            codes = vq.encode(self._pixels([s.load_image() for s in chunk])).image_tokens
-            codes = codes.reshape(len(chunk), -1).cpu()
+            pixels = target_pixels([s.load_image() for s in chunk], self.image_size)
+            codes = vq_codes(vq, pixels.to(self.device, self.dtype)).cpu()
             self._codes.update({s.id: c for s, c in zip(chunk, codes, strict=True)})
+            if progress is not None:
+                progress(i + len(chunk), len(gen))
 
     def collate(self, samples: Sequence[Sample], drop_text: Sequence[bool] | None = None
                 ) -> Batch:
@@ -161,19 +199,15 @@ class JanusBackbone(ModelPlacement):
         batch = Batch()
         if und:
             images = [s.load_image() if s.image is not None else None for s in und]
-            prompts = self._prompt_ids([s.text or "" for s in und], images)
-            answers = self.tokenizer([s.answer for s in und], add_special_tokens=False)[
-                "input_ids"]
-            eos = self.tokenizer.eos_token_id
-            seqs = [p + a + [eos] for p, a in zip(prompts, answers, strict=True)]
+            seqs, prompt_lens, pixels = self._answer_ids([s.text or "" for s in und], images,
+                                                         [s.answer for s in und])
             ids, mask = self._pad(seqs, left=False)
             labels = ids.masked_fill(mask == 0, -100)
-            for i, p in enumerate(prompts):
-                labels[i, :len(p)] = -100  # only the answer (and EOS) is supervised
-            present = [im for im in images if im is not None]
+            for i, n in enumerate(prompt_lens):
+                labels[i, :n] = -100  # only the answer (and EOS) is supervised
             batch.parts[UNDERSTANDING] = {
                 "input_ids": ids, "attention_mask": mask, "labels": labels,
-                "pixel_values": self._pixels(present) if present else None}
+                "pixel_values": pixels}
             batch.counts[UNDERSTANDING] = len(und)
         if gen:
             missing = [s for s, _ in gen if s.id not in self._codes]
@@ -244,13 +278,12 @@ class JanusBackbone(ModelPlacement):
         out: list[str] = []
         for s in range(0, len(questions), batch_size):
             imgs = list(images[s:s + batch_size])
-            ids, mask = self._pad(self._prompt_ids(questions[s:s + batch_size], imgs), left=True)
-            present = [im for im in imgs if im is not None]
+            prompts, pixels = self._prompt_ids(questions[s:s + batch_size], imgs)
+            ids, mask = self._pad(prompts, left=True)
             positions = (mask.cumsum(1) - 1).clamp(min=0)
             cache = DynamicCache()
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                pixel_values=self._pixels(present) if present else None,
-                                cache=cache, use_cache=True).logits
+                                pixel_values=pixels, cache=cache, use_cache=True).logits
             tokens = [[] for _ in imgs]
             done = torch.zeros(len(imgs), dtype=torch.bool, device=ids.device)
             last = positions[:, -1:]
