@@ -442,40 +442,67 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="VQA accuracy and GenEval score of a model")
-    p.add_argument("checkpoint", help="'base' (shipped), a checkpoint folder or a run directory")
-    p.add_argument("--split", default="downstream", choices=["base", "downstream"])
-    p.add_argument("--scenes", type=positive_int, default=200)
-    p.add_argument("--max-vqa", type=non_negative_int, default=400)
-    p.add_argument("--max-gen", type=non_negative_int, default=120)
-    p.add_argument("--seed", type=seed_int, default=0)
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("evaluate", help="VQA accuracy and GenEval score of a model (a run "
+                       "directory: its final evaluation redone, = its summary.json)")
+    p.add_argument("checkpoint", help="a finished run directory, 'base' (shipped) or a "
+                   "reference checkpoint folder")
+    question_set = ("a generated ShapesWorld question set: the default for 'base' and a "
+                    "checkpoint folder; for a run directory, giving any of --split, --scenes, "
+                    "--max-vqa, --max-gen, --seed scores it on that set instead of its own data")
+    g = p.add_argument_group("generated question set", question_set)
+    g.add_argument("--split", choices=["base", "downstream"], help="(default downstream)")
+    g.add_argument("--scenes", type=positive_int, help="(default 200)")
+    g.add_argument("--max-vqa", type=non_negative_int, help="(default 400)")
+    g.add_argument("--max-gen", type=non_negative_int, help="(default 120)")
+    g.add_argument("--seed", type=seed_int, help="(default 0)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedumm.data.readers.shapes import generate_shapes, shapes_samples
-    from fedumm.eval.model_eval import evaluate_backbone
-    from fedumm.models.loading import load_for_eval
+    from fedumm.models.loading import is_run_folder
+    from fedumm.runtime.saved_run import SavedRun
 
-    _threads()
-    backbone = load_for_eval(args.checkpoint)
-    data = generate_shapes(args.split, args.scenes, seed=args.seed, role="test",
-                           image_size=backbone.image_size)
-    res = evaluate_backbone(backbone, shapes_samples(data), max_vqa=args.max_vqa,
-                            max_gen=args.max_gen, seed=args.seed)
+    generated = (args.split, args.scenes, args.max_vqa, args.max_gen, args.seed)
+    run = None
+    if is_run_folder(args.checkpoint) and all(v is None for v in generated):
+        run = SavedRun(args.checkpoint)
+        res = run.evaluate()  # with the run's own thread count
+    else:
+        res = _evaluate_generated(args)
     res.pop("vqa_by_question_type", None)
     if args.json:
         print(json.dumps(res))
-    else:
-        for k, v in res.items():
-            print(f"{k}: {v}")
+        return 0
+    for k, v in res.items():
+        print(f"{k}: {v}")
+    if run is not None:
+        diff = run.differences(res)
+        print("= summary.json's final numbers" if not diff else
+              "differs from summary.json: " + "; ".join(diff))
     return 0
+
+
+def _evaluate_generated(args: argparse.Namespace) -> dict:
+    """``fedumm evaluate`` on a generated ShapesWorld question set."""
+    from fedumm.data.readers.shapes import generate_shapes, shapes_samples
+    from fedumm.eval.model_eval import evaluate_backbone
+    from fedumm.runtime.saved_run import load_model
+
+    _threads()
+    backbone = load_model(args.checkpoint)
+    seed = 0 if args.seed is None else args.seed
+    data = generate_shapes(args.split or "downstream", args.scenes or 200, seed=seed,
+                           role="test", image_size=backbone.image_size)
+    return evaluate_backbone(backbone, shapes_samples(data),
+                             max_vqa=400 if args.max_vqa is None else args.max_vqa,
+                             max_gen=120 if args.max_gen is None else args.max_gen, seed=seed)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate images from prompts into a PNG grid")
-    p.add_argument("checkpoint", help="'base', a checkpoint folder or a run directory")
+    p.add_argument("checkpoint", help="a finished run directory, 'base' or a reference "
+                   "checkpoint folder")
     p.add_argument("prompts", nargs="+")
     p.add_argument("--out", default="runs/generated.png")
     p.add_argument("--seed", type=seed_int, default=0)
@@ -485,13 +512,33 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from fedumm.experiments.plots import image_grid
-    from fedumm.models.loading import load_for_eval
+    from fedumm.runtime.saved_run import load_model
 
     out = claim_file(args.out, ".png", command="generate")  # before loading the model
     _threads()
-    backbone = load_for_eval(args.checkpoint)
+    backbone = load_model(args.checkpoint)
     images = backbone.generate(args.prompts, seed=args.seed, cfg_scale=args.cfg_scale)
     print(f"grid: {image_grid(list(images), args.prompts, out)}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="a finished run's model with its adapters merged, in "
+                       "its backbone's own format (loads without fedumm)")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("--merged", required=True, metavar="OUT",
+                   help="folder to write (new, empty, or an earlier export): the layout the "
+                        "backbone's backbone.path loads (transformers' save_pretrained for "
+                        "Janus, BLIP3o's published layout, the reference checkpoint layout)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedumm.runtime.saved_run import export_merged
+
+    _threads()
+    out = export_merged(args.run, args.merged)
+    print(f"merged model: {out}  (use it as backbone.path={out}, no adapters needed)")
     return 0
 
 
@@ -577,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_evaluate(sub)
     _add_generate(sub)
+    _add_export(sub)
     _add_eval(sub)
     return parser
 

@@ -195,17 +195,59 @@ class LoraSettings:
     # separate: average A and B (FedAvg of the factors); exact: FedEx-LoRA, the residual of
     # the mean product folded into the frozen weights; ffa: FFA-LoRA, A frozen, B trained
     aggregation: str = field(default="separate", metadata=_choices("separate", "exact", "ffa"))
-    # one LoRA rank per client (cycled over clients), each <= r: HetLoRA-style truncation
+    # one LoRA rank per client (cycled over clients), each <= r: client k trains and sends
+    # the first r_k rank components, the server zero-pads them (fedumm.fl.lora_aggregation)
     client_ranks: list[int] = field(default_factory=list, metadata=_range(1, 512))
+    # whether the generation loss also trains the shared language adapters, for backbones whose
+    # generation is a network of its own conditioned on the language model (blip3o). Off:
+    # BLIP3o's recipe (the MLLM frozen; DiT, caption projection and queries learn). On:
+    # generation samples train and weigh the language group too, so a generation client moves
+    # the adapters understanding uses and can degrade understanding. reference and janus
+    # generate through the language model itself: their generation always trains it, and this
+    # key does not apply to them.
+    generation_trains_language: bool = False
+    # with client_ranks, how the server aggregates: zeropad (weighted mean of the zero-padded
+    # A and B); hetlora (HetLoRA: weights ||B_k A_k||_F / sum_j ||B_j A_j||_F per module);
+    # stack (FLoRA: sum_k p_k B_k A_k exactly, folded into the frozen weights, LoRA restarts)
+    het_aggregation: str = field(default="zeropad",
+                                 metadata=_choices("zeropad", "hetlora", "stack"))
+    # HetLoRA's rank self-pruning: 1 = off; gamma < 1: a client of rank r adds
+    # lambda * ||B[:, floor(gamma r):r] A[floor(gamma r):r]||_F to its loss and prunes to
+    # floor(gamma r) when that norm ended the round smaller than it started
+    hetlora_prune_gamma: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
+    hetlora_prune_lambda: float = field(default=0.01, metadata=_range(0.0))
+
+    @property
+    def folding(self) -> str | None:
+        """The setting that folds the clients' mean LoRA product into the frozen weights
+        (``lora.aggregation=exact``, ``lora.het_aggregation=stack``), or None."""
+        if self.aggregation == "exact":
+            return "lora.aggregation=exact"
+        if self.client_ranks and self.het_aggregation == "stack":
+            return "lora.het_aggregation=stack"
+        return None
 
     def validate(self) -> None:
         bad = [x for x in self.client_ranks if x > self.r]
         if bad:
             raise ConfigError(f"lora.client_ranks: every rank must be <= lora.r={self.r}, got "
                               f"{bad}")
+        if self.het_aggregation != "zeropad" and not self.client_ranks:
+            raise ConfigError(f"lora.het_aggregation={self.het_aggregation} aggregates clients "
+                              "of different ranks: it needs lora.client_ranks (one rank for "
+                              f"all: lora.client_ranks=[{self.r}])")
         if self.client_ranks and self.aggregation == "exact":
             raise ConfigError("lora.client_ranks with lora.aggregation=exact is not supported "
-                              "(the residual of mixed ranks is not defined here)")
+                              "(the truncated downloads lose part of the global product); "
+                              "lora.het_aggregation=stack folds mixed ranks exactly")
+        if self.het_aggregation == "hetlora" and self.aggregation == "ffa":
+            raise ConfigError("lora.het_aggregation=hetlora weighs clients by ||B_k A_k|| and "
+                              "FFA-LoRA does not send A; with FFA-LoRA, zero-padding mixed "
+                              "ranks is already exact (lora.het_aggregation=zeropad)")
+        if self.hetlora_prune_gamma < 1 and not (self.client_ranks
+                                                 and self.het_aggregation == "hetlora"):
+            raise ConfigError("lora.hetlora_prune_gamma < 1 is HetLoRA's rank self-pruning: "
+                              "it needs lora.client_ranks and lora.het_aggregation=hetlora")
 
 
 @dataclass
@@ -312,20 +354,27 @@ class Config:
         if not self.name.strip() or ".." in parts or not self.name.isprintable():
             raise ConfigError(f"name: expected a run name (printable, no '..'), got "
                               f"{_show(self.name)}")
-        name = self.strategy.name
-        if self.lora.aggregation == "exact" and name not in BASELINE_MODES and \
+        name, folding = self.strategy.name, self.lora.folding
+        if folding and name not in BASELINE_MODES and \
                 not STRATEGIES.get(name).keeps_client_mean:
             fits = [n for n in STRATEGIES.names() if STRATEGIES.get(n).keeps_client_mean]
-            raise ConfigError(f"lora.aggregation=exact folds the mean client model into the "
+            raise ConfigError(f"{folding} folds the mean client model into the "
                               f"frozen weights; strategy.name={name} moves the server model "
                               f"elsewhere (use {', '.join(fits)})")
         lr = self.strategy.server_lr
-        if self.lora.aggregation == "exact" and lr is not None and lr != 1.0:
+        if folding and lr is not None and lr != 1.0:
             # the folded residual is that of the plain client mean: a server step other than
             # 1 would be undone for the LoRA product while A and B moved by it
-            raise ConfigError(f"lora.aggregation=exact folds the clients' mean model into the "
+            raise ConfigError(f"{folding} folds the clients' mean model into the "
                               f"frozen weights, which needs strategy.server_lr=1 (got {lr}); "
                               "leave strategy.server_lr unset or use lora.aggregation=separate")
+        if folding and not CODECS.resolve(self.codec.download).lossless:
+            # clients and server must fold the same residual; a lossy download changes it
+            raise ConfigError(f"{folding} folds a residual that clients and server "
+                              f"must hold alike, which needs a lossless download codec "
+                              f"(float32, float32+zlib or float32+zstd; got codec.download="
+                              f"{self.codec.download}); set codec.upload=... alone to compress "
+                              f"the uploads")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

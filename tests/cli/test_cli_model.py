@@ -3,22 +3,51 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from fedumm.cli import main
 from fedumm.data.export import export_official
 from fedumm.data.readers.shapes import generate_shapes
+from makers import run_cli
 
 
-def test_run_then_evaluate_the_run_directory(tmp_path, capsys, micro_checkpoint, tiny_overrides):
-    assert main(["run", "configs/quickstart.yaml", *tiny_overrides, "--out", str(tmp_path / "r"),
-                 "--quiet", "--json"]) == 0
+@pytest.mark.parametrize("aggregation", ["separate", "exact"])
+def test_evaluate_a_run_directory_gives_its_summary_numbers(tmp_path, capsys, tiny_overrides,
+                                                            aggregation):
+    run = str(tmp_path / "r")
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides,
+                 f"lora.aggregation={aggregation}", "--out", run, "--quiet", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert main(["evaluate", str(tmp_path / "r"), "--split", "downstream", "--scenes", "6",
-                 "--max-vqa", "6", "--max-gen", "3", "--json"]) == 0
-    res = json.loads(capsys.readouterr().out)
-    assert {"vqa_accuracy", "geneval_overall"} <= set(res)
     assert summary["clients"] == 2
+    assert main(["evaluate", run, "--json"]) == 0  # its own held-out data and eval settings
+    res = json.loads(capsys.readouterr().out)
+    assert {k: res[k] for k in summary["final"]} == summary["final"]
+    assert main(["evaluate", run]) == 0
+    assert "= summary.json's final numbers" in capsys.readouterr().out
+    # a generated ShapesWorld question set instead, when asked for one
+    assert main(["evaluate", run, "--split", "downstream", "--scenes", "6", "--max-vqa", "6",
+                 "--max-gen", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"vqa_accuracy", "geneval_overall"} <= set(res) and res["num_vqa"] == 6
+
+
+def test_export_merged_then_evaluate_and_generate(tmp_path, capsys, tiny_overrides):
+    run, merged = str(tmp_path / "r"), tmp_path / "merged"
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides, "lora.aggregation=exact",
+                 "--out", run, "--quiet", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", run, "--merged", str(merged)]) == 0
+    assert f"merged model: {merged}" in capsys.readouterr().out
+    assert (merged / "model.safetensors").is_file()
+    assert main(["evaluate", str(merged), "--scenes", "4", "--max-vqa", "4", "--max-gen", "2",
+                 "--json"]) == 0
+    assert "vqa_accuracy" in json.loads(capsys.readouterr().out)
+    out = tmp_path / "g.png"
+    assert main(["generate", run, "a photo of a red circle", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    code, err = run_cli(["export", run])
+    assert code == 2 and "--merged" in err
 
 
 def test_resume_flag_refuses_a_config(tmp_path, capsys):

@@ -10,7 +10,6 @@ from fedumm.fl.lora_aggregation import (
     lora_modules,
     mean_products,
     pad_ranks,
-    rank_weighted_mean,
     truncate_ranks,
 )
 
@@ -66,11 +65,14 @@ def test_truncate_then_pad_keeps_the_first_components_and_zeros_the_rest():
     assert torch.equal(back[B][:, :3], full[B][:, :3]) and not back[B][:, 3:].any()
 
 
-def test_each_rank_component_is_averaged_over_the_clients_that_have_it():
+def test_zero_padding_averages_every_component_over_every_client():
+    # FLoRA's zero-padding baseline: a rank-2 client's missing components count as zeros with
+    # its full weight (the old per-component renormalisation gave the rank-4 client weight 1)
+    from fedumm.fl.aggregate import weighted_mean
+
     full = client(5, r=4)
     low = pad_ranks(truncate_ranks(client(6, r=4), 2), full)  # a rank-2 client
-    out = rank_weighted_mean([full[B], low[B]], [1.0, 3.0], [4, 2], B)
-    torch.testing.assert_close(out[:, :2], (full[B][:, :2] + 3 * low[B][:, :2]) / 4)
-    torch.testing.assert_close(out[:, 2:], full[B][:, 2:])  # only the rank-4 client has these
-    out_a = rank_weighted_mean([full[A], low[A]], [1.0, 3.0], [4, 2], A)
-    torch.testing.assert_close(out_a[2:], full[A][2:])
+    out = weighted_mean([{B: full[B], A: full[A]}, {B: low[B], A: low[A]}], [1.0, 3.0])
+    torch.testing.assert_close(out[B][:, :2], (full[B][:, :2] + 3 * low[B][:, :2]) / 4)
+    torch.testing.assert_close(out[B][:, 2:], full[B][:, 2:] / 4)
+    torch.testing.assert_close(out[A][2:], full[A][2:] / 4)

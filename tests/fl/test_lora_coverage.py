@@ -1,7 +1,8 @@
 """Every LoRA factor PEFT creates on a backbone's declared groups (Linear and Embedding layers)
 is covered by every LoRA-aware mode: its pair is found, FFA freezes the factor PEFT seeded at
-random, rank truncation and padding invert each other on it, and its update has the shape of
-the weight the exact residual is folded into."""
+random, rank truncation and padding invert each other on it, its update has the shape of
+the weight the exact residual is folded into, and the heterogeneous-rank rules (HetLoRA's
+norms and self-pruning tail, FLoRA's stacking) compute on it."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ from fedumm.config import BackboneConfig, config_from_dict
 from fedumm.fl.lora_aggregation import (
     _product,
     exact_residuals,
+    hetlora_weights,
     is_seeded,
     lora_modules,
+    lora_norm,
+    mean_products,
     pad_ranks,
+    stack_factors,
+    tail_norm,
     truncate_ranks,
 )
 from fedumm.fl.lora_modes import LoraMode
@@ -37,6 +43,7 @@ def test_every_lora_factor_of_every_backbone_is_covered(kind):
     modules = lora_modules(state)
     assert factors == {k for ab in modules.values() for k in ab}  # no factor left out
     kinds = set()
+    g = torch.Generator().manual_seed(0)
     for module, (a, b) in modules.items():
         seeded = [k for k in (a, b) if is_seeded(k)]
         assert len(seeded) == 1  # FFA freezes exactly one factor: the random one
@@ -49,6 +56,22 @@ def test_every_lora_factor_of_every_backbone_is_covered(kind):
         assert cut[a].shape[0] == 2 and cut[b].shape[1] == 2
         back = pad_ranks(cut, state)
         assert torch.equal(back[a][:2], state[a][:2]) and back[a].shape == state[a].shape
+        # two trained clients of ranks 2 and 4 (the zero-initialised factor moved)
+        clients = [pad_ranks(truncate_ranks({a: state[a], b: state[b], other: torch.randn(
+            state[other].shape, generator=g)}, r), state) for r in (2, 4)]
+        one = {module: (a, b)}
+        stacked = dict(zip((a, b), stack_factors(clients, [1.0, 3.0], a, b, [2, 4]),
+                           strict=True))
+        assert stacked[a].shape[0] == 6  # rank 2 + 4
+        product = _product(stacked, a, b)
+        assert tuple(product.shape) == tuple(weight.shape)
+        torch.testing.assert_close(product, mean_products(clients, [1.0, 3.0], one)[module])
+        norms = [float(_product(c, a, b).norm()) for c in clients]
+        assert hetlora_weights(clients, [1.0, 3.0], a, b) == pytest.approx(
+            [n / sum(norms) for n in norms])
+        assert float(lora_norm(clients[0][a], clients[0][b])) == pytest.approx(norms[0])
+        tail = _product({a: clients[1][a][3:4], b: clients[1][b][:, 3:4]}, a, b).norm()
+        assert float(tail_norm(clients[1], one, 4, 0.75)) == pytest.approx(float(tail))
         kinds.add("embedding" if "embedding" in a else "linear")
     assert "linear" in kinds
     if kind == "reference":

@@ -23,15 +23,17 @@ def _global(step: int) -> dict[str, torch.Tensor]:
     return {A: torch.randn(4, 400, generator=g), B: torch.randn(300, 4, generator=g) * step}
 
 
-def _server(spec: str, ranks=()) -> Downloads:
-    return Downloads(spec, LoraMode(False, tuple(ranks)))
+def _server(spec: str, ranks=(), initial=None) -> Downloads:
+    return Downloads(spec, LoraMode(False, tuple(ranks)),
+                     _global(0) if initial is None else initial)
 
 
-def _round(server: Downloads, rnd: int, state, selected, client_states):
+def _round(server: Downloads, rnd: int, state, selected, client_states, initial=None):
     out = server.prepare(rnd, selected, lambda k: state, lambda k: 0, {}, {})
     got = {}
     for k in selected:
-        got[k] = receive(out.payloads[k], client_states.setdefault(k, {})).state
+        got[k] = receive(out.payloads[k], client_states.setdefault(k, {}),
+                         _global(0) if initial is None else initial).state
     server.delivered(rnd, selected)
     return out, got
 
@@ -40,7 +42,7 @@ def test_a_lossy_download_rebuilds_the_servers_copy_and_its_error_does_not_accum
     server, states = _server("topk:0.05"), {}
     for rnd in range(6):
         state = _global(rnd)
-        out, got = _round(server, rnd, state, [0, 1], states)
+        out, got = _round(server, rnd, state, [0, 1], states, initial=_global(0))
         for k in (0, 1):  # the client's copy is bit for bit the copy the server keeps
             assert torch.equal(got[k][A], server.copies[None][A])
             assert torch.equal(out.starts[k][B], server.copies[None][B])
@@ -50,7 +52,7 @@ def test_a_lossy_download_rebuilds_the_servers_copy_and_its_error_does_not_accum
         # error is at most that of one compression of the change, never the sum of all
         err = sum(float((state[n] - server.copies[None][n]).norm() ** 2) for n in state) ** 0.5
         if rnd == 0:
-            assert err == 0  # the first download is the copy itself
+            assert err == 0  # the first copy is the initial adapters, equal to round 0's
         else:
             change = {n: _global(rnd)[n] - _global(rnd - 1)[n] for n in state}
             assert err < sum(float(v.norm() ** 2) for v in change.values()) ** 0.5 * 2
@@ -135,3 +137,13 @@ def test_a_sparse_download_keeps_the_global_dense_and_close_to_a_float32_run(
              / sparse["communication"]["download_bytes_per_client_round"])
     assert ratio > 2  # the first round's float32 copy included
 
+
+
+def test_the_first_download_is_a_change_of_the_initial_adapters_each_client_builds():
+    server = _server("nf4")
+    out = server.prepare(0, [0], lambda k: _global(0), lambda k: 0, {}, {})
+    assert len(out.payloads[0]) < 0.2 * len(codec.encode(_global(0), "float32"))
+    assert torch.equal(receive(out.payloads[0], {}, _global(0)).state[A], _global(0)[A])
+    other = {n: v + 1e-3 for n, v in _global(0).items()}  # built differently elsewhere
+    with pytest.raises(OutOfSync, match="differs from the server's"):
+        receive(out.payloads[0], {}, other)

@@ -16,6 +16,9 @@ feedback on the server (as in double-compression schemes, e.g. DoubleSqueeze, Ta
   ``encode(global - copy)``; both sides add the decoded change to the copy, so what the codec
   dropped stays in ``global - copy`` and leaves with the next round's change: the clients'
   copy is the server's model up to one round's codec error, never more;
+* the first copy is the initial adapters, which every client builds itself from the run's
+  seed, so the first download is a change too (of zero); every change carries a hash of the
+  copy it changes, so a client whose copy differs refuses it instead of training elsewhere;
 * a client that did not receive the last download (partial participation, a restarted site)
   receives the copy itself, in float32, once (counted in the traffic);
 * the server aggregates from its own global, never from a client's copy: an update is taken
@@ -28,6 +31,7 @@ hold alike, so it needs a lossless download codec (checked in the config).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 
 from fedumm.fl.codecs import parse_codec
+from fedumm.fl.lora_aggregation import rank_of, truncate_ranks
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import Download, decode_download, encode_download
 
@@ -42,6 +47,7 @@ State = dict[str, torch.Tensor]
 HELD = "download"  # the client_state entry of the copy a client holds (lossy downloads)
 FULL_COPY_CODEC = "float32"  # how a client that missed a download receives the copy
 OUT_OF_SYNC = "out of sync with the download"  # the start of such a client's error reply
+INITIAL = -1  # the version of the initial adapters, the copy every client starts with
 
 
 class OutOfSync(ValueError):
@@ -63,18 +69,33 @@ def lossless(spec: str) -> bool:
     return parse_codec(spec).lossless
 
 
+def fingerprint(state: State) -> str:
+    """A hash of a copy's float32 values (names in sorted order): what a change applies to."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class Downloads:
     """The server side of the download, for one run."""
 
-    def __init__(self, spec: str, lora: LoraMode, lossy_allowed: bool = True) -> None:
+    def __init__(self, spec: str, lora: LoraMode, initial: State,
+                 lossy_allowed: bool = True) -> None:
         # the local baseline keeps each client's own adapters: nothing travels, so nothing is
         # quantised either (lossy_allowed=False)
-        self.spec = spec
+        self.spec = spec if lossy_allowed or lossless(spec) else FULL_COPY_CODEC
         self.lora = lora
-        self.by_change = lossy_allowed and not lossless(spec)
-        self.copies: dict[int | None, State] = {}  # LoRA rank -> the clients' copy
-        self.version: int | None = None  # the round whose download the copies are
-        self.synced: dict[int, int] = {}  # client -> the version of the copy it holds
+        self.by_change = not lossless(self.spec)
+        # LoRA rank -> the clients' copy; at first the initial adapters every client builds
+        self.copies: dict[int | None, State] = {}
+        if self.by_change:
+            full = {n: v.detach().float().clone() for n, v in initial.items()}
+            for rank in set(lora.client_ranks) or {None}:
+                self.copies[rank] = full if rank is None else truncate_ranks(full, rank)
+        self.version = INITIAL  # the round whose download the copies are
+        self.synced: dict[int, int] = {}  # client -> the version of its copy (else INITIAL)
 
     # -- server ------------------------------------------------------------------------------
 
@@ -104,8 +125,7 @@ class Downloads:
 
     def _by_change(self, rnd: int, selected: list[int], state_of: Callable[[int], State],
                    control: State) -> Outgoing:
-        fresh = {k for k in selected
-                 if self.version is not None and self.synced.get(k) == self.version}
+        fresh = {k for k in selected if self.synced.get(k, INITIAL) == self.version}
         out = Outgoing({}, {}, {})
         ranks: dict[int | None, list[int]] = {}
         for k in selected:
@@ -118,7 +138,8 @@ class Downloads:
             if held is not None and any(k in fresh for k in clients):
                 change = {n: want[n].float() - held[n] for n in want}
                 change_payload = encode_download(
-                    Download(change, control, {}, rnd, self.version), self.spec)
+                    Download(change, control, {}, rnd, self.version, fingerprint(held)),
+                    self.spec)
                 decoded = decode_download(change_payload).state
                 copy = {n: held[n] + decoded[n] for n in want}
             else:  # nobody holds the last copy: start the copies from the server's model
@@ -146,22 +167,24 @@ class Downloads:
         return {"copies": self.copies, "version": self.version, "synced": self.synced}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        self.copies = dict(d.get("copies", {}))
-        self.version = d.get("version")
-        self.synced = {int(k): int(v) for k, v in d.get("synced", {}).items()}
+        if "copies" in d:
+            self.copies = dict(d["copies"])
+            self.version = int(d["version"])
+            self.synced = {int(k): int(v) for k, v in d["synced"].items()}
 
 
 # -- client ------------------------------------------------------------------------------------
 
-def receive(payload: bytes, client_state: dict) -> Download:
+def receive(payload: bytes, client_state: dict, initial: State | None = None) -> Download:
     """The download a client starts from, rebuilding a change-coded one on the copy it holds
-    (``client_state[HELD]``, updated in place).
+    (``client_state[HELD]``, updated in place; before its first download, ``initial``: the
+    adapters it built itself).
 
     Raises
     ------
     OutOfSync
         The download changes a copy this client does not hold (it missed a round the server
-        believes it received).
+        believes it received, or its initial adapters differ from the server's).
     """
     down = decode_download(payload)
     if down.round is None:  # lossless: the values themselves
@@ -170,10 +193,19 @@ def receive(payload: bytes, client_state: dict) -> Download:
         copy = {n: v.float() for n, v in down.state.items()}
     else:
         held = client_state.get(HELD)
+        if held is None and down.base == INITIAL and initial is not None:
+            rank = rank_of(down.state)
+            base = {n: v.detach().float() for n, v in initial.items()}
+            held = {"round": INITIAL, "state": base if rank is None or rank_of(base) == rank
+                    else truncate_ranks(base, rank)}
         if held is None or held["round"] != down.base:
             have = "no copy" if held is None else f"the copy of round {held['round']}"
             raise OutOfSync(f"{OUT_OF_SYNC}: it changes the copy of round {down.base}, this "
                             f"client holds {have}; it receives the full copy next round")
+        if down.check is not None and fingerprint(held["state"]) != down.check:
+            raise OutOfSync(f"{OUT_OF_SYNC}: this client's copy of round {down.base} differs "
+                            "from the server's (initial adapters built differently?); it "
+                            "receives the full copy next round")
         copy = {n: held["state"][n] + v for n, v in down.state.items()}
     client_state[HELD] = {"round": down.round, "state": copy}
     return Download(copy, down.control, down.residual)

@@ -25,11 +25,14 @@ class ClientEndpoint:
     """One client process's endpoint: ``handle`` serves one round for one client."""
 
     def __init__(self, trainer: ClientTrainer, strategy: type[Strategy], lora: LoraMode,
-                 pipeline: Pipeline) -> None:
+                 pipeline: Pipeline, keep_initial: bool = False) -> None:
         self.trainer = trainer
         self.strategy = strategy  # its client hooks are the algorithm's client side
         self.lora = lora
         self.pipeline = pipeline
+        # a lossy download's first copy is the initial adapters, built here from the seed
+        self.initial = {k: p.detach().float().clone()
+                        for k, p in trainer.adapters.params.items()} if keep_initial else None
 
     def hooks(self, client_id: int, client_config: dict[str, Any]) -> list[ClientHook]:
         """This round's client hooks: the LoRA mode's first, then the strategy's, then the
@@ -42,7 +45,7 @@ class ClientEndpoint:
                ) -> tuple[Reply, dict]:
         client_state = dict(client_state or {})
         try:  # a lossy download is a change of the copy this client holds
-            down = receive(payload, client_state)
+            down = receive(payload, client_state, self.initial)
         except OutOfSync as exc:
             meta = ReplyMeta(num_samples=client.num_samples, error=str(exc))
             return Reply(client.client_id, b"", meta), client_state

@@ -1,4 +1,4 @@
-"""LoRA-aware aggregation: what averaging A and B separately gets wrong, and three fixes.
+"""LoRA-aware aggregation: what averaging A and B separately gets wrong, and the fixes.
 
 A LoRA module adds ``scaling * B @ A`` to a frozen weight. Averaging the clients' A and B
 separately gives ``mean(B) @ mean(A)``, which is not ``mean(B_k @ A_k)``; the difference grows
@@ -17,21 +17,33 @@ for Embedding layers, whose update is the transpose, ``(B A)^T``; every mode cov
   (Linear's A, Embedding's B: :func:`is_seeded`) stays at its shared initialisation and only
   the other trains and travels, so averaging it is exact (``B A`` is linear in each factor)
   and the upload halves;
-* heterogeneous ranks (HetLoRA, Cho et al. 2024, arXiv:2401.06432): client k trains the first
-  ``r_k`` rank components; its tensors travel truncated (:func:`truncate_ranks`) and are
-  zero-padded back (:func:`pad_ranks`); each rank component is averaged over the clients that
-  have it (:func:`rank_weighted_mean`).
+* heterogeneous ranks (``lora.client_ranks``): client k trains the first ``r_k`` rank
+  components; its tensors travel truncated (:func:`truncate_ranks`) and are zero-padded back
+  (:func:`pad_ranks`). Three rules then aggregate them (``lora.het_aggregation``):
+
+  - ``zeropad`` (the baseline FLoRA compares against, Wang et al. 2024, arXiv:2409.05976):
+    the plain weighted mean of the zero-padded A and B, with the strategy's weights;
+  - ``hetlora`` (HetLoRA, Cho et al. 2024, arXiv:2401.06432): the same mean with HetLoRA's
+    sparsity weights ``||B_k A_k||_F / sum_j ||B_j A_j||_F`` (:func:`hetlora_weights`,
+    :func:`hetlora_mean`); its clients may prune their rank (:func:`tail_norm`,
+    :func:`pruned_rank`);
+  - ``stack`` (FLoRA): the exact sum ``sum_k p_k B_k A_k`` as one LoRA of rank ``sum_k r_k``
+    (:func:`stack_factors`), folded into the frozen weights; the LoRA modules restart.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
+from fedumm.fl.aggregate import weighted_mean
 from fedumm.models.protocol import AdapterLayout
 
 State = dict[str, torch.Tensor]
+# lora.het_aggregation: how the zero-padded tensors of clients of different ranks aggregate
+ZEROPAD, HETLORA, STACK = "zeropad", "hetlora", "stack"
 # PEFT's factor pairs, (A suffix, B suffix): the update is B @ A with A (r x in) and B (out x r)
 # for Linear layers (A initialised at random, B at zero), and (B @ A)^T for Embedding layers,
 # whose lora_embedding_A (r x num_embeddings) starts at zero and lora_embedding_B (dim x r) at
@@ -160,36 +172,115 @@ def rank_of(state: State) -> int | None:
     return None
 
 
-def rank_weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float],
-                       ranks: Sequence[int], key: str) -> torch.Tensor:
-    """Weighted mean of zero-padded LoRA tensors where each rank component is averaged over
-    the clients that train it (a client of rank r_k has components 0 .. r_k - 1)."""
-    first = tensors[0]
-    axis = 0 if is_lora_a(key) else 1
-    r_full = first.shape[axis]
-    acc = torch.zeros(first.shape, dtype=torch.float64)
-    norm = torch.zeros(r_full, dtype=torch.float64)
-    for t, w, r in zip(tensors, weights, ranks, strict=True):
-        acc += t.double() * float(w)
-        norm[:r] += float(w)
-    shape = (-1, 1) if axis == 0 else (1, -1)
-    scale = torch.where(norm > 0, 1.0 / norm.clamp(min=1e-300), torch.zeros_like(norm))
-    return (acc * scale.view(shape)).to(first.dtype)
+# --------------------------------------------------------------------------- rank rules
+
+def lora_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``||B A||_F`` without forming ``B A``: ``sqrt(<B^T B, A A^T>)`` from two r x r Gram
+    matrices (the same for an embedding's transposed product). Differentiable, with a zero
+    gradient where the product is zero (a LoRA starting at ``B = 0``)."""
+    sq = ((b.T @ b) * (a @ a.T)).sum()
+    return torch.where(sq > 0, sq.clamp_min(torch.finfo(sq.dtype).tiny).sqrt(), sq.new_zeros(()))
+
+
+def hetlora_weights(states: Sequence[State], weights: Sequence[float], a: str, b: str
+                    ) -> list[float]:
+    """HetLoRA's sparsity-weighted aggregation weights for one LoRA module (Cho et al. 2024,
+    arXiv:2401.06432, Fig. 2): ``p_k = ||S_k|| / Z`` with ``||S_k|| = ||Delta W_k||_F =
+    ||B_k A_k||_F``, the Frobenius norm of client k's reconstructed LoRA update (its trained,
+    zero-padded factors), and ``Z = sum_j ||S_j||``. Sample counts do not enter: ``weights``
+    (the strategy's) only say which clients take part (``w_k > 0``). The paper writes one
+    weight matrix; each adapted module is one such matrix here, with its own weights. Where
+    every norm is zero the strategy's weights are returned, normalised."""
+    norms = [float(lora_norm(s[a].double(), s[b].double())) if w > 0 else 0.0
+             for s, w in zip(states, weights, strict=True)]
+    z = sum(norms)
+    if z <= 0:
+        total = float(sum(weights))
+        return [float(w) / total for w in weights]
+    return [n / z for n in norms]
+
+
+def hetlora_mean(states: Sequence[State], weights: Sequence[float], keys) -> State:
+    """HetLoRA's aggregate of zero-padded factors: per module with both factors in ``keys``,
+    ``A = sum_k p_k A_k`` and ``B = sum_k p_k B_k`` with ``p_k`` from
+    :func:`hetlora_weights`; other keys are left out (the caller averages them)."""
+    out: State = {}
+    for a, b in lora_modules(keys).values():
+        p = hetlora_weights(states, weights, a, b)
+        out.update(weighted_mean([{a: s[a], b: s[b]} for s in states], p))
+    return out
+
+
+def stack_factors(states: Sequence[State], weights: Sequence[float], a: str, b: str,
+                  ranks: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLoRA's stacking (Wang et al. 2024, arXiv:2409.05976) for one module:
+    ``A = [p_1 A_1; ...; p_K A_K]`` (rows stacked, ``sum_k r_k x in``) and ``B = [B_1, ...,
+    B_K]`` (columns stacked, ``out x sum_k r_k``), ``p_k = w_k / sum_j w_j``, so that ``B A =
+    sum_k p_k B_k A_k`` exactly: a LoRA of rank ``sum_k r_k`` (float64). ``ranks``: each
+    client's ``r_k`` (its first components; by default all the tensor has)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("stack_factors: the weights sum to zero")
+    rs = [s[a].shape[0] for s in states] if ranks is None else list(ranks)
+    a_stack = torch.cat([s[a][:r].double() * (float(w) / total)
+                         for s, w, r in zip(states, weights, rs, strict=True)], dim=0)
+    b_stack = torch.cat([s[b][:, :r].double() for s, r in zip(states, rs, strict=True)], dim=1)
+    return a_stack, b_stack
+
+
+def pruned_rank(rank: int, gamma: float) -> int:
+    """HetLoRA's self-pruned rank ``max(1, floor(gamma r_k))`` (``gamma < 1`` its decay
+    factor); also where the tail that :func:`tail_norm` penalises starts."""
+    return max(1, math.floor(gamma * rank + 1e-9))
+
+
+def tail_norm(state: Mapping[str, torch.Tensor], modules: dict[str, tuple[str, str]],
+              rank: int, gamma: float) -> torch.Tensor:
+    """HetLoRA's rank self-pruning regulariser (Cho et al. 2024, arXiv:2401.06432):
+    ``sum_m ||B_m[:, floor(gamma r):r] A_m[floor(gamma r):r, :]||_F``, the norm of the last
+    rank components of a client of rank ``r``, summed over ``modules`` (differentiable)."""
+    lo = pruned_rank(rank, gamma)
+    total = None
+    for a, b in modules.values():
+        n = lora_norm(state[a][lo:rank], state[b][:, lo:rank])
+        total = n if total is None else total + n
+    return total if total is not None else torch.zeros(())
 
 
 # --------------------------------------------------------------------------- per round
 
+def rule_targets(states: Sequence[State], weights: Sequence[float],
+                 modules: dict[str, tuple[str, str]], rule: str = ZEROPAD
+                 ) -> dict[str, torch.Tensor]:
+    """Per module, the mean product a rank rule's aggregate stands for (float64): ``sum_k p_k
+    B_k A_k`` with the strategy's weights (``zeropad``; ``stack``, as the product of the
+    stacked factors, :func:`stack_factors`) or HetLoRA's own (``hetlora``, per module)."""
+    if rule == HETLORA:
+        return {m: mean_products(states, hetlora_weights(states, weights, a, b), {m: (a, b)})[m]
+                for m, (a, b) in modules.items()}
+    if rule == STACK:
+        out = {}
+        for m, (a, b) in modules.items():
+            a_stack, b_stack = stack_factors(states, weights, a, b)
+            out[m] = _product({a: a_stack, b: b_stack}, a, b)
+        return out
+    return mean_products(states, weights, modules)
+
+
 def round_lora_errors(layout: AdapterLayout, modules: dict[str, tuple[str, str]],
                       new: State, clients: Sequence[tuple[State, State]],
                       weights_of: Callable[[str, list[int]], list[float]],
-                      scaling: float, residual: State | None = None) -> dict[str, float]:
+                      scaling: float, residual: State | None = None, rule: str = ZEROPAD
+                      ) -> dict[str, float]:
     """Per adapter group with LoRA layers, the aggregation error of ``new`` (the global
-    adapters after the round) against the weighted mean of the contributing clients' ``B_k
-    A_k``. ``clients``: per update, (the adapters it started from, the tensors it sent);
+    adapters after the round) against the mean of the contributing clients' ``B_k A_k`` that
+    the rank ``rule`` averages (:func:`rule_targets`: the strategy's weights, HetLoRA's under
+    ``hetlora``). ``clients``: per update, (the adapters it started from, the tensors it sent);
     ``weights_of(group, positions)``: the strategy's weights of the updates at those positions
-    (all of which trained the group). With ``residual`` (exact aggregation: the residuals
-    folded so far, by module), this round's residual is added to it in place and the error is
-    that of the folded model (~0)."""
+    (all of which trained the group). With ``residual`` (the residuals folded so far, by
+    module: exact aggregation, and ``stack``, whose ``new`` holds restarted LoRA modules), this
+    round's residual is added to it in place and the error is that of the folded model
+    (~0)."""
     out = {}
     for group in layout.names:
         mods = {m: ab for m, ab in modules.items() if layout.group_of(ab[0]) == group}
@@ -201,7 +292,7 @@ def round_lora_errors(layout: AdapterLayout, modules: dict[str, tuple[str, str]]
         if sum(weights) <= 0:
             continue
         states = [{**clients[i][0], **clients[i][1]} for i in trained]
-        target = mean_products(states, weights, mods)
+        target = rule_targets(states, weights, mods, rule)
         effective = None
         if residual is not None:
             this_round = exact_residuals(states, weights, new, mods, scaling, target)

@@ -185,13 +185,15 @@ class Download:
     """What a client receives: the global adapters (maybe truncated to its rank), the tensors
     the strategy sends (SCAFFOLD's server control) and the residuals folded so far. A lossy
     download (:mod:`fedumm.fl.downloads`) also says which round's copy it is (``round``) and,
-    when ``state`` is the change of a copy, the round of the copy it changes (``base``)."""
+    when ``state`` is the change of a copy, the round of the copy it changes (``base``, -1:
+    the initial adapters) and a hash of that copy (``check``)."""
 
     state: State
     control: State
     residual: State
     round: int | None = None
     base: int | None = None
+    check: str | None = None  # a hash of the copy ``state`` changes
 
 
 # a download with a round: FRAME, the header's length (4 bytes, little-endian), the header's
@@ -204,19 +206,19 @@ def encode_download(down: Download, spec: str) -> bytes:
     body = encode({**pack(down.state, down.control), **residual}, spec)
     if down.round is None:
         return body
-    header = json.dumps({"round": down.round, "base": down.base}).encode()
+    header = json.dumps({"round": down.round, "base": down.base, "check": down.check}).encode()
     return FRAME + struct.pack("<I", len(header)) + header + body
 
 
 def decode_download(payload: bytes) -> Download:
-    rnd = base = None
+    rnd = base = check = None
     if payload[:len(FRAME)] == FRAME:
         start = len(FRAME) + 4
         (size,) = struct.unpack("<I", payload[len(FRAME):start])
         header = json.loads(payload[start:start + size])
-        rnd, base = int(header["round"]), header["base"]
+        rnd, base, check = int(header["round"]), header["base"], header.get("check")
         payload = payload[start + size:]
     tensors = decode(payload)
     residual = {k[len(RESIDUAL):]: v for k, v in tensors.items() if k.startswith(RESIDUAL)}
     state, control = unpack({k: v for k, v in tensors.items() if not k.startswith(RESIDUAL)})
-    return Download(state, control, residual, rnd, None if base is None else int(base))
+    return Download(state, control, residual, rnd, None if base is None else int(base), check)

@@ -44,6 +44,9 @@ class Delta(Stage):
     def server(self, up: Upload) -> str | None:
         if up.meta.form == DELTA:
             up.tensors = {k: up.reference[k] + v for k, v in up.tensors.items()}
+        elif up.start is not None:  # values trained from a lossy download's copy: their
+            # change, applied to the server's own model
+            up.tensors = {k: up.reference[k] + (v - up.start[k]) for k, v in up.tensors.items()}
         return None
 
 

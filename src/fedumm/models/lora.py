@@ -7,12 +7,22 @@ trainable copies of its ``modules_to_save`` (PEFT's mechanism for e.g. alignment
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from fedumm.models.checksums import check_tensor_file
 from fedumm.models.groups import AdapterLayout
+
+if TYPE_CHECKING:
+    from fedumm.config import LoraSettings
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's
+RESIDUAL_FILE = "base_residual.safetensors"  # beside the adapters: exact aggregation's residual
 
 
 def _is_adapter(name: str) -> bool:
@@ -59,7 +69,13 @@ class LoraAdapters:
                 key = name.replace(".default", "").replace(".modules_to_save", "")
                 self.params[key] = p
         self._group = {k: self.layout.group_of(k) for k in self.params}
+        self._original: dict[str, torch.Tensor] = {}  # module -> its weight before any fold
         self.set_trainable(self.groups)
+
+    @classmethod
+    def from_config(cls, backbone, lora: LoraSettings, seed: int) -> LoraAdapters:
+        """The adapters a run's ``lora`` settings describe, initialised from ``seed``."""
+        return cls(backbone, lora.r, lora.alpha, lora.groups, lora.dropout, seed=seed)
 
     def group_of(self, key: str) -> str:
         return self._group[key]
@@ -89,19 +105,81 @@ class LoraAdapters:
     def fold_residuals(self, cumulative: dict[str, torch.Tensor]) -> None:
         """Make each adapted layer's frozen weight its original value plus
         ``cumulative[module]`` (exact LoRA aggregation folds the residual of the mean product
-        there). Only the change since the last call is applied, so calling it again with the
-        same residuals (another client on the same shared backbone) does nothing."""
-        folded = getattr(self, "_folded", {})
+        there). The sum is taken from the original weight each time (in float32, kept on the
+        CPU from the first fold on), so the weights after any sequence of calls are bit for bit
+        those of one call with the last residuals: calling it again with the same residuals
+        (another client on the same shared backbone) changes nothing, and a saved run folded
+        once at load time has exactly the weights its final evaluation used."""
         with torch.no_grad():
             for module, residual in cumulative.items():
                 weight = self.model.get_submodule(module).base_layer.weight
-                change = residual.to(weight.device, weight.dtype)
-                if module in folded:
-                    change = change - folded[module].to(weight.device, weight.dtype)
-                if torch.count_nonzero(change):
-                    weight.add_(change)
-                folded[module] = residual.detach().clone()
-        self._folded = folded
+                if module not in self._original:
+                    if not torch.count_nonzero(residual):
+                        continue  # nothing folded yet, nothing to fold
+                    self._original[module] = weight.detach().to("cpu", copy=True)
+                if tuple(residual.shape) != tuple(weight.shape):
+                    raise ValueError(f"{module}: residual of shape {tuple(residual.shape)}, "
+                                     f"the weight is {tuple(weight.shape)}")
+                total = self._original[module].to(weight.device, torch.float32) + \
+                    residual.to(weight.device, torch.float32)
+                weight.copy_(total.to(weight.dtype))
+
+    def load_folder(self, folder: str | Path) -> dict[str, torch.Tensor]:
+        """Load what :meth:`export` wrote (and, with exact aggregation, the residual saved
+        beside it as ``base_residual.safetensors``, folded into the frozen weights). The
+        tensors are read with PEFT's own reader; each file is checked first (an empty,
+        truncated or non-finite file, a different LoRA rank or scale, or a missing adapter
+        tensor is a ValueError naming the folder). Returns the residual (empty without one)."""
+        from peft.utils import load_peft_weights
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        check_tensor_file(folder / ADAPTER_WEIGHTS)  # before PEFT reads it: named errors
+        try:
+            saved = json.loads((folder / ADAPTER_CONFIG).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{folder / ADAPTER_CONFIG} cannot be read ({exc})") from None
+        want = {"r": self.peft_config.r, "lora_alpha": self.peft_config.lora_alpha}
+        got = {k: saved.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"{folder}: adapters saved with {got}, the run's config says "
+                             f"{want}")
+        state = load_peft_weights(str(folder), device="cpu")
+        missing = sorted(set(self.params) - set(state))
+        if missing:
+            raise ValueError(f"{folder / ADAPTER_WEIGHTS} lacks {len(missing)} adapter "
+                             f"tensor(s), e.g. {missing[0]}")
+        self.load_state(state)
+        residual: dict[str, torch.Tensor] = {}
+        if (folder / RESIDUAL_FILE).is_file():
+            check_tensor_file(folder / RESIDUAL_FILE)
+            residual = load_file(str(folder / RESIDUAL_FILE))
+            known = set(self.adapted_modules())
+            unknown = [m for m in residual if m not in known]
+            if unknown:
+                raise ValueError(f"{folder / RESIDUAL_FILE}: {unknown[0]} is not an adapted "
+                                 "module of this backbone")
+            self.fold_residuals(residual)
+        return residual
+
+    def adapted_modules(self) -> list[str]:
+        """The names of the modules LoRA adapts (those a residual may be folded into)."""
+        from peft.tuners.lora import LoraLayer
+
+        return [name for name, m in self.model.named_modules() if isinstance(m, LoraLayer)]
+
+    def merge_and_unload(self) -> nn.Module:
+        """The backbone's model with the adapters merged into its weights by PEFT's
+        ``merge_and_unload`` (``W + scaling * B A`` per LoRA module, the trained copies of
+        ``modules_to_save`` and trainable tokens in place of the originals); a residual folded
+        before stays in the base weights. The backbone's ``model`` becomes this plain model
+        (no PEFT wrapper); these adapters cannot be used afterwards."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            merged = self.model.merge_and_unload()
+        self.backbone.model = merged
+        self.params, self._group, self._original = {}, {}, {}
+        return merged
 
     def set_trainable(self, groups) -> None:
         """Only the adapter tensors of ``groups`` receive gradients; the backbone is frozen."""

@@ -8,6 +8,7 @@ but call these same functions, which is what makes the two runtimes give the sam
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,18 @@ from fedumm.data.records import Sample
 from fedumm.eval.model_eval import evaluate_backbone, heldout_quality
 from fedumm.fl.client import ClientData, ClientTrainer, make_client_data
 from fedumm.fl.codecs import bytes_per_value
+from fedumm.fl.downloads import lossless
 from fedumm.fl.endpoint import ClientEndpoint
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import Pipeline
 from fedumm.fl.strategies import strategy_class
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.kinds import build_backbone
-from fedumm.models.lora import LoraAdapters
-from fedumm.models.protocol import Backbone
+from fedumm.models.lora import RESIDUAL_FILE, LoraAdapters
+from fedumm.models.protocol import Backbone, prepare_samples
 from fedumm.runtime.modes import CENTRALIZED, run_mode, strategy_name
 from fedumm.runtime.report import write_run_report
 from fedumm.runtime.run_dir import RunDirectory
-
-RESIDUAL_FILE = "base_residual.safetensors"  # beside the adapters: exact aggregation's residual
 
 
 def peak_rss_bytes() -> int:
@@ -54,9 +54,13 @@ def load_backbone(cfg: Config) -> Backbone:
 
 
 def build_adapters(cfg: Config, backbone: Backbone) -> LoraAdapters:
-    """LoRA adapters on the frozen backbone, initialised from ``cfg.seed`` (same everywhere)."""
-    return LoraAdapters(backbone, cfg.lora.r, cfg.lora.alpha, cfg.lora.groups, cfg.lora.dropout,
-                        seed=cfg.seed)
+    """LoRA adapters on the frozen backbone, initialised from ``cfg.seed`` (same everywhere).
+    A backbone whose generation has a network of its own conditioned on the language model
+    (BLIP3o) learns first whether generation also trains the language adapters: it decides
+    its groups' modalities (see the Backbone protocol)."""
+    if hasattr(backbone, "generation_trains_language"):
+        backbone.generation_trains_language = cfg.lora.generation_trains_language
+    return LoraAdapters.from_config(backbone, cfg.lora, cfg.seed)
 
 
 def client_endpoint(cfg: Config, adapters: LoraAdapters) -> ClientEndpoint:
@@ -64,14 +68,18 @@ def client_endpoint(cfg: Config, adapters: LoraAdapters) -> ClientEndpoint:
     scores it), the strategy's client side, the LoRA mode and the update pipeline."""
     trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed, heldout_quality)
     return ClientEndpoint(trainer, strategy_class(strategy_name(cfg)),
-                          LoraMode.from_config(cfg.lora), Pipeline.from_config(cfg))
+                          LoraMode.from_config(cfg.lora), Pipeline.from_config(cfg),
+                          keep_initial=not lossless(cfg.codec.download))
 
 
-def client_datasets(cfg: Config, backbone: Backbone
+def client_datasets(cfg: Config, backbone: Backbone,
+                    progress: Callable[[int, int], None] | None = None
                     ) -> tuple[list[ClientData], dict[str, Any] | None]:
-    """Every client's training data and the partition summary (None when centralized)."""
+    """Every client's training data and the partition summary (None when centralized);
+    ``progress(done, total)`` reports the backbone's preparation of the data."""
     train = read_samples(cfg.data, "train")
-    backbone.prepare(train)  # e.g. quantise generation targets once, in a fixed order
+    # e.g. quantise generation targets once, in a fixed order
+    prepare_samples(backbone, train, progress)
     n = len(train)
     if run_mode(cfg) == CENTRALIZED:  # one client holding all training data
         parts, missing, summary = [np.arange(n)], np.zeros(n, dtype=np.int8), None

@@ -64,7 +64,7 @@ class RoundLoop:
         self.server = server_for(cfg, strategy, adapters, adapters.state(), num_clients)
         self.pipeline = Pipeline.from_config(cfg)
         self.lora = LoraMode.from_config(cfg.lora)
-        self.downloads = Downloads(cfg.codec.download, self.lora,
+        self.downloads = Downloads(cfg.codec.download, self.lora, self.server.states[0],
                                    lossy_allowed=self.server.counts_traffic)
         self.config_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()
                                           ).hexdigest()

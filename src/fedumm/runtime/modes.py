@@ -40,25 +40,40 @@ def strategy_name(cfg: Config) -> str:
 
 
 def strategy_for(cfg: Config, groups: tuple[AdapterGroup, ...]) -> Strategy:
-    """The run's strategy, with the LoRA mode's frozen keys."""
+    """The run's strategy, with the LoRA mode's frozen keys and rank rule."""
     strategy = build_strategy(cfg.strategy, num_clients(cfg), cfg.seed, groups,
                               name=strategy_name(cfg))
-    strategy.frozen = LoraMode.from_config(cfg.lora).frozen()
+    lora = LoraMode.from_config(cfg.lora)
+    strategy.frozen = lora.frozen()
+    strategy.het_aggregation = lora.het_aggregation
     return strategy
 
 
 class Federation:
     """One global adapter state, aggregated by the strategy each round; with exact LoRA
-    aggregation, the residuals folded into the frozen weights so far."""
+    aggregation or FLoRA's stacking, the residuals folded into the frozen weights so far.
+
+    Stacking (``lora.het_aggregation=stack``; Wang et al. 2024, arXiv:2409.05976) is exact
+    aggregation with a restart: the round's exact mean product ``sum_k p_k B_k A_k`` (rank
+    ``sum_k r_k``, :func:`~fedumm.fl.lora_aggregation.stack_factors`) is folded into the frozen
+    weights, and the LoRA modules start the next round afresh, at the run's initialisation
+    (``B A = 0``), as FLoRA merges the stacked adapter into the base model and its clients
+    start new LoRA modules each round. A lower-rank client's truncated download then loses
+    nothing."""
 
     counts_traffic = True  # adapters travel both ways
 
     def __init__(self, cfg: Config, strategy: Strategy, adapters: LoraAdapters,
                  initial: State) -> None:
         self.strategy, self.adapters = strategy, adapters
-        self.exact = cfg.lora.aggregation == "exact"
+        lora = LoraMode.from_config(cfg.lora)
+        self.rule = lora.het_aggregation
+        self.exact = cfg.lora.folding is not None  # a residual is folded
         self.scaling = cfg.lora.alpha / cfg.lora.r
         self.modules = lora_modules(initial)
+        # stacking's fresh LoRA modules: the run's initial factors
+        self.fresh = {k: initial[k] for ab in self.modules.values() for k in ab} \
+            if lora.restarts else {}
         self.residual: State = {}
         self.states = [dict(initial)]
         if hasattr(strategy, "init_state"):
@@ -80,11 +95,13 @@ class Federation:
         if not updates:
             return {}
         new = self.strategy.aggregate(rnd, self.states[0], updates)
+        if self.fresh:  # stacking: the mean product goes into the residual, LoRA restarts
+            new = {**new, **self.fresh}
         errors = round_lora_errors(
             self.strategy.layout, self.modules, new,
             [(received[u.client_id], u.tensors) for u in updates],
             lambda group, at: self.strategy.group_weights(group, [updates[i] for i in at]),
-            self.scaling, self.residual if self.exact else None)
+            self.scaling, self.residual if self.exact else None, self.rule)
         if self.exact and self.residual:
             self.adapters.fold_residuals(self.residual)
         self.states[0] = new

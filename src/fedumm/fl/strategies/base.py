@@ -19,7 +19,7 @@ import torch
 from fedumm.config import StrategyConfig
 from fedumm.fl.aggregate import select, weighted_mean
 from fedumm.fl.client_hooks import ClientHook
-from fedumm.fl.lora_aggregation import is_lora_a, is_lora_b, rank_weighted_mean
+from fedumm.fl.lora_aggregation import HETLORA, ZEROPAD, hetlora_mean
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.protocol import AdapterGroup, AdapterLayout
 
@@ -62,6 +62,10 @@ class Strategy:
         self.layout = AdapterLayout(groups)
         # keys no client trains (FFA-LoRA's A): kept as they are, never expected in updates
         self.frozen: Callable[[str], bool] = lambda key: False
+        # how clients' zero-padded LoRA factors average (lora.het_aggregation, set by the run
+        # as ``frozen`` is): the weighted mean (zeropad; stack folds then restarts them), or
+        # HetLoRA's sparsity weights per module
+        self.het_aggregation = ZEROPAD
 
     @property
     def server_lr(self) -> float:
@@ -155,17 +159,14 @@ class Strategy:
 
     def mean(self, keys: list[str], updates: list[ClientUpdate], weights: list[float]
              ) -> State:
-        """The weighted mean of the updates' ``keys``. Clients of different LoRA ranks
-        (``extra["rank"]``, tensors zero-padded to the full rank) are averaged per rank
-        component over the clients that train it."""
-        ranks = [u.extra.get("rank") for u in updates]
+        """The weighted mean of the updates' ``keys``. The LoRA tensors of lower-rank clients
+        arrive zero-padded to the full rank (:class:`fedumm.fl.stages.Rank`), so this is the
+        zero-padding rule as it is; with ``het_aggregation = "hetlora"`` each LoRA module's
+        factors are averaged with HetLoRA's sparsity weights instead
+        (:func:`fedumm.fl.lora_aggregation.hetlora_mean`)."""
         avg = weighted_mean([select(u.tensors, keys) for u in updates], weights)
-        if all(r is None for r in ranks):
-            return avg
-        full = [r if r is not None else 10**9 for r in ranks]
-        for k in keys:
-            if is_lora_a(k) or is_lora_b(k):
-                avg[k] = rank_weighted_mean([u.tensors[k] for u in updates], weights, full, k)
+        if self.het_aggregation == HETLORA:
+            avg.update(hetlora_mean([u.tensors for u in updates], weights, keys))
         return avg
 
     def server_update(self, group: str, prev: State, avg: State,
