@@ -51,3 +51,21 @@ def killed_at_training_call(n: int):
         yield
     finally:
         ClientTrainer.train = real
+
+
+def blip3o_tiny():
+    """The BLIP3o backbone's tiny random-weight preset, on the CPU."""
+    from fedumm.config import BackboneConfig
+    from fedumm.models.kinds import build_backbone
+
+    return build_backbone(BackboneConfig(kind="blip3o", preset="tiny", device="cpu"))
+
+
+def blip3o_samples() -> list:
+    """Four understanding then four generation samples (ShapesWorld, 48 px)."""
+    from fedumm.data.readers.shapes import generate_shapes, shapes_samples
+    from fedumm.models.protocol import GENERATION, UNDERSTANDING
+
+    s = shapes_samples(generate_shapes("downstream", 8, seed=3, role="train", image_size=48))
+    return ([x for x in s if x.task == UNDERSTANDING][:4]
+            + [x for x in s if x.task == GENERATION][:4])

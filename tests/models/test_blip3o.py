@@ -13,24 +13,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedumm.config import BackboneConfig, config_from_dict
-from fedumm.data.readers.shapes import generate_shapes, shapes_samples
 from fedumm.models.blip3o.backbone import Blip3oBackbone
 from fedumm.models.info import backbone_info
 from fedumm.models.kinds import build_backbone
 from fedumm.models.lora import LoraAdapters
 from fedumm.models.protocol import GENERATION, UNDERSTANDING, base_state_dict
 from fedumm.runtime.dispatch import run_experiment
+from makers import blip3o_samples, blip3o_tiny
 
-
-def tiny() -> Blip3oBackbone:
-    return build_backbone(BackboneConfig(kind="blip3o", preset="tiny", device="cpu"))
+tiny = blip3o_tiny
 
 
 @pytest.fixture(scope="module")
 def samples():
-    s = shapes_samples(generate_shapes("downstream", 8, seed=3, role="train", image_size=48))
-    return ([x for x in s if x.task == UNDERSTANDING][:4]
-            + [x for x in s if x.task == GENERATION][:4])
+    return blip3o_samples()
 
 
 @pytest.fixture(scope="module")

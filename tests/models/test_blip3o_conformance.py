@@ -23,13 +23,21 @@ import pytest
 import torch
 
 from fedumm.config import BackboneConfig, config_from_dict
-from fedumm.data.readers.shapes import generate_shapes, shapes_samples
 from fedumm.data.records import ImageRef, Sample
 from fedumm.fl.client import ClientData
 from fedumm.models.blip3o.backbone import Blip3oBackbone
 from fedumm.models.kinds import build_backbone
 from fedumm.models.lora import LoraAdapters
 from fedumm.models.protocol import GENERATION, UNDERSTANDING
+from makers import blip3o_samples, blip3o_tiny
+
+tiny = blip3o_tiny
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return blip3o_samples()
+
 
 SYSTEM = "You are a helpful assistant."  # Qwen's, BLIP3o's conv_qwen and preprocess_qwen
 
@@ -39,17 +47,6 @@ def official_messages(caption: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM},
             {"role": "user",
              "content": f"Please generate image based on the following caption: {caption}"}]
-
-
-def tiny() -> Blip3oBackbone:
-    return build_backbone(BackboneConfig(kind="blip3o", preset="tiny", device="cpu"))
-
-
-@pytest.fixture(scope="module")
-def samples():
-    s = shapes_samples(generate_shapes("downstream", 8, seed=3, role="train", image_size=48))
-    return ([x for x in s if x.task == UNDERSTANDING][:4]
-            + [x for x in s if x.task == GENERATION][:4])
 
 
 def generation(samples):
