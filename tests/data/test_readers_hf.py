@@ -278,3 +278,42 @@ def test_read_samples_end_to_end(tmp_path) -> None:
     assert [s.id for s in samples] == ["qa:0", "qa:1", "qa:2", "gen.parquet:0", "gen.parquet:1"]
     np.testing.assert_array_equal(samples[2].load_image(), arrays[2])
     np.testing.assert_array_equal(samples[4].load_image(), arrays[1])
+
+
+@pytest.mark.parametrize("elsewhere", [False, True])
+def test_metadata_folder_matches_imagefolder(tmp_path, elsewhere) -> None:
+    """A metadata.jsonl folder names its images relative to itself, as datasets' imagefolder
+    reads it, even when data.images (the LLaVA root) holds same-named different images."""
+    arrays = _arrays(3, seed=5)
+    folder = tmp_path / "t2i"
+    (folder / "imgs").mkdir(parents=True)
+    names = [f"imgs/{i}.png" for i in range(3)]
+    for name, a in zip(names, arrays, strict=True):
+        PILImage.fromarray(a).save(folder / name)
+    texts = ["a cat", "a dog", "two birds"]
+    (folder / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": n, "text": t}) + "\n" for n, t in zip(names, texts, strict=True)))
+    coco = tmp_path / "coco"
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": "u0", "image": "imgs/0.png",
+                                                      "conversations": [
+                                                          {"from": "human", "value": "<image>q"},
+                                                          {"from": "gpt", "value": "a"}]}]))
+    if elsewhere:  # data.images holds an image of the same name but other pixels
+        (coco / "imgs").mkdir(parents=True)
+        decoy = _arrays(1, seed=6)[0]
+        PILImage.fromarray(decoy).save(coco / "imgs" / "0.png")
+    overrides = ["data.format=files", f"data.generation={folder}", "data.heldout_fraction=0"]
+    if elsewhere:
+        overrides += [f"data.understanding={tmp_path / 'llava.json'}", f"data.images={coco}"]
+    samples = read_samples(load_config(None, overrides).data, "train")
+    gen = [s for s in samples if s.task == GENERATION]
+    if elsewhere:  # data.images still applies to the LLaVA file
+        (und,) = [s for s in samples if s.task == UNDERSTANDING]
+        assert und.image.path == str(coco / "imgs" / "0.png")
+        np.testing.assert_array_equal(und.load_image(), decoy)
+
+    reference = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
+    assert [s.text for s in gen] == reference["text"] == texts
+    assert [s.image.path for s in gen] == [str(folder / n) for n in names]
+    for s, row in zip(gen, reference, strict=True):
+        np.testing.assert_array_equal(s.load_image(), np.asarray(row["image"]))

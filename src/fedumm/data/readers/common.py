@@ -162,12 +162,14 @@ def pick_key(rec: dict, candidates: tuple[str, ...]) -> str | None:
 
 class ImageResolver:
     """Relative image paths -> checked :class:`ImageRef` s. The root is ``data.images``, else
-    the data file's folder; every file is checked while reading (it exists, its header is an
-    image's, its size is within the pixel budget), so a bad image stops the run before
-    training starts. Each file's header is read once however many records share it."""
+    the data file's folder (an image folder's ``metadata.jsonl``: always its own folder);
+    every file is checked while reading (it exists, its header is an image's, its size is
+    within the pixel budget), so a bad image stops the run before training starts. Each
+    file's header is read once however many records share it."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, hint: str = "set data.images to change it") -> None:
         self.root = str(root)
+        self.hint = hint  # how the user changes the root (an image folder's is fixed)
         self._checked: set[str] = set()
 
     def __call__(self, value: Any, path: Path, where: str) -> ImageRef:
@@ -181,8 +183,7 @@ class ImageResolver:
                 is_file = False
             if not is_file:
                 raise DataFileError(path, where, f"image not found: {full} (relative paths "
-                                    f"are resolved under {self.root}; set data.images to "
-                                    "change it)")
+                                    f"are resolved under {self.root}; {self.hint})")
             try:
                 check_image(full)
             except DataFileError as exc:

@@ -2,7 +2,8 @@
 comes in:
 
 * an image folder with ``metadata.jsonl`` (or ``metadata.csv``): ``{"file_name", "text"}`` per
-  image, paths relative to the folder (the Hugging Face ``imagefolder`` convention);
+  image, paths relative to the folder (the Hugging Face ``imagefolder`` convention), whatever
+  ``data.images`` says;
 * a JSONL / JSON / CSV table with an image-path column and a text column;
 * WebDataset ``.tar`` shards: ``<key>.jpg`` (or png/webp) with ``<key>.txt`` (the BLIP3o-60k
   layout), in :mod:`fedumm.data.readers.webdataset`.
@@ -68,9 +69,14 @@ def metadata_file(folder: Path) -> Path | None:
 
 
 def _read_image_folder(path: Path, modality: str, cfg: DataConfig) -> list[Sample]:
+    """An image folder's ``file_name`` s are relative to the folder holding its metadata file,
+    as in ``datasets``' ``imagefolder``: ``data.images`` (the root of LLaVA / VQA image paths)
+    does not apply, or a folder next to LLaVA data would be read from the wrong root."""
     table = metadata_file(path)
     assert table is not None  # detected before it is read
-    return read_text_image_table(table, ImageResolver(cfg.images or path), cfg.max_samples)
+    resolve = ImageResolver(table.parent,
+                            "an image folder's file_name is relative to its metadata file")
+    return read_text_image_table(table, resolve, cfg.max_samples)
 
 
 READERS.register("image_folder", Reader(
