@@ -137,8 +137,11 @@ class Backbone(Protocol):
         """Greedy answers; an image of None means the sample has no image."""
         ...
 
-    def generate(self, prompts: Sequence[str], seed: int = 0) -> list[Image]:
-        """One ``image_size`` x ``image_size`` uint8 image per prompt, deterministic in seed."""
+    def generate(self, prompts: Sequence[str], seed: int = 0,
+                 cfg_scale: float | None = None) -> list[Image]:
+        """One ``image_size`` x ``image_size`` uint8 image per prompt, deterministic in seed.
+        ``cfg_scale`` is the classifier-free guidance scale; None is the backbone's own
+        default (a backbone without guidance ignores it)."""
         ...
 
     def fingerprint(self) -> str:

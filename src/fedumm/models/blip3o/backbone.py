@@ -348,11 +348,13 @@ class Blip3oBackbone(ModelPlacement):
 
     @torch.no_grad()
     @in_eval_mode
-    def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8
-                 ) -> np.ndarray:
+    def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
+                 cfg_scale: float | None = None) -> np.ndarray:
         """Images (N, S, S, 3) uint8: Euler flow-matching steps from seeded noise with
         classifier-free guidance (the null condition ``caption_projection(0)`` as the
-        unconditional branch), then the patch decoder. The global RNG is not touched."""
+        unconditional branch), then the patch decoder. The global RNG is not touched.
+        ``cfg_scale``: the guidance scale (None: the backbone's ``cfg_scale`` setting)."""
+        scale = self.cfg_scale if cfg_scale is None else cfg_scale
         parts = self._parts
         if parts.decoder is None:
             raise ValueError(NO_GENERATION)
@@ -377,7 +379,7 @@ class Blip3oBackbone(ModelPlacement):
             for t in sched.timesteps:
                 sigma = (t / 1000).expand(2 * len(part)).to(self.dtype)
                 v_c, v_u = self._velocity(torch.cat([x, x]), sigma, both).chunk(2)
-                x = sched.step(v_u + self.cfg_scale * (v_c - v_u), t, x).prev_sample
+                x = sched.step(v_u + scale * (v_c - v_u), t, x).prev_sample
             pixels = parts.decoder(x.float() if parts.decoder.proj.weight.dtype ==
                                    torch.float32 else x)
             chunks.append((pixels.float() * 255).round().clamp(0, 255).to(torch.uint8)

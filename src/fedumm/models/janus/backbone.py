@@ -316,9 +316,11 @@ class JanusBackbone(ModelPlacement):
     @torch.no_grad()
     @in_eval_mode
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 8,
-                 cfg_scale: float = 5.0, temperature: float = 1.0) -> np.ndarray:
+                 cfg_scale: float | None = None, temperature: float = 1.0) -> np.ndarray:
         """Images (N, S, S, 3) uint8 through ``generate(generation_mode="image")`` and
-        ``decode_image_tokens``; the global RNG is forked, so training is not disturbed."""
+        ``decode_image_tokens``; the global RNG is forked, so training is not disturbed.
+        ``cfg_scale``: the guidance scale (None: 5.0)."""
+        cfg_scale = 5.0 if cfg_scale is None else cfg_scale
         janus = self._janus
         chunks = []
         devices = [self.device] if self.device.type == "cuda" else []

@@ -264,8 +264,11 @@ class ReferenceBackbone(ModelPlacement):
     @torch.no_grad()
     @in_eval_mode
     def generate(self, prompts: Sequence[str], seed: int = 0, batch_size: int = 64,
-                 cfg_scale: float = 3.0, temperature: float = 0.7, top_k: int = 20) -> np.ndarray:
-        """Images (N, S, S, 3) uint8 for prompts; deterministic in ``seed``."""
+                 cfg_scale: float | None = None, temperature: float = 0.7, top_k: int = 20
+                 ) -> np.ndarray:
+        """Images (N, S, S, 3) uint8 for prompts; deterministic in ``seed``. ``cfg_scale``:
+        the classifier-free guidance scale (None: 3.0)."""
+        cfg_scale = 3.0 if cfg_scale is None else cfg_scale
         gen = torch.Generator().manual_seed(seed)
         size, tok, dev = self.config.image_size, self.tokenizer, self.device
         chunks = []
