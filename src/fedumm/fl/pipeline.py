@@ -41,7 +41,6 @@ CONTROL = "control/"  # payload key prefix of control variates (down: the server
 RESIDUAL = "residual/"  # download key prefix of the folded residuals (exact LoRA aggregation)
 SERVER_CONTROL = "server_control"  # client_config key whose tensors travel in the download
 CONTROL_DELTA = "control_delta"  # ClientUpdate.extra key of the tensors sent beside the update
-RANK = "rank"  # ClientUpdate.extra key of a lower-rank client's LoRA rank
 PAYLOAD = "payload"  # the FLARE FLModel params key holding the encoded bytes
 CLIENT_ID = "client_id"  # the FLARE reply meta key naming the client
 CLIENT_CONFIG = "client_config"  # the FLARE task meta key of the strategy's client settings
@@ -159,8 +158,6 @@ class Pipeline:
             if why is not None:
                 return why
         extra: dict[str, Any] = {CONTROL_DELTA: up.control} if meta.has_control else {}
-        if meta.rank is not None:
-            extra[RANK] = int(meta.rank)
         return ClientUpdate(reply.client_id, up.tensors, dict(meta.num_samples),
                             dict(meta.quality), int(meta.num_steps), dict(meta.metrics), extra,
                             len(reply.payload))
