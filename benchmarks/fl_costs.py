@@ -11,7 +11,7 @@ from __future__ import annotations
 from common import OUT, run_config, save
 
 CONFIG = "configs/quickstart.yaml"
-COMMON = ["rounds=2", "train.max_steps=4", "eval.every=0", "eval.max_gen=8", "eval.max_vqa=50"]
+COMMON = ["rounds=2", "train.max_steps=4", "eval.every=0", "eval.base=false", "eval.max_gen=8", "eval.max_vqa=50"]
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     k16 = run_config(CONFIG, OUT / "rss_k16", [*COMMON, "clients=16"])
     rss_ratio = k16["memory"]["peak_rss_bytes"] / k1["memory"]["peak_rss_bytes"]
 
-    q = run_config(CONFIG, OUT / "overhead", ["eval.every=0"])
+    q = run_config(CONFIG, OUT / "overhead", ["eval.every=0", "eval.base=false"])
     t = q["time"]
     overhead = t["wall_s"] - t["client_train_s"] - t["eval_s"]
 

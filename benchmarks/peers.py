@@ -53,7 +53,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def command(runner: str, k: int, out: Path, extra: list[str]) -> list[str]:
-    base = [f"clients={k}", "eval.every=0", *extra]
+    base = [f"clients={k}", "eval.every=0", "eval.base=false", *extra]
     fedumm = [str(VENV_BIN / "fedumm"), "run", CONFIG]
     tail = ["--out", str(out), "--quiet", "--json"]
     if runner == "local":

@@ -177,11 +177,15 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from fedumm.data.readers import read_samples
+    from fedumm.data.vocabulary import describe as describe_unknown
+    from fedumm.runtime.bars import reading_bars
+    from fedumm.runtime.vocabulary import data_check_vocabulary
 
     cfg = _load_optional(args)
-    report = {}
+    report, splits = {}, {}
     for role in ("train", "val"):
-        samples = read_samples(cfg.data, role)  # every record and image path is checked
+        with reading_bars(not args.json):  # every record and image path is checked
+            samples = splits[role] = read_samples(cfg.data, role)
         report[role] = {
             task: {"samples": n, "with_image": sum(s.image is not None for s in samples
                                                    if s.task == task)}
@@ -192,6 +196,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
                                         "labels": s.labels}
                                  for task in ("understanding", "generation")
                                  for s in samples[:1] + samples[-1:] if s.task == task}
+    report["unknown_words"] = unknown = data_check_vocabulary(cfg, splits)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -201,6 +206,13 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
                   "an image)")
     for task, ex in report.get("example", {}).items():
         print(f"example {task}: {json.dumps(ex)[:300]}")
+    if "error" in unknown:
+        print(f"unknown words: not checked: {unknown['error']}")
+    else:
+        for line in describe_unknown({r: unknown[r] for r in ("train", "val")}):
+            print(f"{line} (backbone.kind={unknown['backbone']})")
+        if unknown["run_stops"]:
+            print(f"a run would stop: {unknown['run_stops']}")
     print("ok: every record and image path was read and checked")
     return 0
 
@@ -267,10 +279,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     fin, comm = summary["final"], summary["communication"]
     print(f"run: {out}")
-    gen = (f"GenEval overall {fin['geneval_overall']}" if "geneval_overall" in fin else
-           f"generation held-out quality {fin.get('generation_quality', 'n/a')}")
-    print(f"  VQA accuracy {summary['base'].get('vqa_accuracy', 'n/a')} (frozen base) -> "
-          f"{fin.get('vqa_accuracy', 'n/a')}  |  {gen}")
+    base = summary["base"]
+    gen = "geneval_overall" if "geneval_overall" in fin else "generation_quality"
+    print(f"  frozen base -> final:  VQA accuracy {base.get('vqa_accuracy', 'n/a')} -> "
+          f"{fin.get('vqa_accuracy', 'n/a')}  |  "
+          f"{'GenEval overall' if gen == 'geneval_overall' else 'generation held-out quality'} "
+          f"{base.get(gen, 'n/a')} -> {fin.get(gen, 'n/a')}")
     if fin.get("classification"):
         print(f"  AUC {fin.get('auc')} (hard labels {fin.get('auc_hard')})  |  macro-F1 "
               f"{fin.get('macro_f1')}")
@@ -386,6 +400,7 @@ def _add_backbone(sub: argparse._SubParsersAction) -> None:
     backbone = sub.add_parser("backbone", help="backbones: sizes and traffic")
     children = backbone.add_subparsers(dest="backbone_command", required=True)
     _add_backbone_info(children)
+    _add_backbone_check(children)
 
 
 def _add_backbone_info(sub: argparse._SubParsersAction) -> None:
@@ -416,6 +431,25 @@ def _cmd_backbone_info(args: argparse.Namespace) -> int:
           f"{fmt_bytes(info['adapter_bytes_per_round']['bfloat16'])} vs full model "
           f"{fmt_bytes(info['full_model_bytes']['bfloat16'])} ({info['full_over_adapter']}x)")
     return 0
+
+
+def _add_backbone_check(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check a checkpoint folder against what its backbone "
+                       "needs (files, dimensions, tokens, chat template), without loading the "
+                       "weights; exit code 1 when a check FAILs")
+    p.add_argument("path", help="checkpoint folder (base: the shipped reference checkpoint)")
+    p.add_argument("--kind", choices=("janus", "blip3o", "reference"), default=None,
+                   help="check as this kind (default: detected from the folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_backbone_check)
+
+
+def _cmd_backbone_check(args: argparse.Namespace) -> int:
+    from fedumm.models.conformance import check_backbone
+
+    report = check_backbone(args.path, args.kind)
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+    return 1 if report.failed else 0
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -603,6 +637,12 @@ def _cmd_eval_geneval(args: argparse.Namespace) -> int:
         detector, scorer = ShapesDetector(), {"detector": "ShapesWorld (classical)"}
     res = score_geneval_dir(args.metadata, args.images, detector)
     out = {"overall": res["overall"], "by_task": res["by_task"], **scorer}
+    if res["missing_prompts"]:  # GenEval's evaluator scores the folders there are
+        miss = res["missing_prompts"]
+        out["missing_prompts"] = miss
+        print(f"fedumm: note: {len(miss)} of {len(miss) + len(res['prompt_indices'])} prompts "
+              f"have no images under {args.images} (e.g. {miss[:5]}); scored the others, as "
+              "GenEval's evaluator does", file=sys.stderr)
     print(json.dumps(out) if args.json else
           f"{scorer['detector']}: overall {out['overall']:.4f}\nby task {out['by_task']}")
     return 0
@@ -647,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, KeyError, RunDirError,
             RunFailedError) as exc:
-        print(f"fedumm: error: {exc}", file=sys.stderr)
+        print(f"fedumm: error: {_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         for s in (signal.SIGINT, signal.SIGTERM):  # stopping already: a repeat must not cut
@@ -664,6 +704,17 @@ def main(argv: list[str] | None = None) -> int:
         for s, handler in previous.items():
             if handler is not None:  # None: not set from Python, nothing to restore
                 signal.signal(s, handler)
+
+
+def _error_text(exc: BaseException) -> str:
+    """The message of an error, one line. ``str(KeyError(msg))`` is ``repr(msg)`` (quoted,
+    escaped): its message is shown as written, and a bare key as "no key 'name'"."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        arg = exc.args[0]
+        if isinstance(arg, str) and " " in arg.strip():
+            return arg
+        return f"no key {arg!r}"
+    return str(exc)
 
 
 def _terminated(signum, frame) -> None:

@@ -85,6 +85,9 @@ class DataConfig:
     heldout_fraction: float = field(default=0.1, metadata=_range(0.0, 0.9))
     max_samples: int = field(default=0, metadata=_range(0))  # per file, first N (0: all)
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))
+    # train although some training answers use words the backbone's tokenizer does not know
+    # (it can never produce them); by default such a run stops before training, naming them
+    allow_unknown_answers: bool = False
 
     def validate(self) -> None:
         sources = [n for n in READERS.names() if READERS.get(n).source is not None]
@@ -306,6 +309,8 @@ class EvalConfig:
     max_vqa: int = field(default=400, metadata=_range(0))
     max_gen: int = field(default=120, metadata=_range(0))
     gen_every: int = field(default=0, metadata=_range(0))  # 0 = generation only at the end
+    # the frozen base on both tasks before round 0 (the base -> final of summary and report)
+    base: bool = True
     # question families scored as classification tasks with a fixed answer set (FedMLLM's
     # binary and multi-class tasks): AUC, hard-label AUC and macro-F1 next to VQA accuracy
     classification: list[str] = field(default_factory=list)

@@ -270,3 +270,30 @@ def test_duplicate_ids_and_config_errors(tmp_path):
         load_config(None, ["data.format=files"])
     with pytest.raises(ConfigError, match="data.understanding is set but data.format=shapes"):
         load_config(None, [f"data.understanding={path}"])
+
+
+def test_shard_indexing_and_image_checks_report_progress(tmp_path, monkeypatch):
+    from fedumm.data.progress import reporting
+    from fedumm.data.readers import common
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(3):
+        write_shard(shards / f"{k:05d}.tar", [(f"k{k}", image(k), f"prompt {k}")])
+    seen: list[tuple[str, int, int | None]] = []
+    with reporting(lambda what, done, total: seen.append((what, done, total))):
+        read_samples(files_cfg(generation=shards))
+    assert seen == [("indexing shards", i, 3) for i in (1, 2, 3)]
+    read_samples(files_cfg(generation=shards))  # outside `reporting`: nothing is reported
+    assert len(seen) == 3
+
+    monkeypatch.setattr(common, "_REPORT_EVERY", 2)
+    resolver = common.ImageResolver(tmp_path / "imgs")
+    (tmp_path / "imgs").mkdir()
+    for k in range(5):
+        Image.fromarray(image(k)).save(tmp_path / "imgs" / f"{k}.png")
+    seen.clear()
+    with reporting(lambda what, done, total: seen.append((what, done, total))):
+        for k in [0, 1, 1, 2, 3, 4]:  # a repeated image is checked (and counted) once
+            resolver(f"{k}.png", tmp_path / "data.json", f"record {k}")
+    assert seen == [("checking images", 2, None), ("checking images", 4, None)]

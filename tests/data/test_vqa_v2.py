@@ -137,14 +137,97 @@ def test_missing_keys(written) -> None:
         load_vqa_v2(root, SPLIT)
 
 
-def test_unpaired_questions(written) -> None:
-    root, _, _ = written
+def test_questions_without_annotation_are_left_out(written) -> None:
+    # the official VQA API indexes the annotations and looks their questions up: a questions
+    # file covering more (annotations filtered by type, subsampled) is fine
+    root, records, _ = written
     path = root / annotations_filename(SPLIT)
     data = json.loads(path.read_text())
     data["annotations"].pop()
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match="1 questions have no annotation.*\\[13\\]"):
+    assert [r.question_id for r in load_vqa_v2(root, SPLIT)] == [11, 12]
+    data["annotations"] = []
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations.json: no annotations .* 3 questions"):
         load_vqa_v2(root, SPLIT)
+
+
+def test_unpaired_and_repeated_annotations(written) -> None:
+    root, _, _ = written
+    path = root / annotations_filename(SPLIT)
+    data = json.loads(path.read_text())
+    data["annotations"].append(dict(data["annotations"][0]))
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"entry 3: question id 11 is annotated twice "
+                                         r"\(also entry 0\)"):
+        load_vqa_v2(root, SPLIT)
+    data["annotations"][3]["question_id"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"entry 3: question id 99 is not in .*questions.json"):
+        load_vqa_v2(root, SPLIT)
+
+
+# Shaped like v2_OpenEnded_mscoco_val2014_questions.json / v2_mscoco_val2014_annotations.json
+# (the same top-level keys, value types and answer_confidence values as the real files).
+REAL_INFO = {"description": "This is v2.0 of the VQA dataset.", "url": "http://visualqa.org",
+             "version": "2.0", "year": 2017, "contributor": "VQA Team",
+             "date_created": "2017-04-26 17:07:13"}
+REAL_LICENSE = {"url": "http://creativecommons.org/licenses/by/4.0/",
+                "name": "Creative Commons Attribution 4.0 International License"}
+
+
+def real_shaped_files(root: Path) -> None:
+    questions = {"info": REAL_INFO, "task_type": "Open-Ended", "data_type": "mscoco",
+                 "license": REAL_LICENSE, "data_subtype": SPLIT, "questions": [
+                     {"image_id": 1, "question": "How many cats are there?",
+                      "question_id": 1000},
+                     {"image_id": 1, "question": "Is the cat asleep?", "question_id": 1001},
+                     {"image_id": 2, "question": "Qu'est-ce que c'est ?", "question_id": 2000}]}
+    conf = ["yes", "yes", "maybe", "yes", "no", "yes", "yes", "yes", "maybe", "yes"]
+
+    def ann(qid: int, image_id: int, qtype: str, atype: str, mc: str, answers: list[str]):
+        return {"question_type": qtype, "multiple_choice_answer": mc, "answers": [
+            {"answer": a, "answer_confidence": c, "answer_id": j + 1}
+            for j, (a, c) in enumerate(zip(answers, conf, strict=True))],
+            "image_id": image_id, "answer_type": atype, "question_id": qid}
+
+    annotations = {"info": REAL_INFO, "license": REAL_LICENSE, "data_subtype": SPLIT,
+                   "data_type": "mscoco", "annotations": [
+                       ann(1000, 1, "how many", "number", "2", ["2"] * 7 + ["two", "3", "2"]),
+                       ann(1001, 1, "is the", "yes/no", "yes", ["yes"] * 9 + ["no"]),
+                       ann(2000, 2, "what", "other", "café", ["café"] * 6 + ["tasse"] * 4)]}
+    (root / questions_filename(SPLIT)).write_text(json.dumps(questions), encoding="utf-8")
+    (root / annotations_filename(SPLIT)).write_text(json.dumps(annotations, ensure_ascii=False),
+                                                    encoding="utf-8")
+
+
+def test_reads_real_shaped_files(tmp_path: Path) -> None:
+    real_shaped_files(tmp_path)
+    ds = load_vqa_v2(tmp_path, SPLIT)
+    assert [r.question_id for r in ds] == [1000, 1001, 2000]
+    first = ds[0]
+    assert (first.question_type, first.answer_type, first.multiple_choice_answer) == (
+        "how many", "number", "2")
+    assert first.answers == ["2"] * 7 + ["two", "3", "2"] and first.family == ""
+    assert ds[2].question == "Qu'est-ce que c'est ?" and ds[2].answers[0] == "café"
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("question_id", "1000", "question_id is '1000'; expected an integer"),
+    ("image_id", 1.5, "image_id is 1.5; expected an integer"),
+    ("answer_type", None, "answer_type is None; expected a string"),
+    ("answers", {"answer": "2"}, "'answers' is not a list"),
+])
+def test_real_shaped_files_with_a_wrong_type(tmp_path: Path, key, value, message) -> None:
+    real_shaped_files(tmp_path)
+    path = tmp_path / annotations_filename(SPLIT)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["annotations"][1][key] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        load_vqa_v2(tmp_path, SPLIT)
+    assert str(info.value).startswith(f"{path}: annotations entry 1")
+    assert message in str(info.value)
 
 
 def test_writer_checks(tmp_path: Path) -> None:

@@ -182,3 +182,21 @@ def test_answering_scoring_and_generating_run_in_eval_mode_and_restore_the_mode(
     finally:
         for h in hooks:
             h.remove()
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_preparation_progress_ends_at_its_total(kind, samples):
+    """A backbone whose ``prepare`` reports progress counts its generation samples up to
+    their total (the CLI's preparing-data bar closes there); one with nothing to prepare
+    (BLIP3o computes its targets per batch) reports nothing."""
+    from fedumm.models.protocol import prepare_samples
+
+    bb = make(kind)
+    calls: list[tuple[int, int]] = []
+    prepare_samples(bb, samples, lambda done, total: calls.append((done, total)))
+    gen = sum(s.task == GENERATION for s in samples)
+    if kind == "blip3o":
+        assert calls == []
+    else:
+        assert calls and calls[-1] == (gen, gen)
+        assert [d for d, _ in calls] == sorted({d for d, _ in calls})  # rising

@@ -99,3 +99,34 @@ def test_generation_only_clients_leave_the_vision_adapters_untouched(tmp_path, t
                       tmp_path / "x", progress=False)
     kinds = [c.num_samples for c in rt.clients]
     assert sorted(k["understanding"] == 0 for k in kinds) == [False, True]
+
+
+def test_the_frozen_base_is_scored_on_both_tasks_and_reported(tmp_path, tiny_overrides,
+                                                               capsys):
+    from fedumm.cli import main
+
+    # eval.every=0 (evaluate only at the end) still scores the base: base -> final needs it
+    assert main(["run", "configs/quickstart.yaml", *tiny_overrides, "eval.every=0",
+                 "--out", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    base, final = summary["base"], summary["final"]
+    for key in ("vqa_accuracy", "geneval_overall", "geneval_by_task"):
+        assert key in base and key in final, key
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["round"] == -1 and record["geneval_overall"] == base["geneval_overall"]
+    report = (run / "report.md").read_text()
+    assert (f"| GenEval overall | {base['geneval_overall']} | {final['geneval_overall']} |"
+            in report)
+    assert f"| VQA accuracy | {base['vqa_accuracy']} | {final['vqa_accuracy']} |" in report
+    out = capsys.readouterr().out
+    assert (f"GenEval overall {base['geneval_overall']} -> {final['geneval_overall']}"
+            in out)
+
+
+def test_eval_base_false_skips_the_base_evaluation(tmp_path, tiny_overrides):
+    summary = run_experiment(_cfg(tiny_overrides, "eval.base=false", "rounds=1"),
+                             tmp_path / "run", progress=False)
+    assert summary["base"] == {}
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(m)["round"] != -1 for m in metrics)

@@ -28,8 +28,11 @@ from fedumm.data.readers.geneval_files import (
     GenEvalFormatError,
     GenEvalRecord,
     geneval_image_path,
+    geneval_prompt_dir,
+    geneval_prompt_dirs,
     list_geneval_samples,
     load_geneval_metadata,
+    read_prompt_metadata,
 )
 
 Box = tuple[float, float, float, float]
@@ -282,24 +285,62 @@ def score_geneval_dir(
 ) -> dict[str, Any]:
     """Score a folder in GenEval's layout (``<index:05d>/samples/<n>.png``).
 
-    With ``n_samples`` the files ``0000.png`` .. are required; otherwise every ``<digits>.png``
-    of each prompt is used (at least one). Raises ``FileNotFoundError`` naming the missing path.
+    Prompt ``i`` is line ``i`` of ``metadata_path``; its folder may be named by any digits
+    (``00007``, ``7``). As GenEval's ``evaluate_images.py`` does, each prompt is scored on the
+    ``<digits>.png`` samples it has (any number) and a prompt without a folder or samples is
+    left out: its index is listed in ``missing_prompts`` (the scored ones in
+    ``prompt_indices``). With ``n_samples`` the files ``0000.png`` .. ``n_samples - 1`` of every
+    prompt are required instead. A folder's own ``metadata.jsonl`` (what the official scorer
+    reads) must be the prompt's line.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the missing image (``n_samples``) or, when no prompt has any image, the first
+        expected one.
+    GenEvalFormatError
+        An empty or malformed metadata file, a folder whose ``metadata.jsonl`` is not its
+        prompt's line, images for a prompt index past the metadata file's end.
     """
     records = load_geneval_metadata(metadata_path)
     if not records:
         raise GenEvalFormatError(f"{metadata_path}: no prompts to score")
+    folders = geneval_prompt_dirs(images_dir)
+    past = sorted(i for i, f in folders.items()
+                  if i >= len(records) and list_geneval_samples(images_dir, i, f))
+    if past:
+        raise GenEvalFormatError(
+            f"{folders[past[0]]}: images for prompt {past[0]}, but {metadata_path} has "
+            f"{len(records)} prompts (0..{len(records) - 1}): images of another metadata file?")
     entries: list[list[np.ndarray]] = []
-    for i in range(len(records)):
+    scored: list[int] = []
+    missing: list[int] = []
+    for i, rec in enumerate(records):
+        folder = folders.get(i, geneval_prompt_dir(images_dir, i))
         if n_samples is None:
-            paths = list_geneval_samples(images_dir, i)
+            paths = list_geneval_samples(images_dir, i, folder)
             if not paths:
-                first = geneval_image_path(images_dir, i)
-                raise FileNotFoundError(f"missing GenEval image {first}")
+                missing.append(i)
+                continue
         else:
-            paths = [geneval_image_path(images_dir, i, s) for s in range(n_samples)]
+            paths = [folder / "samples" / f"{s:04d}.png" for s in range(n_samples)]
             for p in paths:
                 if not p.is_file():
                     raise FileNotFoundError(f"missing GenEval image {p}")
+        own = folder / "metadata.jsonl"
+        if own.is_file() and read_prompt_metadata(own) != rec:
+            raise GenEvalFormatError(
+                f"{own}: not prompt {i} of {metadata_path} (line {i + 1}: {rec.prompt!r}, "
+                f"tag {rec.tag}): the images were made from another metadata file")
+        scored.append(i)
         # checked like every data image (pixel budget, modes, truncation), turned by EXIF
         entries.append([decode_image(p, str(p), exif=True) for p in paths])
-    return score_geneval(records, entries, detector, **rules)
+    if not scored:
+        raise FileNotFoundError(
+            f"missing GenEval image {geneval_image_path(images_dir, 0)}: none of the "
+            f"{len(records)} prompts of {metadata_path} has a <digits>.png sample under "
+            f"{images_dir}")
+    out = score_geneval([records[i] for i in scored], entries, detector, **rules)
+    out["prompt_indices"] = scored
+    out["missing_prompts"] = missing
+    return out

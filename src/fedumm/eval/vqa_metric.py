@@ -22,10 +22,31 @@ same rules); this module applies it the way ``vqaEval.py`` does.
 
 Per-question accuracy is the mean, over the 10 GT answers, of ``min(1, #other GT answers equal
 to the result / 3)``; the reported numbers are percentages rounded to 2 decimals.
+
+What is accepted is what ``vqa.py`` / ``vqaEval.py`` accept, and everything else is one
+``ValueError`` naming the file and the entry (never a NaN score):
+
+* question ids are integers, as in the official files; a JSON number with an integral value
+  (``42.0``) is the same id, as it is for the official set / dict lookups. A results file whose
+  ids are strings (``"42"``) against integer annotation ids is refused, with that named: the
+  official ``loadRes`` asserts that the ids are exactly the annotated ones, and ``"42" != 42``;
+* a result ``answer`` must be a string. A number (``2`` for "how many") is refused, not turned
+  into ``"2"``: the official script calls ``resAns.replace`` and stops on it, so a file that
+  scored here would fail on the evaluation server;
+* results must answer exactly the annotated questions (an empty list, missing or extra ids are
+  refused, as ``loadRes`` asserts); a repeated id keeps its last answer, as ``createIndex``
+  does; extra keys (``image_id``, ``question``, scores) are ignored;
+* with a questions file whose ``task_type`` is ``"Multiple Choice"``, each answer must be one of
+  its question's ``multiple_choices`` (the official assertion);
+* one check is stricter than the official: every annotated question must be in the questions
+  file (the official reads it only for multiple choice), because a questions file of another
+  split is a mistake worth naming.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -103,6 +124,27 @@ def _typed(entry: Mapping, key: str, kinds: tuple[type, ...], what: str, where: 
 _ID = ((int, str), "an integer (or string) question id")
 
 
+def _question_id(entry: Mapping, where: str, index: int) -> Any:
+    """The entry's question id: an int or a str; an integral float (``42.0``) is the int
+    (``42.0 == 42`` and hashes alike, so the official lookups take it too)."""
+    value = entry["question_id"]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return _typed(entry, "question_id", *_ID, where, index)
+
+
+def _result_answer(entry: Mapping, where: str, index: int) -> str:
+    value = entry["answer"]
+    if isinstance(value, str):
+        return value
+    hint = ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value == value:
+        hint = (f" (write it as the string {json.dumps(str(value))}: the official evaluator "
+                "calls str methods on every answer and stops on a number)")
+    raise ValueError(f"{where} entry {index} (question {entry.get('question_id')!r}): answer "
+                     f"is {_show(value)}; expected a string{hint}")
+
+
 def _ids_text(ids: Iterable[Any], limit: int = 20) -> str:
     ids = sorted(ids, key=repr)
     more = f" ... ({len(ids)} in all)" if len(ids) > limit else ""
@@ -114,6 +156,7 @@ def evaluate(
     annotations: list[dict[str, Any]],
     results: list[dict[str, Any]],
     sources: tuple[str, str, str] = ("questions", "annotations", "results"),
+    multiple_choice: bool = False,
 ) -> dict[str, Any]:
     """Score results with the official VQA v2 accuracy.
 
@@ -128,6 +171,9 @@ def evaluate(
         question ids must be exactly the annotated ones; a repeated id keeps its last answer.
     sources : (str, str, str)
         What errors call the questions, annotations and results (their files' paths).
+    multiple_choice : bool
+        The questions file's ``task_type`` is ``"Multiple Choice"``: each answer must be one of
+        its question's ``multiple_choices``.
 
     Returns
     -------
@@ -148,7 +194,7 @@ def evaluate(
     ann_by_id: dict[Any, dict[str, Any]] = {}
     for i, ann in enumerate(annotations):
         _require(ann, ("question_id", "question_type", "answer_type", "answers"), a_src, i)
-        qid = _typed(ann, "question_id", *_ID, a_src, i)
+        qid = _question_id(ann, a_src, i)
         _typed(ann, "question_type", (str,), "a string", a_src, i)
         _typed(ann, "answer_type", (str,), "a string", a_src, i)
         if qid in ann_by_id:
@@ -164,18 +210,26 @@ def evaluate(
     question_ids = set()
     for i, q in enumerate(questions):
         _require(q, ("question_id",), q_src, i)
-        question_ids.add(_typed(q, "question_id", *_ID, q_src, i))
+        question_ids.add(_question_id(q, q_src, i))
     unasked = set(ann_by_id) - question_ids
     if unasked:
         raise ValueError(f"annotated question ids missing from {q_src}: {_ids_text(unasked)}")
 
     if not isinstance(results, list):
-        raise ValueError(f"{r_src}: results is not an array of objects")
+        raise ValueError(_not_a_list(results, r_src))
+    if not results:
+        raise ValueError(f"{r_src}: no results (an empty list); the official evaluator needs "
+                         f"one answer for each of the {len(ann_by_id)} annotated questions")
+    choices = _choices(questions, q_src) if multiple_choice else {}
     res_by_id: dict[Any, str] = {}
     for i, r in enumerate(results):
         _require(r, ("question_id", "answer"), r_src, i)
-        qid = _typed(r, "question_id", *_ID, r_src, i)
-        res_by_id[qid] = _typed(r, "answer", (str,), "a string (the answer)", r_src, i)
+        qid = _question_id(r, r_src, i)
+        res_by_id[qid] = _result_answer(r, r_src, i)
+        if multiple_choice and qid in choices and res_by_id[qid] not in choices[qid]:
+            raise ValueError(f"{r_src} entry {i} (question {qid!r}): answer "
+                             f"{_show(res_by_id[qid])} is not one of the question's "
+                             f"multiple_choices in {q_src}")
     missing = set(ann_by_id) - set(res_by_id)
     extra = set(res_by_id) - set(ann_by_id)
     if missing or extra:
@@ -184,6 +238,9 @@ def evaluate(
             parts.append(f"no result for question ids {_ids_text(missing)}")
         if extra:
             parts.append(f"results for question ids not in the annotations {_ids_text(extra)}")
+        if any(isinstance(q, str) for q in extra) and any(isinstance(q, int) for q in missing):
+            parts.append("the results' question ids are strings and the annotations' are "
+                         "integers: write them as JSON numbers")
         raise ValueError(f"{r_src}: results do not correspond to the annotations: "
                          + "; ".join(parts))
 
@@ -201,12 +258,35 @@ def evaluate(
     def pct(accs: list[float]) -> float:
         return _py2_round(100 * _plain_sum(accs) / len(accs))  # official operation order
 
+    overall = pct(all_accs)
+    if not math.isfinite(overall):  # cannot happen with the checks above; never print a NaN
+        raise ValueError(f"{r_src}: the overall accuracy is {overall} (nothing was scored)")
     return {
-        "overall": pct(all_accs),
+        "overall": overall,
         "perAnswerType": {t: pct(a) for t, a in by_atype.items()},
         "perQuestionType": {t: pct(a) for t, a in by_qtype.items()},
         "perQuestion": per_question,
     }
+
+
+def _not_a_list(data: Any, src: str) -> str:
+    kind = {dict: "a JSON object", str: "a string", type(None): "null"}.get(
+        type(data), type(data).__name__)
+    return (f"{src}: results is {kind}, not an array of objects; expected "
+            '[{"question_id": <int>, "answer": <str>}, ...] (the official loadRes asserts '
+            "a list)")
+
+
+def _choices(questions: list[dict[str, Any]], q_src: str) -> dict[Any, list[Any]]:
+    """Question id -> its ``multiple_choices`` (a list) in a multiple-choice questions file."""
+    out = {}
+    for i, q in enumerate(questions):
+        _require(q, ("multiple_choices",), q_src, i)
+        if not isinstance(q["multiple_choices"], list):
+            raise ValueError(f"{q_src} entry {i}: multiple_choices is "
+                             f"{_show(q['multiple_choices'])}; expected a list")
+        out[_question_id(q, q_src, i)] = q["multiple_choices"]
+    return out
 
 
 def _load_json(path: str | Path) -> Any:
@@ -244,13 +324,15 @@ def evaluate_files(
     dict
         As :func:`evaluate`.
     """
-    questions = _entries(_load_json(questions_path), "questions", questions_path)
+    q_doc = _load_json(questions_path)
+    questions = _entries(q_doc, "questions", questions_path)
     annotations = _entries(_load_json(annotations_path), "annotations", annotations_path)
     results = _load_json(results_path)
     if not isinstance(results, list):
-        raise ValueError(f"{results_path}: results is not an array of objects")
+        raise ValueError(_not_a_list(results, str(results_path)))
     sources = (str(questions_path), str(annotations_path), str(results_path))
-    return evaluate(questions, annotations, results, sources)
+    multiple_choice = isinstance(q_doc, dict) and q_doc.get("task_type") == "Multiple Choice"
+    return evaluate(questions, annotations, results, sources, multiple_choice)
 
 
 def score_answers(predictions: Mapping[int, str], records: list[VQARecord]) -> dict[str, Any]:

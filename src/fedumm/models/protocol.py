@@ -80,6 +80,15 @@ class Backbone(Protocol):
     an AUC from answer probabilities (the built-in backbones have it), without it
     only the hard-label metrics.
 
+    Optional capability: ``unknown_words(text) -> list[str]``, the words of ``text`` (split as
+    :func:`fedumm.data.vocabulary.split_words` splits them, in order, once per occurrence)
+    that the backbone's tokenizer maps to its unknown token: the reference model's words
+    outside its vocabulary, a Hugging Face tokenizer's words holding ``unk_token_id`` (none
+    for a byte-level BPE; :func:`fedumm.models.vocabulary.tokenizer_unknown_words`). An
+    answer with an unknown word can never be produced (``answer`` decodes from the tokenizer),
+    so a run refuses such training answers unless ``data.allow_unknown_answers``. The built-in
+    backbones have it; without it the data's words are not checked.
+
     Optional setting: ``generation_trains_language: bool``, on a backbone whose generation is
     a network of its own conditioned on the language model (BLIP3o's DiT): whether the
     generation loss also trains the language adapters (and so whether the language group

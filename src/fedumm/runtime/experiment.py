@@ -36,6 +36,7 @@ from fedumm.models.protocol import Backbone, prepare_samples
 from fedumm.runtime.modes import CENTRALIZED, run_mode, strategy_name
 from fedumm.runtime.report import write_run_report
 from fedumm.runtime.run_dir import RunDirectory
+from fedumm.runtime.vocabulary import check_answers_known
 
 
 def peak_rss_bytes() -> int:
@@ -78,6 +79,7 @@ def client_datasets(cfg: Config, backbone: Backbone,
     """Every client's training data and the partition summary (None when centralized);
     ``progress(done, total)`` reports the backbone's preparation of the data."""
     train = read_samples(cfg.data, "train")
+    check_answers_known(cfg, backbone, train)  # before any preparation: answers it can say
     # e.g. quantise generation targets once, in a fixed order
     prepare_samples(backbone, train, progress)
     n = len(train)
@@ -105,6 +107,7 @@ def site_client_data(cfg: Config, backbone: Backbone, client_id: int) -> ClientD
     record of its files, with no partition or modality scenario applied (its data is what it
     is); its local held-out part comes from ``train.val_fraction`` as for any client."""
     samples = read_samples(cfg.data, "all")
+    check_answers_known(cfg, backbone, samples)
     backbone.prepare(samples)
     n = len(samples)
     return make_client_data(client_id, samples, np.arange(n), np.zeros(n, dtype=np.int8),
@@ -149,6 +152,12 @@ def full_model_bytes(num_parameters: int, spec: str) -> int:
     return int(round(int(num_parameters) * bytes_per_value(spec)))
 
 
+# what summary.json keeps of an evaluation, for the frozen base and the final model alike
+SCORES = ("vqa_accuracy", "vqa_by_answer_type", "vqa_by_family", "auc", "auc_hard", "macro_f1",
+          "classification", "geneval_overall", "geneval_by_task", "generation_quality",
+          "per_client")
+
+
 def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
                  fingerprint: str, clients: int, final: dict, acc: dict, wall: float,
                  peak_rss: int | None = None) -> dict[str, Any]:
@@ -160,13 +169,8 @@ def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapter
     return {
         "name": cfg.name, "strategy": cfg.strategy.name, "rounds": cfg.rounds,
         "clients": clients, "seed": cfg.seed, "runtime": cfg.runtime,
-        "final": {k: final[k] for k in ("vqa_accuracy", "vqa_by_answer_type", "vqa_by_family",
-                                        "auc", "auc_hard", "macro_f1", "classification",
-                                        "geneval_overall", "geneval_by_task", "generation_quality",
-                                        "per_client")
-                  if k in final},
-        "base": {k: base[k] for k in ("vqa_accuracy", "vqa_by_family", "auc", "auc_hard",
-                                      "macro_f1") if base and k in base},
+        "final": {k: final[k] for k in SCORES if k in final},
+        "base": {k: base[k] for k in SCORES if base and k in base},
         "communication": {
             "upload_bytes_per_client_round": per_up,
             "download_bytes_per_client_round": float(np.mean(down)) if down else 0.0,

@@ -14,6 +14,7 @@ import functools
 import gc
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ import torch
 from tqdm import tqdm
 
 from fedumm.config import Config
+from fedumm.data.vocabulary import describe as describe_unknown
 from fedumm.fl.client import ClientData
 from fedumm.fl.endpoint import ClientEndpoint
 from fedumm.fl.pipeline import Reply
 from fedumm.runtime.allocator import fix_mmap_threshold
+from fedumm.runtime.bars import count_bar, reading_bars
 from fedumm.runtime.experiment import (
     build_adapters,
     client_datasets,
@@ -36,6 +39,7 @@ from fedumm.runtime.experiment import (
 from fedumm.runtime.loop import RoundLoop
 from fedumm.runtime.modes import strategy_for
 from fedumm.runtime.run_dir import RunDirectory
+from fedumm.runtime.vocabulary import vocabulary_report
 from fedumm.runtime.workers import WorkerPool
 
 
@@ -180,22 +184,6 @@ def _worker_init(threads: int) -> None:
     fix_mmap_threshold()  # a worker's heap would grow to ~2x what it holds (allocator.py)
 
 
-def _count_bar(desc: str, show: bool) -> Callable[[int, int], None]:
-    """A ``progress(done, total)`` callback drawing a tqdm bar, opened at the first report (a
-    step that reports nothing shows nothing) and closed when done reaches total."""
-    bar: tqdm | None = None
-
-    def report(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, disable=not show, dynamic_ncols=True)
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return report
-
-
 class LocalRuntime:
     """Builds everything a config describes and runs the rounds through the one round loop
     (:mod:`fedumm.runtime.loop`) over the in-process transport."""
@@ -210,9 +198,11 @@ class LocalRuntime:
         torch.set_num_threads(threads)
         self.backbone = load_backbone(cfg)
         fingerprint = self.backbone.fingerprint()  # frozen: hash it once
-        val_data = eval_samples(cfg)
-        self.clients, self.partition_summary = client_datasets(
-            cfg, self.backbone, progress=_count_bar("preparing data", progress))
+        with reading_bars(progress):
+            val_data = eval_samples(cfg)
+            self.clients, self.partition_summary = client_datasets(
+                cfg, self.backbone, progress=count_bar("preparing data", progress))
+        self.vocabulary = vocabulary_report(self.backbone, self.clients, val_data)
         adapters = build_adapters(cfg, self.backbone)
         strategy = strategy_for(cfg, self.backbone.groups)
         self.transport = LocalTransport(self.clients, client_endpoint(cfg, adapters),
@@ -236,6 +226,11 @@ class LocalRuntime:
     def run(self, resume: bool = False) -> dict[str, Any]:
         if self.partition_summary is not None:  # who holds what: the report's heat map
             self.dir.write_json(self.dir.PARTITION, self.partition_summary)
+        if self.vocabulary is not None:  # words of the data the backbone does not know
+            self.dir.write_json(self.dir.DATA, {"unknown_words": self.vocabulary})
+            if self.show_progress:
+                for line in describe_unknown(self.vocabulary):
+                    tqdm.write(line, file=sys.stderr)
         ckpt_round = -1
         if resume and (ckpt := self.dir.load_checkpoint()) is not None:
             ckpt_round = ckpt["round"]

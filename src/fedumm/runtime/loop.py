@@ -116,8 +116,11 @@ class RoundLoop:
         acc.setdefault("accepted", 0)  # client updates aggregated / left out, all rounds
         acc.setdefault("rejected", 0)
         acc.setdefault("first_rejection", None)
-        if resumed is None and cfg.eval.every:  # round -1: the frozen base, the curve's start
-            d.log({"type": "eval", "round": -1, **self._timed_eval(acc, False, base=True)})
+        if resumed is None and cfg.eval.base:  # round -1: the frozen base on both tasks
+            self.progress("evaluating the frozen base")
+            res = self._timed_eval(acc, True, base=True)
+            d.log({"type": "eval", "round": -1, **res})
+            self.progress(f"base VQA {res.get('vqa_accuracy', math.nan):.1f}")
         for rnd in range(start, cfg.rounds):
             self._round(rnd, acc)
             gen = mid_run_eval(cfg, rnd)

@@ -113,18 +113,16 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         f"Strategy `{summary['strategy']}`, {summary['clients']} clients, {summary['rounds']} "
         f"rounds, seed {summary['seed']}.",
         "",
-        "| metric | value |",
+        "| metric | frozen base | final |",
+        "|---|---|---|",
+        *[f"| {name} | {base.get(key, 'n/a')} | {fin[key]} |" for key, name in (
+            ("vqa_accuracy", "VQA accuracy"), ("geneval_overall", "GenEval overall"),
+            ("generation_quality", "generation held-out quality"),
+            ("auc", "AUC, binary tasks"), ("auc_hard", "AUC from hard labels (FedMLLM)"),
+            ("macro_f1", "macro-F1, multi-class tasks")) if fin.get(key) is not None],
+        "",
+        "| cost | value |",
         "|---|---|",
-        f"| VQA accuracy, frozen base | {base.get('vqa_accuracy', 'n/a')} |",
-        f"| VQA accuracy, final | {fin.get('vqa_accuracy', 'n/a')} |",
-        f"| GenEval overall, final | {fin.get('geneval_overall', 'n/a')} |",
-        *([f"| generation held-out quality, final | {fin['generation_quality']} |"]
-          if "generation_quality" in fin else []),
-        *([f"| {name}, final (base) | {fin.get(key, 'n/a')} ({base.get(key, 'n/a')}) |"
-           for key, name in (("auc", "AUC, binary tasks"),
-                             ("auc_hard", "AUC from hard labels (FedMLLM)"),
-                             ("macro_f1", "macro-F1, multi-class tasks"))]
-          if fin.get("classification") else []),
         f"| upload per client per round | {fmt_bytes(comm['upload_bytes_per_client_round'])} |",
         f"| full model (same dtype) | {fmt_bytes(comm['full_model_bytes'])} |",
         f"| reduction vs full fine-tuning | {reduction} |",
@@ -153,8 +151,10 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
                   for k, v in fin["classification"].items()]
         lines.append("")
     if fin.get("geneval_by_task"):
-        lines += ["GenEval by task:", "", "| task | score |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in fin["geneval_by_task"].items()]
+        lines += ["GenEval by task (final vs base):", "", "| task | base | final |",
+                  "|---|---|---|"]
+        bg = base.get("geneval_by_task", {})
+        lines += [f"| {k} | {bg.get(k, 'n/a')} | {v} |" for k, v in fin["geneval_by_task"].items()]
         lines.append("")
     lines += [f"![accuracy]({acc_png.name})", "", f"![bytes]({bytes_png.name})", ""]
     return write_file(dest / "report.md", "\n".join(lines))

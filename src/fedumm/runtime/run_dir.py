@@ -46,11 +46,12 @@ class RunDirectory:
         "config.yaml", "metrics.jsonl", "summary.json", "checkpoint", "adapters", "report.md",
         "partition.json")
     TENSORBOARD = "tb"
+    DATA = "data.json"  # words of the data the backbone's tokenizer does not know
     MARKER, LOCK = ".fedumm-run", ".lock"
     ERROR = "error.txt"  # a failed sweep cell's traceback
     # what a run writes, recorded in the marker at once when the run starts
     FILES = (CONFIG, METRICS, SUMMARY, f"{CHECKPOINT}/state.pt", REPORT, PARTITION,
-             "accuracy.png", "bytes.png")
+             "accuracy.png", "bytes.png", DATA)
 
     def __init__(self, path: str | Path, *, option: str = "--out") -> None:
         self.path = Path(path)

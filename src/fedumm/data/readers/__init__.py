@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedumm.data.progress import report
 from fedumm.data.readers.common import DataFileError, Reader
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
@@ -159,10 +160,13 @@ def read_path(modality: str, spec: str, cfg: DataConfig) -> list[Sample]:
 def read_each(modality: str, spec: str, cfg: DataConfig) -> list[tuple[Path, list[Sample]]]:
     """(path, its samples) of every path ``spec`` names (a path or a glob), for one modality."""
     out: list[tuple[Path, list[Sample]]] = []
-    for path in expand(spec, modality):
+    paths = expand(spec, modality)
+    for i, path in enumerate(paths):
         read = READERS.get(detect_format(modality, path)).read
         assert read is not None  # a file format: it has read and detect
         out.append((path, read(path, modality, cfg)))
+        if len(paths) > 1:
+            report(f"reading data.{modality} files", i + 1, len(paths))
     if not any(samples for _, samples in out):
         raise ValueError(f"data.{modality}={spec!r}: no samples")
     return out

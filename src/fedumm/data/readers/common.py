@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedumm.data.answers import normalize_answer
 from fedumm.data.images import DataFileError, check_image
+from fedumm.data.progress import report
 from fedumm.data.records import ImageRef, Sample
 from fedumm.data.scenarios import GENERATION, UNDERSTANDING
 
@@ -160,6 +161,9 @@ def pick_key(rec: dict, candidates: tuple[str, ...]) -> str | None:
     return next((k for k in candidates if rec.get(k) not in (None, "")), None)
 
 
+_REPORT_EVERY = 500  # images checked between progress reports
+
+
 class ImageResolver:
     """Relative image paths -> checked :class:`ImageRef` s. The root is ``data.images``, else
     the data file's folder (an image folder's ``metadata.jsonl``: always its own folder);
@@ -189,6 +193,8 @@ class ImageResolver:
             except DataFileError as exc:
                 raise DataFileError(path, where, str(exc)) from None
             self._checked.add(full)
+            if len(self._checked) % _REPORT_EVERY == 0:
+                report("checking images", len(self._checked))
         return ImageRef(path=full)
 
 

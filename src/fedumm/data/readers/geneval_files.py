@@ -11,6 +11,15 @@ GenEval (djghosh13/geneval) describes each generation prompt as one JSON object 
 where ``index`` points to an earlier include clause); ``exclude`` clauses carry ``class`` and
 ``count`` only. Generated images live in ``<root>/<index:05d>/samples/<sample:04d>.png`` with the
 prompt's metadata in ``<root>/<index:05d>/metadata.jsonl``.
+
+What is accepted follows GenEval's ``evaluate_images.py``: any ``tag`` string (``counting``
+selects the stricter threshold; any other tag is scored as its own task by ``summary_scores.py``,
+so a tag outside the six of the paper is kept, not refused), any class and colour name (one the
+detector does not know is never found), prompt folders named by any digits (``00000``, ``0``),
+sample files ``<digits>.png``. Stricter than the official, and refused with the file and line
+named: unknown keys (a misspelt ``exclude`` would silently change the prompt), ``count`` other
+than a positive integer, ``color`` / ``position`` in an ``exclude`` clause (ignored by the
+official) and a ``position`` index that does not point to an earlier include clause.
 """
 
 from __future__ import annotations
@@ -85,8 +94,9 @@ def record_from_json(obj: Any) -> GenEvalRecord:
     for key in ("tag", "include", "prompt"):
         if key not in obj:
             raise GenEvalFormatError(f"missing key {key!r}")
-    if obj["tag"] not in GENEVAL_TAGS:
-        raise GenEvalFormatError(f"unknown tag {obj['tag']!r} (expected one of {GENEVAL_TAGS})")
+    if not isinstance(obj["tag"], str) or not obj["tag"].strip():
+        raise GenEvalFormatError(f"'tag' must be a non-empty string (one of {GENEVAL_TAGS}), "
+                                 f"got {obj['tag']!r}")
     if not isinstance(obj["prompt"], str):
         raise GenEvalFormatError(f"'prompt' must be a string, got {obj['prompt']!r}")
     include, exclude = obj["include"], obj.get("exclude", [])
@@ -185,17 +195,72 @@ def geneval_image_path(root: str | Path, index: int, sample: int = 0) -> Path:
     return geneval_prompt_dir(root, index) / "samples" / f"{sample:04d}.png"
 
 
-def list_geneval_samples(root: str | Path, index: int) -> list[Path]:
+def geneval_prompt_dirs(root: str | Path) -> dict[int, Path]:
+    """Prompt index -> folder, for every sub-folder of ``root`` named by digits.
+
+    GenEval's evaluator takes every folder whose name ``isdigit()``; its generator writes
+    ``<index:05d>``, other writers ``<index>``: both are found here.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``root`` is not a folder.
+    GenEvalFormatError
+        If two folders name the same prompt (``1`` and ``00001``).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"missing GenEval image folder {root}")
+    found: dict[int, Path] = {}
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and p.name.isascii() and p.name.isdigit():
+            index = int(p.name)
+            if index in found:
+                raise GenEvalFormatError(f"{root}: folders {found[index].name} and {p.name} "
+                                         f"are both prompt {index}")
+            found[index] = p
+    return found
+
+
+def list_geneval_samples(root: str | Path, index: int, folder: Path | None = None
+                         ) -> list[Path]:
     """The ``<digits>.png`` files of prompt ``index``, sorted by sample number.
 
     GenEval's evaluator accepts any ``\\d+.png`` name (its README shows 4 digits, its diffusers
-    script writes 5), so both are found here.
+    script writes 5), so both are found here. ``folder`` is the prompt's folder when it is not
+    ``root/<index:05d>`` (see :func:`geneval_prompt_dirs`).
     """
-    folder = geneval_prompt_dir(root, index) / "samples"
+    folder = (geneval_prompt_dir(root, index) if folder is None else folder) / "samples"
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _SAMPLE_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _SAMPLE_RE.match(p.name)) and p.is_file()]
     return [p for _, p in sorted(found)]
+
+
+def read_prompt_metadata(path: str | Path) -> GenEvalRecord:
+    """A prompt folder's ``metadata.jsonl``: the one JSON object GenEval's generator dumps
+    there (its evaluator reads it with ``json.load``).
+
+    Raises
+    ------
+    GenEvalFormatError
+        Naming the file, when it is not one valid metadata object.
+    """
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise GenEvalFormatError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise GenEvalFormatError(f"{path}: malformed JSON (one object expected): {exc.msg} "
+                                 f"at line {exc.lineno}") from None
+    except (ValueError, RecursionError) as exc:
+        raise GenEvalFormatError(f"{path}: cannot parse JSON ({exc})"[:300]) from None
+    try:
+        return record_from_json(obj)
+    except GenEvalFormatError as exc:
+        raise GenEvalFormatError(f"{path}: {exc}") from None
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

@@ -242,8 +242,10 @@ def load_vqa_v2(
     FileNotFoundError
         If the questions or annotations file is missing.
     ValueError
-        On malformed JSON, a missing key (file, list entry index and key are named), or
-        annotations and questions that do not pair up.
+        On malformed JSON, a missing key or a value of another type than the official files'
+        (file, list entry index and key are named), an empty or repeated annotation, or an
+        annotation whose question is not in the questions file. Questions without an
+        annotation are left out, as the official VQA API does.
     """
     root = Path(root)
     q_path = _find_file(root, "Questions", questions_filename(split))
@@ -255,11 +257,16 @@ def load_vqa_v2(
         questions[q["question_id"]] = q
 
     records: list[VQARecord] = []
+    seen: dict[int, int] = {}
     for i, ann in enumerate(_read_list(a_path, "annotations")):
         where = f"annotations entry {i}"
         _check_keys(ann, _ANNOTATION_KEYS, a_path, where)
         qid = ann["question_id"]
-        q = questions.pop(qid, None)
+        if qid in seen:
+            raise ValueError(f"{a_path}: {where}: question id {qid} is annotated twice "
+                             f"(also entry {seen[qid]})")
+        seen[qid] = i
+        q = questions.get(qid)
         if q is None:
             raise ValueError(f"{a_path}: {where}: question id {qid} is not in {q_path}")
         if q["image_id"] != ann["image_id"]:
@@ -280,11 +287,11 @@ def load_vqa_v2(
                 family=_family(ann, a_path, where),
             )
         )
-    if questions:  # left-overs: unanswered questions (or a repeated annotation id)
-        raise ValueError(
-            f"{q_path}: {len(questions)} questions have no annotation in {a_path}, "
-            f"e.g. question ids {sorted(questions)[:10]}"
-        )
+    if not records and questions:
+        raise ValueError(f"{a_path}: no annotations (an empty list) for the {len(questions)} "
+                         f"questions of {q_path}")
+    # Questions without an annotation are left out, as the official VQA API does (a questions
+    # file may cover more than an annotation file filtered by type or subsampled).
     image_dir = root / split if image_dir is None else Path(image_dir)
     return VQAv2Dataset(records, image_dir, split, cache_images)
 

@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedumm.data.progress import report
 from fedumm.data.readers.common import DataFileError, Reader
 from fedumm.data.readers.text_image import TEXT_KEYS, generation_sample
 from fedumm.data.records import ImageRef, Sample
@@ -96,8 +97,10 @@ def read_shards(path: Path, modality: str, cfg: DataConfig) -> list[Sample]:
     """Every sample of a shard, or of a folder's shards in name order, up to
     ``data.max_samples`` in all."""
     out: list[Sample] = []
-    for shard in sorted(path.glob("*.tar")) if path.is_dir() else [path]:
+    shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+    for i, shard in enumerate(shards):
         out += read_shard(shard, cfg.max_samples - len(out) if cfg.max_samples else 0)
+        report("indexing shards", i + 1, len(shards))
         if cfg.max_samples and len(out) >= cfg.max_samples:
             break
     return out

@@ -61,6 +61,7 @@ from fedumm.models.blip3o.assembly import (
 from fedumm.models.groups import AdapterGroup, DecoderLayers
 from fedumm.models.placement import ModelPlacement, in_eval_mode
 from fedumm.models.protocol import Batch
+from fedumm.models.vocabulary import tokenizer_unknown_words
 
 if TYPE_CHECKING:
     from diffusers import SchedulerMixin
@@ -311,6 +312,11 @@ class Blip3oBackbone(ModelPlacement):
         return float((1 - torch.stack(losses).mean() / torch.stack(zero).mean()).clamp(0, 1))
 
     # --------------------------------------------------------------- capabilities
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` the tokenizer maps to its unknown token (none for a
+        byte-level BPE)."""
+        return tokenizer_unknown_words(self.tokenizer, text)
+
     @torch.no_grad()
     @in_eval_mode
     def answer(self, images: Sequence[np.ndarray | None], questions: Sequence[str],

@@ -48,7 +48,7 @@ from fedumm.models.checksums import verify_checksums, write_folder_checksums
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 TOKENIZER = ("tokenizer.json", "tokenizer_config.json")
 TARGET_DIR, DECODER_FILE = "target_encoder", "patch_decoder.safetensors"
-_DIT_PREFIX, _QUERIES = "model.dit.model.", "model.latent_queries"
+DIT_PREFIX, QUERIES_KEY = "model.dit.model.", "model.latent_queries"
 _BLIP3O_KEYS = ("n_query", "gen_pooling", "gen_vision_tower", "gen_hidden_size",
                 "dit_num_attention_heads", "dit_num_kv_heads", "min_pixels", "max_pixels",
                 "rope_len")
@@ -89,10 +89,10 @@ def _blip3o_tensors(path: Path) -> dict[str, torch.Tensor]:
     for f in _weight_files(path):
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                if k.startswith(_DIT_PREFIX) or k == _QUERIES:
+                if k.startswith(DIT_PREFIX) or k == QUERIES_KEY:
                     out[k] = st.get_tensor(k)
-    if _QUERIES not in out or not any(k.startswith(_DIT_PREFIX) for k in out):
-        raise ValueError(f"{path}: the weights have no {_QUERIES!r} or no {_DIT_PREFIX}* "
+    if QUERIES_KEY not in out or not any(k.startswith(DIT_PREFIX) for k in out):
+        raise ValueError(f"{path}: the weights have no {QUERIES_KEY!r} or no {DIT_PREFIX}* "
                          "tensors (a Qwen2.5-VL checkpoint, not BLIP3o?)")
     return out
 
@@ -109,8 +109,8 @@ def folder_dims(path: Path, config: dict[str, Any] | None = None,
         "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
         "rope_parameters", "rope_scaling", "rope_theta")}
     layers = {int(m.group(1)) for k in tensors if (m := re.match(
-        rf"{re.escape(_DIT_PREFIX)}layers\.(\d+)\.", k))}
-    width, features = tensors[_DIT_PREFIX + "patch_embedder.proj.weight"].shape
+        rf"{re.escape(DIT_PREFIX)}layers\.(\d+)\.", k))}
+    width, features = tensors[DIT_PREFIX + "patch_embedder.proj.weight"].shape
     heads = int(config.get("dit_num_attention_heads", 28))
     target_cfg = path / TARGET_DIR / "config.json"
     if target_cfg.is_file():
@@ -127,7 +127,7 @@ def folder_dims(path: Path, config: dict[str, Any] | None = None,
         "spatial_merge_size", "temporal_patch_size", "window_size", "fullatt_block_indexes")}
     return Blip3oDims(
         text=text, vision=vision, tie_word_embeddings=bool(config.get("tie_word_embeddings")),
-        n_query=int(tensors[_QUERIES].shape[-2]),
+        n_query=int(tensors[QUERIES_KEY].shape[-2]),
         dit=dict(hidden_size=int(width), num_layers=len(layers), num_attention_heads=heads,
                  num_kv_heads=int(config.get("dit_num_kv_heads", heads))),
         target=target, pool=pool, rope_len=int(config.get("rope_len", 384)),
@@ -173,9 +173,9 @@ def load_folder(path: Path) -> tuple[Blip3oModel, Any, Any]:
         model = Blip3oModel(qwen=torch.nn.Identity(), dit=dit, dims=dims,
                             target_encoder=torch.nn.Identity(), decoder=PatchDecoder(1, 1))
     model.qwen, model.target_encoder, model.decoder = qwen, target, decoder
-    rest = {("queries.weight" if k == _QUERIES else
-             k[len(_DIT_PREFIX):] if k.startswith(_DIT_PREFIX + "caption_projection.") else
-             "dit." + k[len(_DIT_PREFIX):]): (v[0] if k == _QUERIES else v)
+    rest = {("queries.weight" if k == QUERIES_KEY else
+             k[len(DIT_PREFIX):] if k.startswith(DIT_PREFIX + "caption_projection.") else
+             "dit." + k[len(DIT_PREFIX):]): (v[0] if k == QUERIES_KEY else v)
             for k, v in tensors.items()}
     # diffusers' DiT has a pad_token that its forward never uses and BLIP3o's copy lacks
     rest.setdefault("dit.pad_token", torch.zeros(dims.dit["hidden_size"],
@@ -228,11 +228,11 @@ def save_folder(model: Blip3oModel, tokenizer, processor, path: Path) -> Path:
         if out is not None and not (out == "lm_head.weight" and
                                     qwen.config.tie_word_embeddings):
             state[out] = t
-    state[_QUERIES] = model.queries.weight[None]
+    state[QUERIES_KEY] = model.queries.weight[None]
     for name, t in model.caption_projection.state_dict().items():
-        state[f"{_DIT_PREFIX}caption_projection.{name}"] = t
+        state[f"{DIT_PREFIX}caption_projection.{name}"] = t
     for name, t in model.dit.state_dict().items():
-        state[_DIT_PREFIX + name] = t
+        state[DIT_PREFIX + name] = t
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()},
               str(path / "model.safetensors"), metadata={"format": "pt"})
     config = qwen.config.to_dict()

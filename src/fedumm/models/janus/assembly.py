@@ -7,6 +7,8 @@ through :mod:`.checkpoint`)."""
 from __future__ import annotations
 
 BOI, EOI, IMAGE = "<begin_of_image>", "<end_of_image>", "<image_placeholder>"
+# the role markers of DeepSeek's conversation, which the chat template writes
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"
 # DeepSeek's "deepseek" conversation (janus/utils/conversation.py, ``get_prompt``) as the
 # converted checkpoints' template renders it: "<|User|>: {content}\n\n", "<|Assistant|>:
 # {answer}" and EOS between turns (after the last turn the caller adds it), "<|Assistant|>:" to
@@ -37,8 +39,7 @@ def tiny_processor(image_size: int, num_image_tokens: int):
 
     from fedumm.models.reference.text_tokenizer import world_vocabulary
 
-    specials = ["<pad>", "<unk>", "<bos>", "<eos>", IMAGE, BOI, EOI, "<|User|>",
-                "<|Assistant|>"]
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>", IMAGE, BOI, EOI, USER, ASSISTANT]
     system = re.findall(r"\w+|[^\w\s]+", DEFAULT_SYSTEM_PROMPT.lower())  # Whitespace's split
     words = specials + [":", ",", ".", "?"] + world_vocabulary() + system
     vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}

@@ -44,6 +44,7 @@ from fedumm.models.janus.checkpoint import save_folder
 from fedumm.models.janus.targets import target_pixels, vq_codes
 from fedumm.models.placement import ModelPlacement, in_eval_mode
 from fedumm.models.protocol import Batch
+from fedumm.models.vocabulary import tokenizer_unknown_words
 
 _CODE_CHUNK = 16  # target images VQ-encoded per call while preparing
 
@@ -265,6 +266,11 @@ class JanusBackbone(ModelPlacement):
         gc.max_length = None  # max_new_tokens (text) or the image token count decides
         gc.update(pad_token_id=self.tokenizer.pad_token_id, **settings)
         return gc
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` the tokenizer maps to its unknown token (none for a
+        byte-level BPE)."""
+        return tokenizer_unknown_words(self.tokenizer, text)
 
     @torch.no_grad()
     @in_eval_mode

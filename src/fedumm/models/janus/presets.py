@@ -36,20 +36,25 @@ def _published_dims(hidden: int, intermediate: int, layers: int, heads: int) -> 
                        image_token_embed_dim=hidden)}
 
 
+def preset_dims(name: str) -> dict[str, Any]:
+    """The text, vision and VQ config keys a named preset sets (the rest are transformers'
+    defaults)."""
+    if name == "tiny":
+        return tiny_dims()
+    if name == "janus-pro-1b":
+        return _published_dims(2048, 5632, 24, 16)
+    if name == "janus-pro-7b":
+        return _published_dims(4096, 11008, 30, 32)
+    raise ValueError(f"backbone.preset={name!r}: the janus backbone has presets "
+                     f"{list(PRESETS)}")
+
+
 def preset_config(name: str, vocab_size: int | None = None, image_token_id: int | None = None):
     """A ``JanusConfig`` at a named size; ``vocab_size`` / ``image_token_id`` override the
     preset's (a tokenizer built in code)."""
     from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
-    if name == "tiny":
-        dims = tiny_dims()
-    elif name == "janus-pro-1b":
-        dims = _published_dims(2048, 5632, 24, 16)
-    elif name == "janus-pro-7b":
-        dims = _published_dims(4096, 11008, 30, 32)
-    else:
-        raise ValueError(f"backbone.preset={name!r}: the janus backbone has presets "
-                         f"{list(PRESETS)}")
+    dims = preset_dims(name)
     text = dict(dims["text"])
     if vocab_size is not None:
         text["vocab_size"] = vocab_size

@@ -10,7 +10,7 @@ codes of held-out generation targets.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -151,13 +151,17 @@ class ReferenceBackbone(ModelPlacement):
             self.prepare(missing)
         return torch.stack([self._codes[s.id] for s in samples])
 
-    def prepare(self, samples: Sequence[Sample]) -> None:
-        """Quantise the target images of generation samples once (the codebook is frozen)."""
+    def prepare(self, samples: Sequence[Sample],
+                progress: Callable[[int, int], None] | None = None) -> None:
+        """Quantise the target images of generation samples once (the codebook is frozen);
+        ``progress(done, total)`` after each chunk of images."""
         gen = [s for s in samples if s.task == GENERATION and s.id not in self._codes]
         for i in range(0, len(gen), _CODE_CHUNK):
             chunk = gen[i:i + _CODE_CHUNK]
             codes = self.codebook.encode(np.stack([s.load_image() for s in chunk]))
             self._codes.update({s.id: c for s, c in zip(chunk, codes, strict=True)})
+            if progress is not None:
+                progress(i + len(chunk), len(gen))
 
     def _images(self, samples: Sequence[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (B, S, S, 3) and whether each sample has its image (a missing one is zeros)."""
@@ -228,6 +232,12 @@ class ReferenceBackbone(ModelPlacement):
         q_ids, q_mask = pad_sequences([tok.encode(q) + [tok.sep_id] for q in questions], True)
         pixels = torch.from_numpy(np.ascontiguousarray(np.stack(images))).to(dev)
         return pixels, q_ids.to(dev), q_mask.to(dev), present
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` the tokenizer maps to ``[UNK]`` (not in its vocabulary after
+        lower-casing). ``answer`` decodes greedily over the whole text vocabulary, so an answer
+        is producible only if all its words are known."""
+        return self.tokenizer.unknown_words(text)
 
     @torch.no_grad()
     @in_eval_mode

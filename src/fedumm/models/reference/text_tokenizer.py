@@ -15,6 +15,7 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from fedumm.data.render import COLORS, POSITIONS, SHAPES
 from fedumm.data.world import NUMBER_WORDS, RELATIONS, plural
+from fedumm.models.vocabulary import unknown_in_encoding
 
 PAD, UNK, BOS, EOS, SEP, BOI, EOI = "[PAD]", "[UNK]", "[BOS]", "[EOS]", "[SEP]", "[BOI]", "[EOI]"
 SPECIALS = (PAD, UNK, BOS, EOS, SEP, BOI, EOI)
@@ -66,6 +67,11 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` not in the vocabulary (after lower-casing), in order."""
+        enc = self.tok.encode(text, add_special_tokens=False)
+        return unknown_in_encoding(text, enc.ids, enc.offsets, self.unk_id)
 
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
