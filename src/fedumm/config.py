@@ -72,7 +72,7 @@ class DataConfig:
     annotator_noise: float = field(default=0.1, metadata=_range(0.0, 1.0))
     # only these question families (default: the split's), e.g. [spatial, shape_at]
     families: list[str] = field(default_factory=list, metadata=_choices(
-        "existence", "counting", "color", "shape_at", "spatial", "binding"))
+        "existence", "counting", "color", "shape_at", "spatial", "binding", "where"))
     # > 0: understanding samples get a text modality, a scene description that mentions each
     # object with this probability (FedMLLM-style modality scenarios need one)
     scene_text: float = field(default=0.0, metadata=_range(0.0, 1.0))
@@ -298,6 +298,13 @@ class TrainConfig:
     adaptive_prox_mu: float = field(default=0.01, metadata=_range(0.0))
     adaptive_prox_weight: float = field(default=0.1, metadata=_range(0.0))
     adaptive_prox_skip: int = field(default=4, metadata=_range(0))
+    # the answer head calibrated against the client's own answers during local training, for
+    # label skew (fedumm.fl.answer_calibration): fedrs scales the logits of answer tokens the
+    # client never saw by answer_calibration_alpha (FedRS); fedlc subtracts
+    # answer_calibration_tau * count^(-1/4) from every token's logit (FedLC)
+    answer_calibration: str = field(default="", metadata=_choices("", "fedrs", "fedlc"))
+    answer_calibration_alpha: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    answer_calibration_tau: float = field(default=1.0, metadata=_range(0.0))
     threads: int = field(default=0, metadata=_range(0))  # torch threads; 0 = all cores
 
 

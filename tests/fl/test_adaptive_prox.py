@@ -35,7 +35,7 @@ def _train(tiny_overrides, *overrides):
     clients, _ = client_datasets(cfg, backbone)
     start = {k: v.clone() for k, v in adapters.state().items()}
     trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed, heldout_quality)
-    update, _ = trainer.train(clients[0], start, 0, trainer.config_hooks())
+    update, _ = trainer.train(clients[0], start, 0, trainer.config_hooks(clients[0]))
     return update.tensors, start, backbone.decoder_layers, trainer
 
 

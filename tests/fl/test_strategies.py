@@ -54,8 +54,8 @@ def close(a: torch.Tensor, *expected: float) -> bool:
 # -- registry ----------------------------------------------------------------------------------
 
 def test_build_strategy_names() -> None:
-    assert STRATEGIES.names() == sorted(["fedavg", "fedumm", "fedprox", "fedavgm", "fedadam",
-                                         "fedyogi", "fedadagrad", "scaffold"])
+    assert STRATEGIES.names() == sorted(["fedavg", "fedumm", "fedprox", "fedavgm", "fedexp",
+                                         "fedadam", "fedyogi", "fedadagrad", "scaffold"])
     for name in STRATEGIES:
         s = build_strategy(StrategyConfig(name=name), num_clients=4, seed=0, groups=REF)
         assert type(s) is STRATEGIES.get(name) and s.name == name
@@ -200,6 +200,25 @@ def test_fedavgm_by_hand() -> None:
     assert close(x1, 3.0, 1.0)  # m = (1, 1); x = (1, -1) + 2 m
     assert close(x2, 4.0, 6.0)  # m = 0.5 (1, 1) + (0, 2) = (0.5, 2.5); x = (3, 1) + 2 m
     assert close(s.buffers["m"][L], 0.5, 2.5)
+
+
+def test_fedexp_by_hand() -> None:
+    """FedExP's step size: max(1, sum p_k |d_k|^2 / (2 (|mean d|^2 + eps)))."""
+    from fedumm.fl.strategies import FedExP
+
+    s = FedExP(StrategyConfig(tau=0.5), 2, 0, groups=REF)
+    # two clients of equal weight that disagree: d = (2, 0) and (0, 2); mean (1, 1), |mean|^2 2
+    # sum p |d|^2 = 4, so eta = 4 / (2 (2 + 0.5)) = 0.8 -> 1: FedAvg
+    x = s.aggregate(0, {L: t(0.0, 0.0)}, [upd(0, {L: t(2.0, 0.0)}, und=5),
+                                          upd(1, {L: t(0.0, 2.0)}, und=5)])[L]
+    assert close(x, 1.0, 1.0) and s.round_record() == {"server_lr": {"language": 1.0}}
+    # opposed clients: d = (4, 1) and (-4, 1), mean (0, 1), |mean|^2 1; sum p |d|^2 = 17
+    # eta = 17 / (2 (1 + 0.5)) = 17 / 3; weights 1:1 from the sample counts
+    x = s.aggregate(1, {L: t(1.0, 1.0)}, [upd(0, {L: t(5.0, 2.0)}, und=5),
+                                          upd(1, {L: t(-3.0, 2.0)}, und=5)])[L]
+    assert close(x, 1.0, 1.0 + 17.0 / 3.0)
+    assert s.round_record()["server_lr"]["language"] == pytest.approx(17 / 3, abs=1e-4)
+    assert not s.keeps_client_mean  # refused with exact aggregation's folding
 
 
 ADAPTIVE = StrategyConfig(beta1=0.5, beta2=0.75, tau=1.0, server_lr=1.0)

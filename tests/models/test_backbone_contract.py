@@ -200,3 +200,34 @@ def test_preparation_progress_ends_at_its_total(kind, samples):
     else:
         assert calls and calls[-1] == (gen, gen)
         assert [d for d, _ in calls] == sorted({d for d, _ in calls})  # rising
+
+
+@pytest.mark.parametrize("kind", sorted(PRESETS))
+def test_answer_token_ids_are_what_the_loss_supervises_and_the_head_gives_its_logits(kind,
+                                                                                     samples):
+    """``answer_token_ids`` (the classes FedRS / FedLC count) are the understanding loss's
+    supervised ids, sample by sample, and ``answer_head`` is the module whose output that loss
+    reads: scaling its output changes the loss."""
+    from collections import Counter
+
+    from fedumm.fl.answer_calibration import AnswerCalibration, answer_token_counts
+    from fedumm.fl.client_hooks import LocalRound
+
+    bb = make(kind)
+    und = [s for s in samples if s.task == UNDERSTANDING]
+    part = bb.collate(und).parts[UNDERSTANDING]
+    if "labels" in part:  # Hugging Face models: -100 outside the answer
+        supervised = [row[row != -100].tolist() for row in part["labels"]]
+    else:
+        supervised = [row[m.bool()].tolist() for row, m in zip(part["a_ids"], part["a_mask"],
+                                                                strict=True)]
+    assert bb.answer_token_ids([s.answer for s in und]) == supervised
+    counts = answer_token_counts(bb, und)
+    assert counts == Counter(t for row in supervised for t in row)
+    with torch.no_grad():
+        plain = bb.loss(bb.collate(und))[UNDERSTANDING]
+        hook = AnswerCalibration(bb, counts, "fedrs", alpha=0.0)
+        hook.begin(LocalRound({}, {}, {}))
+        restricted = bb.loss(bb.collate(und))[UNDERSTANDING]
+        hook.close()
+    assert abs(restricted.item() - plain.item()) > 1e-4  # absent tokens' logits set to 0

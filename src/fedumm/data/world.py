@@ -28,7 +28,7 @@ COLOR_NAMES = tuple(COLORS)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-FAMILIES = ("existence", "counting", "color", "shape_at", "spatial", "binding")
+FAMILIES = ("existence", "counting", "color", "shape_at", "spatial", "binding", "where")
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,16 @@ def _q_binding(rng, objs, spec) -> QA | None:
     return f"is the {o.shape} {color}?", "yes" if yes else "no", "is the", "yes/no"
 
 
+def _q_where(rng, objs, spec) -> QA | None:
+    """Where a named object is: nine answers (the grid's cells), asked by no split by default,
+    so a base model has never answered it (the pathological-skew benchmark's task)."""
+    cands = _unique(objs, lambda o: (o.color, o.shape))
+    if not cands:
+        return None
+    o = cands[int(rng.integers(len(cands)))]
+    return f"what is the {o.color} {o.shape} in?", o.position, "what is the", "other"
+
+
 _SINGULAR = {plural(s): s for s in SHAPES}
 
 
@@ -213,6 +223,8 @@ def grounding_labels(question: str, objs: list[SceneObject]) -> np.ndarray:
         return mark(lambda o: o.position == where)
     if question.startswith("what shape is the"):  # what shape is the {color} object?
         return mark(lambda o: o.color == words[4])
+    if question.startswith("what is the"):  # what is the {color} {shape} in?
+        return mark(lambda o: o.color == words[3] and o.shape == words[4])
     if question.startswith("is the") and len(words) == 4:  # is the {shape} {color}?
         return mark(lambda o: o.shape == words[2])
     if question.startswith("is the"):  # is the {c1} {s1} {rel} the {c2} {s2}?
@@ -245,7 +257,7 @@ def partial_description(rng: np.random.Generator, objs: list[SceneObject],
 
 QUESTION_FAMILIES: dict[str, Callable[..., QA | None]] = {
     "existence": _q_existence, "counting": _q_counting, "color": _q_color,
-    "shape_at": _q_shape_at, "spatial": _q_spatial, "binding": _q_binding,
+    "shape_at": _q_shape_at, "spatial": _q_spatial, "binding": _q_binding, "where": _q_where,
 }
 
 # Whether a family has any question about a scene: its generator returns None for every draw
@@ -256,6 +268,7 @@ ASKABLE: dict[str, Callable[[list[SceneObject]], bool]] = {
     "spatial": lambda objs: len(_unique(objs, lambda o: (o.color, o.shape))) >= 2,
     "binding": lambda objs: bool(_unique(objs, lambda o: o.color)
                                  or _unique(objs, lambda o: o.shape)),
+    "where": lambda objs: bool(_unique(objs, lambda o: (o.color, o.shape))),
 }
 MIN_OBJECTS = {"spatial": 2}  # 1 for the others
 # rejection sampling with a bound: a scene no family can ask about is drawn again, and a

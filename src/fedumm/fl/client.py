@@ -19,6 +19,12 @@ from fedumm.config import TrainConfig
 from fedumm.data.prompts import compose_prompt
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import IMAGE_MISSING, TEXT_MISSING
+from fedumm.fl.answer_calibration import (
+    ANSWER_SPACE,
+    AnswerCalibration,
+    answer_token_counts,
+    check_backbone,
+)
 from fedumm.fl.client_hooks import ClientHook, LocalRound
 from fedumm.fl.strategies.fedprox import ProxTerm, middle_layer_keys
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
@@ -113,16 +119,27 @@ class ClientTrainer:
         # FedMLLM's layer-adaptive proximal term: its adapter tensors (checked here, before
         # any training, that the backbone has middle layers for it)
         self.layer_prox_keys: set[str] = set()
+        if cfg.answer_calibration:  # the backbone can be calibrated: said before training
+            check_backbone(self.backbone, cfg.answer_calibration)
         if cfg.adaptive_prox:
             self.layer_prox_keys = set(middle_layer_keys(
                 list(adapters.params), self.backbone.decoder_layers, cfg.adaptive_prox_skip))
 
-    def config_hooks(self) -> list[ClientHook]:
-        """Hooks the training config asks for beside any strategy's."""
-        if not self.cfg.adaptive_prox:
-            return []
-        mu = self.cfg.adaptive_prox_mu * self.cfg.adaptive_prox_weight
-        return [ProxTerm(mu, self.layer_prox_keys)]
+    def config_hooks(self, client: ClientData, client_config: dict | None = None
+                     ) -> list[ClientHook]:
+        """Hooks the training config asks for beside any strategy's: FedMLLM's layer-adaptive
+        proximal term; the answer head calibrated by the client's answers (over the task's
+        answer tokens the server sent in ``client_config``)."""
+        cfg, hooks = self.cfg, []
+        if cfg.adaptive_prox:
+            hooks.append(ProxTerm(cfg.adaptive_prox_mu * cfg.adaptive_prox_weight,
+                                  self.layer_prox_keys))
+        if cfg.answer_calibration:
+            hooks.append(AnswerCalibration(
+                self.backbone, answer_token_counts(self.backbone, client.train),
+                cfg.answer_calibration, cfg.answer_calibration_alpha,
+                cfg.answer_calibration_tau, (client_config or {}).get(ANSWER_SPACE)))
+        return hooks
 
     def _optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "sgd":
@@ -172,12 +189,16 @@ class ClientTrainer:
         opt = self._optimizer(list(local.params.values()))
         if self.cfg.persistent_optimizer and "optimizer" in local.client_state:
             opt.load_state_dict(local.client_state["optimizer"])
-        for h in hooks:
-            h.begin(local)
-        metrics = self._steps(client, rnd, opt, local, hooks)
-        trained = {k: v for k, v in ad.state(groups).items() if k in local.params}
-        for h in hooks:
-            h.end(local, trained)
+        try:
+            for h in hooks:
+                h.begin(local)
+            metrics = self._steps(client, rnd, opt, local, hooks)
+            trained = {k: v for k, v in ad.state(groups).items() if k in local.params}
+            for h in hooks:
+                h.end(local, trained)
+        finally:
+            for h in hooks:
+                h.close()
         if self.cfg.persistent_optimizer:
             local.client_state["optimizer"] = opt.state_dict()
         update = ClientUpdate(client.client_id, trained, client.num_samples,

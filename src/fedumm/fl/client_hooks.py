@@ -53,3 +53,7 @@ class ClientHook:
         """After the last step: ``trained`` are the adapter values the client sends; put
         algorithm state for the server in ``rnd.extra`` and for the client in
         ``rnd.client_state``."""
+
+    def close(self) -> None:
+        """After training, whether it ended or failed: undo what ``begin`` put on the shared
+        model (a forward hook), so the next client and evaluation see the plain model."""

@@ -34,11 +34,12 @@ class ClientEndpoint:
         self.initial = {k: p.detach().float().clone()
                         for k, p in trainer.adapters.params.items()} if keep_initial else None
 
-    def hooks(self, client_id: int, client_config: dict[str, Any]) -> list[ClientHook]:
+    def hooks(self, client: ClientData, client_config: dict[str, Any]) -> list[ClientHook]:
         """This round's client hooks: the LoRA mode's first, then the strategy's, then the
-        trainer config's (FedMLLM's layer-adaptive proximal term)."""
-        return [*self.lora.client_hooks(client_id), *self.strategy.client_hooks(client_config),
-                *self.trainer.config_hooks()]
+        trainer config's (FedMLLM's layer-adaptive proximal term, answer calibration)."""
+        return [*self.lora.client_hooks(client.client_id),
+                *self.strategy.client_hooks(client_config),
+                *self.trainer.config_hooks(client, client_config)]
 
     def handle(self, client: ClientData, rnd: int, payload: bytes,
                client_config: dict[str, Any], client_state: dict | None
@@ -60,7 +61,7 @@ class ClientEndpoint:
             return Reply(client.client_id, b"", meta), client_state
         t = time.perf_counter()
         upd, client_state = self.trainer.train(client, state, rnd,
-                                               self.hooks(client.client_id, ccfg), client_state)
+                                               self.hooks(client, ccfg), client_state)
         meta = ReplyMeta(num_samples=upd.num_samples, quality=upd.quality,
                          num_steps=upd.num_steps, metrics=upd.metrics,
                          train_s=time.perf_counter() - t)

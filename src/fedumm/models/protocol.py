@@ -89,6 +89,14 @@ class Backbone(Protocol):
     so a run refuses such training answers unless ``data.allow_unknown_answers``. The built-in
     backbones have it; without it the data's words are not checked.
 
+    Optional capability: ``answer_head`` (an ``nn.Module`` whose output's last dimension is the
+    text vocabulary: the logits the understanding loss takes its softmax over) and
+    ``answer_token_ids(answers) -> list[list[int]]`` (the token ids that loss supervises for
+    each answer, its end token included, as ``collate`` places them). With both, a client can
+    calibrate the answer head against its own answer distribution under label skew
+    (:mod:`fedumm.fl.answer_calibration`, ``train.answer_calibration``); the built-in
+    backbones have them.
+
     Optional setting: ``generation_trains_language: bool``, on a backbone whose generation is
     a network of its own conditioned on the language model (BLIP3o's DiT): whether the
     generation loss also trains the language adapters (and so whether the language group

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from fedumm.config import Config
 from fedumm.data.fingerprint import data_manifest, describe_change
+from fedumm.fl.answer_calibration import ANSWER_SPACE, answer_space
 from fedumm.fl.downloads import OUT_OF_SYNC, Downloads
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import SERVER_CONTROL, Pipeline, Reply
@@ -71,6 +72,9 @@ class RoundLoop:
         # what the data files are now (paths -> size, time or content): a resume refuses
         # data edited since the run started
         self.data = data_manifest(cfg.data, val_data)
+        # answer calibration's classes: the answer tokens of the server's held-out answers
+        self.answer_space = answer_space(backbone, val_data) \
+            if cfg.train.answer_calibration and hasattr(backbone, "answer_token_ids") else []
 
     def selected(self, rnd: int) -> list[int]:
         return self.server.selected(rnd)
@@ -152,6 +156,8 @@ class RoundLoop:
     def _round(self, rnd: int, acc: dict) -> None:
         selected = self.server.selected(rnd)
         ccfg = dict(self.server.client_config(rnd))
+        if self.answer_space:
+            ccfg[ANSWER_SPACE] = self.answer_space
         out = self.downloads.prepare(rnd, selected, lambda k: self.server.states[
             self.server.source(k)], self.server.source, ccfg.pop(SERVER_CONTROL, {}),
             self.server.residual)

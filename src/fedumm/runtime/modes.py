@@ -105,7 +105,8 @@ class Federation:
         if self.exact and self.residual:
             self.adapters.fold_residuals(self.residual)
         self.states[0] = new
-        return {"aggregation_error": errors} if errors else {}
+        return {**({"aggregation_error": errors} if errors else {}),
+                **self.strategy.round_record()}
 
     def evaluated(self) -> list[State]:
         return self.states[:1]

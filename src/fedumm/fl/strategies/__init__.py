@@ -13,6 +13,7 @@ from fedumm.fl.strategies.fedadagrad import FedAdagrad
 from fedumm.fl.strategies.fedadam import FedAdam
 from fedumm.fl.strategies.fedavg import FedAvg
 from fedumm.fl.strategies.fedavgm import FedAvgM
+from fedumm.fl.strategies.fedexp import FedExP
 from fedumm.fl.strategies.fedopt import FedOpt
 from fedumm.fl.strategies.fedprox import FedProx
 from fedumm.fl.strategies.fedumm import FedUMM
@@ -21,7 +22,8 @@ from fedumm.fl.strategies.scaffold import Scaffold
 from fedumm.models.protocol import AdapterGroup
 from fedumm.registry import STRATEGIES
 
-for _cls in (FedAvg, FedUMM, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, Scaffold):
+for _cls in (FedAvg, FedUMM, FedProx, FedAvgM, FedExP, FedAdam, FedYogi, FedAdagrad,
+             Scaffold):
     STRATEGIES.register(_cls.name, _cls)
 
 
@@ -37,5 +39,5 @@ def build_strategy(cfg: StrategyConfig, num_clients: int, seed: int,
     return strategy_class(name or cfg.name)(cfg, num_clients, seed, groups)
 
 
-__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedOpt", "FedProx", "FedUMM",
+__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedExP", "FedOpt", "FedProx", "FedUMM",
            "FedYogi", "Scaffold", "Strategy", "build_strategy", "strategy_class"]

@@ -177,6 +177,11 @@ class Strategy:
         """
         return avg
 
+    def round_record(self) -> dict:
+        """Entries for the round's record in ``metrics.jsonl`` about the last ``aggregate``
+        (none for FedAvg; e.g. FedExP's server step size per group)."""
+        return {}
+
     # -- checkpointing -------------------------------------------------------------------------
 
     def state_dict(self) -> dict:

@@ -134,6 +134,16 @@ class Blip3oBackbone(ModelPlacement):
     def image_size(self) -> int:
         return int(self.dims.target["image_size"])
 
+    @property
+    def answer_head(self) -> torch.nn.Module:
+        """Qwen2.5-VL's language head (generation reads hidden states, not its logits)."""
+        return self._parts.qwen.lm_head
+
+    def answer_token_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        """The supervised ids of each answer: its tokens (no special tokens) and EOS."""
+        ids = self.tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+        return [list(a) + [self.ids["eos"]] for a in ids]
+
     def save(self, path: str | Path) -> Path:
         """A checkpoint folder in BLIP3o's published layout (what ``backbone.path`` loads)."""
         from fedumm.models.blip3o.checkpoint import save_folder
@@ -207,9 +217,8 @@ class Blip3oBackbone(ModelPlacement):
             vision = self._vision(present) if present else {}
             prompts = self._prompt_ids([s.text or "" for s in und], images,
                                        vision.get("image_grid_thw"))
-            answers = self.tokenizer([s.answer for s in und], add_special_tokens=False)[
-                "input_ids"]
-            seqs = [p + a + [self.ids["eos"]] for p, a in zip(prompts, answers, strict=True)]
+            answers = self.answer_token_ids([s.answer for s in und])
+            seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
             ids, mask = self._pad(seqs, left=False)
             labels = ids.masked_fill(mask == 0, -100)
             for i, p in enumerate(prompts):

@@ -163,6 +163,18 @@ class JanusBackbone(ModelPlacement):
                 f.append(eos)
         return full, [len(p) for p in prompt_ids], pixels
 
+    @property
+    def answer_head(self) -> torch.nn.Module:
+        """The language model's head (the generation head reads image codes)."""
+        return self.model.lm_head
+
+    def answer_token_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        """The supervised ids of each answer as the chat template places it, EOS included
+        (the same whatever the question: it ends before the answer)."""
+        full, prompt_lens, _ = self._answer_ids([""] * len(answers), [None] * len(answers),
+                                                answers)
+        return [f[n:] for f, n in zip(full, prompt_lens, strict=True)]
+
     def _pad(self, seqs: Sequence[Sequence[int]], left: bool) -> tuple[torch.Tensor, ...]:
         ids, mask = pad_sequences(seqs, left, pad_id=self.tokenizer.pad_token_id)
         return ids.to(self.device), mask.to(self.device)

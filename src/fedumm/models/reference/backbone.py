@@ -184,7 +184,7 @@ class ReferenceBackbone(ModelPlacement):
         if und:
             images, present = self._images(und)
             q_ids, q_mask = pad_sequences([tok.encode(s.text) + [tok.sep_id] for s in und], True)
-            a_ids, a_mask = pad_sequences([tok.encode(s.answer) + [tok.eos_id] for s in und],
+            a_ids, a_mask = pad_sequences(self.answer_token_ids([s.answer for s in und]),
                                           False)
             batch.parts[UNDERSTANDING] = {
                 "images": images.to(dev), "q_ids": q_ids.to(dev), "q_mask": q_mask.to(dev),
@@ -199,6 +199,15 @@ class ReferenceBackbone(ModelPlacement):
                                        "codes": self._target_codes([s for s, _ in gen]).to(dev)}
             batch.counts[GENERATION] = len(gen)
         return batch
+
+    @property
+    def answer_head(self) -> torch.nn.Module:
+        """The text head the answer tokens are read from (its logits: the text vocabulary)."""
+        return self.model.lm_head
+
+    def answer_token_ids(self, answers: Sequence[str]) -> list[list[int]]:
+        """The supervised ids of each answer: its words and EOS."""
+        return [self.tokenizer.encode(a) + [self.tokenizer.eos_id] for a in answers]
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = {}
