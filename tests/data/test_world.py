@@ -221,3 +221,23 @@ def test_a_request_no_scene_meets_is_an_error_not_a_loop():
     one = [SceneObject("circle", "red", "large", 0, 0, 5.0, 5.0, 4.0)]
     with _deadline(10), pytest.raises(ValueError, match="no question of the families"):
         world.ask_question(rng, one, SPLITS["base"], ("spatial",))
+
+
+def test_where_questions_name_one_object_and_answer_its_cell():
+    """The skew benchmark's task: nine answers (the grid's cells), asked by no split unless
+    ``families`` names it, grounded on the one object it names."""
+    from fedumm.data.render import POSITIONS
+    from fedumm.data.world import grounding_labels
+
+    assert all("where" not in spec.families for spec in SPLITS.values())
+    data = generate_shapes("downstream", 120, seed=3, image_size=16, annotator_noise=0.0,
+                           families=["where"])
+    cells = {p for row in POSITIONS for p in row}
+    assert {r.multiple_choice_answer for r in data.vqa} == cells  # all nine occur
+    for r in data.vqa:
+        objs = data.scene(r.image_id)
+        color, shape = r.question.removeprefix("what is the ").removesuffix(" in?").split()
+        named = [o for o in objs if (o.color, o.shape) == (color, shape)]
+        assert len(named) == 1 and named[0].position == r.multiple_choice_answer
+        ground = grounding_labels(r.question, objs)
+        assert ground.sum() == 1 and ground[named[0].row * 3 + named[0].col] == 1
