@@ -10,8 +10,8 @@ from __future__ import annotations
 from common import memory_k1_k16, published_sizes, save
 
 TINY = ["backbone.device=cpu", "rounds=1", "data.train_scenes=160", "data.val_scenes=10",
-        "train.max_steps=4", "train.batch_size=8", "eval.every=0", "eval.base=false", "eval.max_vqa=10",
-        "eval.max_gen=2", "partition.method=iid", "train.threads=2"]
+        "train.max_steps=4", "train.batch_size=8", "eval.every=0", "eval.base=false",
+        "eval.max_vqa=10", "eval.max_gen=2", "partition.method=iid", "train.threads=2"]
 
 
 def main() -> None:

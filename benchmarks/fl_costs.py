@@ -11,7 +11,8 @@ from __future__ import annotations
 from common import OUT, run_config, save
 
 CONFIG = "configs/quickstart.yaml"
-COMMON = ["rounds=2", "train.max_steps=4", "eval.every=0", "eval.base=false", "eval.max_gen=8", "eval.max_vqa=50"]
+COMMON = ["rounds=2", "train.max_steps=4", "eval.every=0", "eval.base=false", "eval.max_gen=8",
+          "eval.max_vqa=50"]
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ with fedumm's ``evaluate_states``.
 Each Ray actor builds the backbone and the client data once (cached per process) and trains
 with one torch thread; Ray runs ``--cpus`` clients at once (one CPU each).
 
-    .venv/bin/python benchmarks/peers_flower.py configs/quickstart.yaml clients=4 eval.every=0 eval.base=false \
-        --out runs/bench/peers/flower_k4 [--cpus 2] [--json]
+    .venv/bin/python benchmarks/peers_flower.py configs/quickstart.yaml clients=4 eval.every=0 \
+        eval.base=false --out runs/bench/peers/flower_k4 [--cpus 2] [--json]
 
 Writes into ``--out``: ``config.yaml``, ``metrics.jsonl`` (one ``{"type": "round", ...}`` record
 per round as it ends, with ``t_s`` since start, then the final ``eval`` record) and
