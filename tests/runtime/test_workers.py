@@ -175,3 +175,26 @@ def test_an_interrupted_round_stops_its_workers_without_waiting_for_their_client
         assert not multiprocessing.active_children()
     finally:
         transport.close()
+
+
+def test_a_message_to_a_dead_worker_names_it_not_a_broken_pipe():
+    """A worker killed between two messages (its pipe closed): the next send raises the
+    worker's death, not the BrokenPipeError the CLI would print as 'Broken pipe'."""
+    import os
+    import signal
+
+    import pytest
+
+    from fedumm.runtime.workers import WorkerDiedError, WorkerPool
+
+    pool = WorkerPool(1, serve=lambda msg: msg, init=lambda: None)
+    try:
+        pid = pool.pids[0]
+        os.kill(pid, signal.SIGKILL)
+        pool._procs[0].join(timeout=10)
+        with pytest.raises(WorkerDiedError, match=f"worker process {pid} ended \\(killed by "
+                                                  "SIGKILL"):
+            for _ in range(100):  # the pipe's buffer takes a few messages before it breaks
+                pool.send(b"x" * 65536)
+    finally:
+        pool.close()

@@ -104,8 +104,14 @@ class WorkerPool:
             "`fedumm run --resume`)")
 
     def send(self, msg: Any) -> None:
-        for conn in self._conns:
-            conn.send(msg)
+        """``msg`` to every worker; one that has died (its pipe is closed: BrokenPipeError)
+        raises :class:`WorkerDiedError` naming it, as a death while waiting does."""
+        for conn, proc in zip(self._conns, self._procs, strict=True):
+            try:
+                conn.send(msg)
+            except OSError:
+                proc.join(timeout=1.0)
+                raise self._death(proc) from None
 
     def results(self, poll_s: float = 0.5) -> list[Any]:
         """Every worker's answer to the last message, in worker order. A worker's exception
