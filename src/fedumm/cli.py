@@ -123,8 +123,11 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     p = cfg.partition
     print(f"{cfg.clients} clients, {len(data)} samples, method={p.method} "
           f"alpha={p.alpha} label={p.label} seed={cfg.seed}")
-    print(f"{'client':>6} {'samples':>8} {'labels':>6}  top labels")
-    for c in summary["clients"]:
+    if "clients" not in summary:  # a large population: distributions, no row per client
+        for key in ("client_sizes", "labels_per_client"):
+            print(f"{key.replace('_', ' ')}: " + ", ".join(
+                f"{q}={v:g}" for q, v in summary[key]["quantiles"].items()))
+    for c in summary.get("clients", []):
         top = sorted(c["label_counts"].items(), key=lambda kv: -kv[1])[:4]
         print(f"{c['id']:>6} {c['num_samples']:>8} {len(c['label_counts']):>6}  "
               + ", ".join(f"{k}:{v}" for k, v in top))

@@ -36,6 +36,21 @@ class ConfigError(ValueError):
 MAX_SEED = 2**63 - 1
 
 
+# strategy.robust's rules (fedumm.fl.robust); none: the strategy's weighted mean, unchanged
+ROBUST_RULES = ("none", "median", "trimmed_mean", "norm_bound", "krum", "multikrum", "bulyan")
+
+
+def robust_min_clients(rule: str, f: int) -> int:
+    """The fewest clients a robust rule needs to aggregate when ``f`` of them may be
+    malicious: Krum's score sums the n - f - 2 nearest neighbours and needs n > 2f + 2
+    (Blanchard et al. 2017); Bulyan needs n >= 4f + 3 (El Mhamdi et al. 2018); 1 otherwise."""
+    if rule in ("krum", "multikrum"):
+        return 2 * f + 3
+    if rule == "bulyan":
+        return 4 * f + 3
+    return 1
+
+
 # Baselines spelled as strategy names: the runtime decides its mode from them once
 # (fedumm.runtime.modes); they are not registered strategies.
 BASELINE_MODES = ("centralized", "local")
@@ -261,6 +276,17 @@ class StrategyConfig:
     name: str = "fedavg"
     fraction: float = field(default=1.0, metadata=_range(0.0, 1.0, lo_open=True))
     min_clients: int = field(default=1, metadata=_range(1))
+    # a fixed number of clients per round (uniform sampling); 0: ceil(fraction * clients)
+    clients_per_round: int = field(default=0, metadata=_range(0))
+    # uniform: that many clients without replacement; poisson: each client independently with
+    # probability poisson_rate (None: fraction), as DP accountants assume (fedumm.fl.sampling)
+    sampling: str = field(default="uniform", metadata=_choices("uniform", "poisson"))
+    poisson_rate: float | None = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))
+    # the probability that a client is online in a round; with availability_amplitude > 0 it
+    # varies as a sine over availability_period rounds with a phase per client (diurnal)
+    availability: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    availability_amplitude: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    availability_period: int = field(default=24, metadata=_range(1))
     mu: float = field(default=0.01, metadata=_range(0.0))
     # None: the strategy's own default from its paper (fedumm.fl.strategies, each docstring)
     server_lr: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
@@ -268,9 +294,23 @@ class StrategyConfig:
     beta1: float = field(default=0.9, metadata=_range(0.0, 1.0))
     beta2: float = field(default=0.99, metadata=_range(0.0, 1.0))
     tau: float = field(default=1e-3, metadata=_range(0.0, None, lo_open=True))
+    # a robust rule in place of the weighted mean of each adapter group's client updates,
+    # with any strategy (fedumm.fl.robust): median | trimmed_mean (robust_trim of the clients
+    # cut at each end, per coordinate) | norm_bound (each client's group update clipped to L2
+    # norm robust_norm, then the weighted mean) | krum | multikrum (the mean of the
+    # robust_multikrum_m best Krum scores; 0: n - f) | bulyan; krum, multikrum and bulyan
+    # assume robust_malicious = f malicious clients among the n a round aggregates
+    robust: str = field(default="none", metadata=_choices(*ROBUST_RULES))
+    robust_trim: float = field(default=0.2, metadata=_range(0.0, 0.5))
+    robust_malicious: int = field(default=1, metadata=_range(0))
+    robust_norm: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
+    robust_multikrum_m: int = field(default=0, metadata=_range(0))
 
     def validate(self) -> None:
         _registered("strategy.name", self.name, STRATEGIES.names(), BASELINE_MODES)
+        if self.robust_trim >= 0.5:  # nothing would be left to average
+            raise ConfigError(f"strategy.robust_trim: expected a value < 0.5, got "
+                              f"{self.robust_trim}")
         if self.momentum >= 1.0:  # the server momentum would sum every round's step forever
             raise ConfigError(f"strategy.momentum: expected a value < 1, got {self.momentum}")
 
@@ -323,6 +363,24 @@ class EvalConfig:
     classification: list[str] = field(default_factory=list)
 
 
+ATTACK_KINDS = ("none", "sign_flip", "scale", "noise", "lie")
+
+
+@dataclass
+class AttackConfig:
+    """Simulated malicious clients, for tests and benchmarks (``fedumm.fl.attacks``): a seeded
+    choice of round(fraction * clients) client ids, fixed for the run, change what they send.
+    sign_flip: minus the trained update; scale: the update times ``scale``; noise: the update
+    plus N(0, noise_std^2) per entry; lie: the reported sample counts and quality (capped at 1)
+    times ``lie_factor``."""
+
+    kind: str = field(default="none", metadata=_choices(*ATTACK_KINDS))
+    fraction: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    scale: float = 10.0
+    noise_std: float = field(default=0.1, metadata=_range(0.0))
+    lie_factor: float = field(default=10.0, metadata=_range(0.0, None, lo_open=True))
+
+
 @dataclass
 class SweepConfig:
     """The grid ``fedumm sweep`` runs for this config (``fedumm run`` ignores it)."""
@@ -347,7 +405,8 @@ class Config:
     # split between them
     workers: int = field(default=1, metadata=_range(1, 256))
     seed: int = field(default=0, metadata=_range(0, MAX_SEED))
-    clients: int = field(default=4, metadata=_range(1, 1000))
+    # no cap: the data must give each client partition.min_per_client samples (checked there)
+    clients: int = field(default=4, metadata=_range(1))
     rounds: int = field(default=5, metadata=_range(1))
     local_epochs: int = field(default=1, metadata=_range(1))
     codec: CodecConfig = field(default_factory=lambda: CodecConfig())
@@ -358,6 +417,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
@@ -373,6 +433,8 @@ class Config:
             raise ConfigError(f"{folding} folds the mean client model into the "
                               f"frozen weights; strategy.name={name} moves the server model "
                               f"elsewhere (use {', '.join(fits)})")
+        self._check_robust()
+        self._check_attack()
         lr = self.strategy.server_lr
         if folding and lr is not None and lr != 1.0:
             # the folded residual is that of the plain client mean: a server step other than
@@ -387,6 +449,45 @@ class Config:
                               f"(float32, float32+zlib or float32+zstd; got codec.download="
                               f"{self.codec.download}); set codec.upload=... alone to compress "
                               f"the uploads")
+
+    def _check_robust(self) -> None:
+        st = self.strategy
+        rule = st.robust
+        if rule == "none" or st.name in BASELINE_MODES:
+            return
+        folding = self.lora.folding or ("lora.het_aggregation=hetlora" if self.lora.client_ranks
+                                        and self.lora.het_aggregation == "hetlora" else None)
+        if folding:  # both fold or weigh the clients' own products: the mean is the rule
+            raise ConfigError(f"strategy.robust={rule} replaces the clients' weighted mean, "
+                              f"which {folding} needs as it is (it aggregates the clients' "
+                              "LoRA products); use lora.aggregation=separate with "
+                              "lora.het_aggregation=zeropad, or strategy.robust=none")
+        # the clients a uniform round aggregates (fedumm.fl.sampling.wanted)
+        n = min(self.clients, max(st.min_clients, st.clients_per_round
+                                  or math.ceil(st.fraction * self.clients - 1e-9)))
+        need = robust_min_clients(rule, st.robust_malicious)
+        if n < need:
+            raise ConfigError(f"strategy.robust={rule} with strategy.robust_malicious="
+                              f"{st.robust_malicious} needs at least {need} clients per round "
+                              f"(krum: n > 2f + 2, bulyan: n >= 4f + 3); a round has {n} "
+                              f"(clients={self.clients}); lower strategy.robust_malicious or "
+                              "take more clients per round")
+        if rule == "multikrum" and st.robust_multikrum_m > n - st.robust_malicious:
+            raise ConfigError(f"strategy.robust_multikrum_m={st.robust_multikrum_m}: at most "
+                              f"n - f = {n - st.robust_malicious} of the {n} clients a round "
+                              "aggregates can be selected")
+        if rule == "trimmed_mean" and int(st.robust_trim * n) == 0:
+            raise ConfigError(f"strategy.robust=trimmed_mean with strategy.robust_trim="
+                              f"{st.robust_trim} trims int({st.robust_trim} * {n}) = 0 of the "
+                              f"{n} clients a round aggregates: it would be the plain mean; "
+                              f"raise strategy.robust_trim to at least {1 / n:.3g}")
+
+    def _check_attack(self) -> None:
+        at = self.attack
+        if at.kind != "none" and round(at.fraction * self.clients) == 0:
+            raise ConfigError(f"attack.kind={at.kind} with attack.fraction={at.fraction} makes "
+                              f"round({at.fraction} * clients={self.clients}) = 0 clients "
+                              "malicious; raise attack.fraction")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ import numpy as np
 
 from fedumm.config import PartitionConfig
 from fedumm.data.partition import heterogeneity, label_counts, partition
+from fedumm.data.population import SUMMARY_ROWS_MAX, Population, population_summary
 from fedumm.data.records import Sample
 from fedumm.data.scenarios import (
     COMPLETE,
@@ -46,21 +47,35 @@ def sample_labels(samples: Sequence[Sample], key: str) -> list[str]:
 
 @dataclass
 class ClientSplit:
-    """Which samples each client holds (global sample numbering of the dataset)."""
+    """Which samples each client holds (global sample numbering of the dataset), as one index."""
 
-    parts: list[np.ndarray]
+    population: Population
     labels: list[str]  # the partition label of every sample
     missing: np.ndarray  # per sample: 0 complete, 1 image dropped, 2 text dropped, 3 both
 
+    @property
+    def parts(self) -> list[np.ndarray]:
+        """Each client's sample indices (views into the index)."""
+        return list(self.population)
+
     def summary(self) -> dict:
-        """The ``fedumm partition --json`` contract: per-client counts and heterogeneity."""
-        counts = label_counts(self.labels, self.parts)
+        """The ``fedumm partition --json`` contract: per-client counts and heterogeneity; past
+        :data:`SUMMARY_ROWS_MAX` clients, distributions over the clients instead of rows
+        (:func:`~fedumm.data.population.population_summary`)."""
+        parts = self.parts
+        het = heterogeneity(self.labels, parts)
+        if len(parts) > SUMMARY_ROWS_MAX:
+            classes, codes = np.unique(np.asarray(self.labels, dtype=object).astype(str),
+                                       return_inverse=True)
+            return {**population_summary(self.population, classes.tolist(), codes),
+                    "heterogeneity": het}
+        counts = label_counts(self.labels, parts)
         clients = [
             {"id": k, "num_samples": int(len(p)),
              "label_counts": {str(lab): int(n) for lab, n in sorted(c.items(), key=str)}}
-            for k, (p, c) in enumerate(zip(self.parts, counts, strict=True))
+            for k, (p, c) in enumerate(zip(parts, counts, strict=True))
         ]
-        return {"clients": clients, "heterogeneity": heterogeneity(self.labels, self.parts)}
+        return {"clients": clients, "heterogeneity": het}
 
 
 def split_clients(samples: Sequence[Sample], cfg: PartitionConfig, num_clients: int,
@@ -94,5 +109,5 @@ def split_clients(samples: Sequence[Sample], cfg: PartitionConfig, num_clients: 
         missing = np.full(n, COMPLETE, dtype=np.int8)
     if cfg.scenario in ("cross_modal", "hybrid"):  # input modalities of understanding only
         missing[np.array([s.task != UNDERSTANDING for s in samples], dtype=bool)] = COMPLETE
-    return ClientSplit(parts, labels, missing)
+    return ClientSplit(Population.from_parts(parts), labels, missing)
 

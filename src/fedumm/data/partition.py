@@ -13,6 +13,7 @@ is one function, taking ``labels``, ``domains`` or ``num_samples`` first, and a 
 
 from __future__ import annotations
 
+import heapq
 import inspect
 from collections import Counter
 from collections.abc import Hashable, Sequence
@@ -25,6 +26,7 @@ from fedumm.registry import PARTITIONERS
 __all__ = [
     "PARTITIONERS",
     "PARTITION_INPUTS",
+    "client_label_matrix",
     "dirichlet_partition",
     "domain_partition",
     "heterogeneity",
@@ -40,6 +42,8 @@ __all__ = [
 # on purpose: at alpha=0.01 with many clients a draw almost never meets the minimum, and the
 # deterministic repair below is cheap.
 _MAX_RESAMPLE = 10
+# clients per block where per-client statistics are computed a block at a time
+_BLOCK = 8192
 
 
 def _check_clients(num_clients: int, num_samples: int, min_per_client: int) -> None:
@@ -56,7 +60,19 @@ def _check_clients(num_clients: int, num_samples: int, min_per_client: int) -> N
 
 def _finish(parts: Sequence[Sequence[int] | np.ndarray]) -> list[np.ndarray]:
     """Sort each client's indices and fix the dtype, the canonical form of a partition."""
-    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if len(parts) else \
+        np.zeros(0, dtype=np.int64)
+    return _split_owned(flat, np.repeat(np.arange(len(parts)), sizes), len(parts))
+
+
+def _split_owned(items: np.ndarray, owner: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """The partition that gives ``items[i]`` to client ``owner[i]``, each client's indices
+    sorted: one sort of all samples instead of one per client (100,000 clients in ms)."""
+    items = np.asarray(items, dtype=np.int64)
+    order = np.lexsort((items, owner))
+    sizes = np.bincount(owner, minlength=num_clients)
+    return np.split(items[order], np.cumsum(sizes)[:-1])
 
 
 def _encode(values: Sequence[Hashable]) -> tuple[list[Hashable], np.ndarray]:
@@ -89,32 +105,54 @@ def validate_partition(parts: Sequence[np.ndarray], num_samples: int) -> None:
         raise ValueError(f"{int((counts == 0).sum())} sample(s) assigned to no client")
 
 
-def iid_partition(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
+def iid_partition(num_samples: int, num_clients: int, seed: int,
+                  min_per_client: int = 0) -> list[np.ndarray]:
     """Shuffle the indices and split them into ``num_clients`` near-equal shards.
 
-    Shard sizes differ by at most one. With fewer samples than clients some shards are empty.
+    Shard sizes differ by at most one. With fewer samples than clients some shards are empty,
+    unless ``min_per_client`` asks for more (then too little data is an error).
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    _check_clients(num_clients, num_samples, 0)
+    _check_clients(num_clients, num_samples, min_per_client)
     perm = np.random.default_rng(seed).permutation(num_samples)
-    return _finish(np.array_split(perm, num_clients))
+    # np.array_split's shard sizes: the first num_samples % num_clients shards one larger
+    base, extra = divmod(num_samples, num_clients)
+    sizes = np.full(num_clients, base, dtype=np.int64)
+    sizes[:extra] += 1
+    return _split_owned(perm, np.repeat(np.arange(num_clients), sizes), num_clients)
 
 
-def _repair_min(buckets: list[list[int]], min_per_client: int) -> None:
-    """Move samples from the largest clients to those below ``min_per_client``, in place.
+def _repair_min(items: np.ndarray, owner: np.ndarray, num_clients: int,
+                min_per_client: int) -> np.ndarray:
+    """Move samples from the largest clients to those below ``min_per_client``; the new owners.
 
-    Donors are always the currently largest client (lowest index on ties) and give the last
-    sample of their list, so the repair is deterministic and disturbs skew as little as a
-    greedy scheme can. The caller guarantees the total is large enough.
+    ``items`` / ``owner`` list every client's samples in the order the client received them.
+    The clients below the minimum are served in index order; each donation comes from the
+    currently largest client (lowest index on ties) and is the last sample it received, so the
+    repair is deterministic and disturbs skew as little as a greedy scheme can. A heap keeps
+    it O(donations * log K). The caller guarantees the total is large enough, so a donor is
+    always above the minimum and a receiver never becomes a donor.
     """
-    sizes = np.array([len(b) for b in buckets], dtype=np.int64)
-    for k in np.flatnonzero(sizes < min_per_client):
-        while sizes[k] < min_per_client:
-            donor = int(np.argmax(sizes))
-            buckets[k].append(buckets[donor].pop())
-            sizes[donor] -= 1
-            sizes[k] += 1
+    counts = np.bincount(owner, minlength=num_clients)
+    short = np.flatnonzero(counts < min_per_client)
+    receivers = np.repeat(short, min_per_client - counts[short])
+    heap = [(-int(c), k) for k, c in enumerate(counts.tolist())]
+    heapq.heapify(heap)
+    donors = np.empty(len(receivers), dtype=np.int64)
+    for t in range(len(receivers)):
+        size, k = heapq.heappop(heap)
+        donors[t] = k
+        heapq.heappush(heap, (size + 1, k))
+    # each donor's samples in the order received; its t-th donation is its t-th last sample
+    by_client = np.argsort(owner, kind="stable")
+    ends = np.cumsum(counts)
+    given = np.zeros(num_clients, dtype=np.int64)
+    owner = owner.copy()
+    for k, r in zip(donors.tolist(), receivers.tolist(), strict=True):
+        given[k] += 1
+        owner[by_client[ends[k] - given[k]]] = r
+    return owner
 
 
 def dirichlet_partition(
@@ -157,10 +195,11 @@ def dirichlet_partition(
     rng = np.random.default_rng(seed)
     class_idx = [np.flatnonzero(codes == c) for c in range(int(codes.max(initial=-1)) + 1)]
 
-    best: list[list[int]] | None = None
+    best: tuple[np.ndarray, np.ndarray] | None = None
     best_min = -1
+    clients = np.arange(num_clients)
     for _ in range(_MAX_RESAMPLE):
-        buckets: list[list[int]] = [[] for _ in range(num_clients)]
+        items, owners = [], []  # every class's shuffled samples and the client each goes to
         for members in class_idx:
             idx = rng.permutation(members)
             props = rng.dirichlet(np.full(num_clients, alpha))
@@ -170,17 +209,22 @@ def dirichlet_partition(
                 props = np.zeros(num_clients)
                 props[rng.integers(num_clients)] = 1.0
             cuts = (np.cumsum(props) * len(idx)).astype(np.int64)[:-1]
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                buckets[k].extend(chunk.tolist())
-        smallest = min(len(b) for b in buckets)
+            # the chunks np.split(idx, cuts) would cut, as sizes per client
+            bounds = np.clip(np.concatenate(([0], cuts, [len(idx)])), 0, len(idx))
+            items.append(idx)
+            owners.append(np.repeat(clients, np.diff(bounds)))
+        drawn = (np.concatenate(items).astype(np.int64) if items else np.zeros(0, np.int64),
+                 np.concatenate(owners) if owners else np.zeros(0, np.int64))
+        smallest = int(np.bincount(drawn[1], minlength=num_clients).min())
         if smallest > best_min:
-            best, best_min = buckets, smallest
+            best, best_min = drawn, smallest
         if smallest >= min_per_client:
             break
     assert best is not None  # _MAX_RESAMPLE >= 1
+    items_, owner = best
     if best_min < min_per_client:
-        _repair_min(best, min_per_client)
-    return _finish(best)
+        owner = _repair_min(items_, owner, num_clients, min_per_client)
+    return _split_owned(items_, owner, num_clients)
 
 
 def quantity_skew_partition(
@@ -213,7 +257,7 @@ def quantity_skew_partition(
     sizes[order[:short]] += 1
     sizes += min_per_client
     perm = rng.permutation(num_samples)
-    return _finish(np.split(perm, np.cumsum(sizes)[:-1]))
+    return _split_owned(perm, np.repeat(np.arange(num_clients), sizes), num_clients)
 
 
 def domain_partition(domains: Sequence[Hashable], num_clients: int, seed: int) -> list[np.ndarray]:
@@ -244,6 +288,19 @@ def label_counts(labels: Sequence[Hashable], parts: Sequence[np.ndarray]) -> lis
     return [dict(Counter(vals[int(i)] for i in p)) for p in parts]
 
 
+def client_label_matrix(codes: np.ndarray, num_codes: int, parts: Sequence[np.ndarray]
+                        ) -> np.ndarray:
+    """``(K, num_codes)`` counts of each client's samples per code (``codes[i]``: sample i's),
+    with one bincount over all samples instead of one per client."""
+    sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    if not len(parts):
+        return np.zeros((0, num_codes), dtype=np.int64)
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+    owner = np.repeat(np.arange(len(parts)), sizes)
+    return np.bincount(owner * num_codes + codes[flat],
+                       minlength=len(parts) * num_codes).reshape(len(parts), num_codes)
+
+
 def heterogeneity(labels: Sequence[Hashable], parts: Sequence[np.ndarray]) -> dict[str, float]:
     """Summary statistics of how non-IID a partition is.
 
@@ -259,22 +316,27 @@ def heterogeneity(labels: Sequence[Hashable], parts: Sequence[np.ndarray]) -> di
     """
     classes, codes = _encode(labels)
     n_cls = max(len(classes), 1)
-    counts = (
-        np.stack(
-            [np.bincount(codes[np.asarray(p, dtype=np.int64)], minlength=n_cls) for p in parts]
-        )
-        if parts
-        else np.zeros((0, n_cls), dtype=np.int64)
-    )
-    sizes = counts.sum(axis=1)
-    total = counts.sum(axis=0)
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]) if parts else \
+        np.zeros(0, dtype=np.int64)
+    total = np.bincount(codes[flat], minlength=n_cls)
+    p_global = total / total.sum() if total.sum() else total.astype(float)
+    # per client in blocks of clients: a (K, labels) matrix of 100,000 clients would be the
+    # largest thing a run holds; each row's numbers are the same either way
+    size_blocks, tv, distinct = [], [], []
+    for start in range(0, len(parts), _BLOCK):
+        counts = client_label_matrix(codes, n_cls, parts[start:start + _BLOCK])
+        size = counts.sum(axis=1)
+        nonempty = size > 0
+        size_blocks.append(size)
+        p_client = counts[nonempty] / size[nonempty, None]
+        tv.append(0.5 * np.abs(p_client - p_global).sum(axis=1))
+        distinct.append((counts[nonempty] > 0).sum(axis=1))
+    sizes = np.concatenate(size_blocks) if size_blocks else np.zeros(0, dtype=np.int64)
     nonempty = sizes > 0
     if nonempty.any():
-        p_global = total / total.sum()
-        p_client = counts[nonempty] / sizes[nonempty, None]
-        tv = 0.5 * np.abs(p_client - p_global).sum(axis=1)
-        tv_mean, tv_max = float(tv.mean()), float(tv.max())
-        labels_per = float((counts[nonempty] > 0).sum(axis=1).mean())
+        tv_all = np.concatenate(tv)
+        tv_mean, tv_max = float(tv_all.mean()), float(tv_all.max())
+        labels_per = float(np.concatenate(distinct).mean())
     else:
         tv_mean = tv_max = labels_per = 0.0
     mean_size = float(sizes.mean()) if sizes.size else 0.0

@@ -14,7 +14,16 @@ from fedumm.runtime.report import save_figure  # noqa: E402
 
 
 def partition_heatmap(summary: dict, out: str | Path, title: str = "") -> Path:
-    """Clients x labels heat map of sample counts from a partition summary."""
+    """Clients x labels heat map of sample counts from a partition summary; a large
+    population's summary has no row per client: its histogram of client sizes instead."""
+    if "clients" not in summary:
+        hist = summary["client_sizes"]["histogram"]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.stairs(hist["counts"], hist["edges"], fill=True)
+        ax.set_xlabel("samples per client")
+        ax.set_ylabel("clients")
+        ax.set_title(f"{title}  {summary['num_clients']} clients".strip())
+        return save_figure(fig, out)
     clients = summary["clients"]
     labels = sorted({lab for c in clients for lab in c["label_counts"]})
     mat = np.array([[c["label_counts"].get(lab, 0) for lab in labels] for c in clients])

@@ -10,8 +10,9 @@ client half did::
                                            ==bytes==>
     server:                                codec -> rank -> validate -> delta
 
-A stage that is not configured (e.g. ``rank`` without ``lora.client_ranks``) is left out of
-both sides. The download is the global adapters (truncated to the client's rank) with the
+A stage that is not configured (e.g. ``rank`` without ``lora.client_ranks``, or ``attack``, a
+simulated malicious client before ``delta``, without ``attack.kind``) is left out of both
+sides. The download is the global adapters (truncated to the client's rank) with the
 tensors the strategy sends beside them and the exact-aggregation residuals, in the download
 codec; a lossy download carries the change of the global adapters with the server's error
 feedback instead (:mod:`fedumm.fl.downloads`), and the server applies every update to its own
@@ -46,8 +47,9 @@ CLIENT_ID = "client_id"  # the FLARE reply meta key naming the client
 CLIENT_CONFIG = "client_config"  # the FLARE task meta key of the strategy's client settings
 VALUES, DELTA = "values", "delta"  # the forms an update travels in (ReplyMeta.form)
 
-# the client-side order of the stages; the server runs them in reverse
-STAGE_ORDER: tuple[str, ...] = ("delta", "validate", "rank", "codec")
+# the client-side order of the stages; the server runs them in reverse. ``attack`` (a
+# simulated malicious client, fedumm.fl.attacks) comes first: it changes the update as formed
+STAGE_ORDER: tuple[str, ...] = ("attack", "delta", "validate", "rank", "codec")
 
 
 @dataclass

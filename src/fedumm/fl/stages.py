@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedumm.fl.attacks import Attack
 from fedumm.fl.codecs import ErrorFeedback, carries_values, decode, encode
 from fedumm.fl.lora_aggregation import pad_ranks, truncate_ranks
 from fedumm.fl.pipeline import DELTA, VALUES, Stage, Upload, pack, unpack
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from fedumm.config import Config
 
 EF_STATE = "error_feedback"  # the client_state entry of the error-feedback residual
+
+STAGES.register("attack", Attack)  # simulated malicious clients (attack.*), off by default
 
 
 @STAGES.register("delta")

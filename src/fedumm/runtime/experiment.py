@@ -18,11 +18,13 @@ from safetensors.torch import save_file
 
 from fedumm.config import Config
 from fedumm.data.clients import split_clients
+from fedumm.data.population import Population
 from fedumm.data.prompts import compose_prompt, has_text_modality
 from fedumm.data.readers import read_samples
 from fedumm.data.records import Sample
 from fedumm.eval.model_eval import evaluate_backbone, heldout_quality
 from fedumm.fl.client import ClientData, ClientTrainer, make_client_data
+from fedumm.fl.client_pool import ClientPool
 from fedumm.fl.codecs import bytes_per_value
 from fedumm.fl.downloads import lossless
 from fedumm.fl.endpoint import ClientEndpoint
@@ -75,23 +77,24 @@ def client_endpoint(cfg: Config, adapters: LoraAdapters) -> ClientEndpoint:
 
 def client_datasets(cfg: Config, backbone: Backbone,
                     progress: Callable[[int, int], None] | None = None
-                    ) -> tuple[list[ClientData], dict[str, Any] | None]:
-    """Every client's training data and the partition summary (None when centralized);
-    ``progress(done, total)`` reports the backbone's preparation of the data."""
+                    ) -> tuple[ClientPool, dict[str, Any] | None]:
+    """Every client's training data (built when a client is first asked for) and the
+    partition summary (None when centralized); ``progress(done, total)`` reports the
+    backbone's preparation of the data."""
     train = read_samples(cfg.data, "train")
     check_answers_known(cfg, backbone, train)  # before any preparation: answers it can say
     # e.g. quantise generation targets once, in a fixed order
     prepare_samples(backbone, train, progress)
     n = len(train)
     if run_mode(cfg) == CENTRALIZED:  # one client holding all training data
-        parts, missing, summary = [np.arange(n)], np.zeros(n, dtype=np.int8), None
+        population = Population.from_parts([np.arange(n)])
+        missing, summary = np.zeros(n, dtype=np.int8), None
     else:
         split = split_clients(train, cfg.partition, cfg.clients, cfg.seed)
-        parts, missing, summary = split.parts, split.missing, split.summary()
-    text = has_text_modality(train)
-    clients = [make_client_data(k, train, p, missing, cfg.train.val_fraction, cfg.seed,
-                                text_modality=text, agnostic=cfg.train.prompt_augmentation)
-               for k, p in enumerate(parts)]
+        population, missing, summary = split.population, split.missing, split.summary()
+    clients = ClientPool(train, population, missing, cfg.train.val_fraction, cfg.seed,
+                         text_modality=has_text_modality(train),
+                         agnostic=cfg.train.prompt_augmentation)
     return clients, summary
 
 

@@ -1,7 +1,8 @@
 """The built-in local runtime: a whole federated experiment in one process.
 
 Clients run one after another over ONE shared frozen backbone, swapping only their adapter
-tensors, so memory is one model plus K adapter states (not K models). The rounds are the one
+tensors, so memory is one model plus the round's clients (not K models, nor K client states:
+those live on disk, :mod:`fedumm.runtime.client_store`). The rounds are the one
 round loop every runtime uses; every payload goes through the wire codec, so the bytes counted
 are the bytes that would be sent.
 
@@ -15,7 +16,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from fedumm.fl.endpoint import ClientEndpoint
 from fedumm.fl.pipeline import Reply
 from fedumm.runtime.allocator import fix_mmap_threshold
 from fedumm.runtime.bars import count_bar, reading_bars
+from fedumm.runtime.client_store import CLIENT_STATE, ClientStore
 from fedumm.runtime.experiment import (
     build_adapters,
     client_datasets,
@@ -45,18 +47,21 @@ from fedumm.runtime.workers import WorkerPool
 
 class LocalTransport:
     """Every client in this process over the one shared frozen backbone (memory: one model
-    plus K adapter states): one after another, or ``workers`` at a time: this process and
+    plus the round's clients' data and states; the rest of a population is an index and files
+    in the client-state store): one after another, or ``workers`` at a time: this process and
     ``workers - 1`` worker processes forked after the backbone is built, which share its frozen
     weights copy-on-write. Each of them takes the round's next untrained client, largest first,
     until none is left, training with ``threads`` threads. A client's training depends only on
     its inputs (its RNG is seeded per client and round), so the results equal sequential
     training at the same per-client thread count."""
 
-    def __init__(self, clients: list[ClientData], endpoint: ClientEndpoint, workers: int = 1,
-                 threads: int = 1) -> None:
-        self.clients = clients
+    def __init__(self, clients: Sequence[ClientData], endpoint: ClientEndpoint,
+                 workers: int = 1, threads: int = 1, store: ClientStore | None = None) -> None:
+        self.clients = clients  # a ClientPool builds only the selected clients' data
         self.endpoint = endpoint
-        self.client_states: dict[int, dict] = {}
+        # what clients keep between rounds: on disk under the run folder (client_store.py),
+        # read and written for the round's clients only
+        self.store = store if store is not None else ClientStore()
         self.workers = workers
         self.threads = threads
         self._pool = None
@@ -68,7 +73,8 @@ class LocalTransport:
 
     def train(self, rnd: int, jobs: dict[int, bytes], client_config: dict[str, Any],
               on_reply: Callable[[Reply], None]) -> list[Reply]:
-        tasks = [(k, rnd, payload, client_config, self.client_states.get(k))
+        self.store.begin(rnd)
+        tasks = [(k, rnd, payload, client_config, self.store.get(k))
                  for k, payload in jobs.items()]
         if self.workers > 1 and len(tasks) > 1:
             results = self._parallel(tasks, on_reply)
@@ -78,7 +84,7 @@ class LocalTransport:
                 results.append(self._work(*task))
                 on_reply(results[-1][0])
         for (k, *_), (_, state) in zip(tasks, results, strict=True):
-            self.client_states[k] = state
+            self.store.put(rnd, k, state)
         return [reply for reply, _ in results]
 
     def _claim(self) -> int:
@@ -155,6 +161,7 @@ class LocalTransport:
         return self._pool
 
     def training_done(self) -> None:
+        self.store.finish()  # the last round is checkpointed
         self.close()  # the workers' memory is not the final evaluation's
 
     def close(self) -> None:
@@ -164,10 +171,12 @@ class LocalTransport:
             gc.unfreeze()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"client_states": self.client_states}
+        return {"client_store": self.store.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.client_states = dict(state.get("client_states", {}))
+        # a checkpoint from before the store holds the states themselves
+        self.store.load_state_dict(state.get("client_store") or
+                                   {"round": -1, "client_states": state.get("client_states", {})})
 
 
 def worker_signals() -> None:
@@ -206,7 +215,8 @@ class LocalRuntime:
         adapters = build_adapters(cfg, self.backbone)
         strategy = strategy_for(cfg, self.backbone.groups)
         self.transport = LocalTransport(self.clients, client_endpoint(cfg, adapters),
-                                        workers=cfg.workers, threads=per_worker)
+                                        workers=cfg.workers, threads=per_worker,
+                                        store=ClientStore(self.dir.path / CLIENT_STATE))
         self.loop = RoundLoop(cfg, self.dir, self.backbone, adapters, strategy, val_data,
                               len(self.clients), self.transport, fingerprint,
                               progress=self._progress)

@@ -193,4 +193,6 @@ class RoundLoop:
                   **self.server.absorb(rnd, updates, received)}
         if rejected:
             record["rejected"] = rejected
+        if seen := self.server.participation(rnd):  # online, sampled, trained (or skipped)
+            record["participation"] = {**seen, "trained": len(updates)}
         self.dir.log(record)

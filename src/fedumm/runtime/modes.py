@@ -85,6 +85,10 @@ class Federation:
     def client_config(self, rnd: int) -> dict[str, Any]:
         return self.strategy.client_config(rnd)
 
+    def participation(self, rnd: int) -> dict[str, Any]:
+        """How round ``rnd``'s clients were found: online, sampled (skipped, and why)."""
+        return self.strategy.draw(rnd).record()
+
     def source(self, client_id: int) -> int:
         """Which of :attr:`states` client ``client_id`` starts from."""
         return 0
@@ -138,6 +142,9 @@ class Isolated(Federation):
         return list(range(len(self.states)))
 
     def client_config(self, rnd: int) -> dict[str, Any]:
+        return {}
+
+    def participation(self, rnd: int) -> dict[str, Any]:
         return {}
 
     def source(self, client_id: int) -> int:

@@ -9,17 +9,18 @@ vision adapters towards its stale copy.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from fedumm.config import StrategyConfig
+from fedumm.fl import sampling
 from fedumm.fl.aggregate import select, weighted_mean
 from fedumm.fl.client_hooks import ClientHook
 from fedumm.fl.lora_aggregation import HETLORA, ZEROPAD, hetlora_mean
+from fedumm.fl.robust import RuleSettings, robust_mean
+from fedumm.fl.sampling import Draw
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.protocol import AdapterGroup, AdapterLayout
 
@@ -66,6 +67,7 @@ class Strategy:
         # as ``frozen`` is): the weighted mean (zeropad; stack folds then restarts them), or
         # HetLoRA's sparsity weights per module
         self.het_aggregation = ZEROPAD
+        self._draw: tuple[int, Draw] | None = None  # the last round's participants
 
     @property
     def server_lr(self) -> float:
@@ -76,17 +78,21 @@ class Strategy:
     # -- client side ---------------------------------------------------------------------------
 
     def sample_clients(self, rnd: int) -> list[int]:
-        """Sorted ids of the clients that train in round ``rnd``.
+        """Sorted ids of the clients that train in round ``rnd`` (none: the round is skipped).
 
-        ``max(min_clients, ceil(fraction * N))`` clients, at most N, drawn without replacement
-        from ``np.random.default_rng([seed, rnd])``: the draw depends only on (seed, round), so a
-        resumed run picks the same clients as an uninterrupted one.
+        Uniform sampling with everyone online takes ``max(min_clients, clients_per_round or
+        ceil(fraction * N))`` clients, at most N, without replacement from
+        ``np.random.default_rng([seed, rnd])``; Poisson sampling and client availability are
+        in :mod:`fedumm.fl.sampling`. Every draw depends only on (seed, round), so a resumed
+        run picks the same clients as an uninterrupted one.
         """
-        # The small epsilon stops float error (0.3 * 10 = 3.0000000000000004) adding a client.
-        wanted = math.ceil(self.cfg.fraction * self.num_clients - 1e-9)
-        n = min(self.num_clients, max(self.cfg.min_clients, wanted))
-        rng = np.random.default_rng([self.seed, rnd])
-        return sorted(int(i) for i in rng.choice(self.num_clients, size=n, replace=False))
+        return self.draw(rnd).clients
+
+    def draw(self, rnd: int) -> Draw:
+        """Round ``rnd``'s participants with how many were online and sampled."""
+        if self._draw is None or self._draw[0] != rnd:  # asked twice a round: draw once
+            self._draw = (rnd, sampling.draw(self.cfg, self.num_clients, self.seed, rnd))
+        return self._draw[1]
 
     def client_config(self, rnd: int) -> dict:
         """What clients receive besides the global adapters (nothing for FedAvg)."""
@@ -152,18 +158,27 @@ class Strategy:
             kept = [(u, w) for u, w in zip(trained, weights, strict=True) if w > 0]
             if not kept:
                 continue
-            avg = self.mean(keys, [u for u, _ in kept], [w for _, w in kept])
             prev = select(global_state, keys)
+            avg = self.mean(keys, [u for u, _ in kept], [w for _, w in kept], prev)
             new.update(self.server_update(group, prev, avg, [u for u, _ in kept]))
         return new
 
-    def mean(self, keys: list[str], updates: list[ClientUpdate], weights: list[float]
-             ) -> State:
+    def mean(self, keys: list[str], updates: list[ClientUpdate], weights: list[float],
+             prev: State | None = None) -> State:
         """The weighted mean of the updates' ``keys``. The LoRA tensors of lower-rank clients
         arrive zero-padded to the full rank (:class:`fedumm.fl.stages.Rank`), so this is the
         zero-padding rule as it is; with ``het_aggregation = "hetlora"`` each LoRA module's
         factors are averaged with HetLoRA's sparsity weights instead
-        (:func:`fedumm.fl.lora_aggregation.hetlora_mean`)."""
+        (:func:`fedumm.fl.lora_aggregation.hetlora_mean`). With ``strategy.robust`` set, its
+        rule replaces the mean: ``prev`` (the group's previous value) plus the rule of the
+        clients' updates (:func:`fedumm.fl.robust.robust_mean`); ``server_update`` then takes
+        it as it takes the mean."""
+        if self.cfg.robust != "none":
+            if prev is None:
+                raise ValueError(f"strategy.robust={self.cfg.robust} needs the group's "
+                                 "previous value (prev)")
+            return robust_mean(self.cfg.robust, [select(u.tensors, keys) for u in updates],
+                               weights, prev, RuleSettings.from_config(self.cfg))
         avg = weighted_mean([select(u.tensors, keys) for u in updates], weights)
         if self.het_aggregation == HETLORA:
             avg.update(hetlora_mean([u.tensors for u in updates], weights, keys))

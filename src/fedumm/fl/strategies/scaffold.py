@@ -4,7 +4,9 @@ Karimireddy et al., ICML 2020, arXiv:1910.06378.
 
 Control variates estimate each client's drift from the global update direction and cancel it
 during local training. The server keeps ``c`` (one tensor per adapter tensor, zeros at the
-start); each client keeps its own ``c_i`` (zeros at the start, persisted across rounds).
+start); each client keeps its own ``c_i`` (zeros at the start, persisted across rounds in its
+client state: on disk in the local runtime's client-state store, so the server holds nothing
+per client and a population of 100,000 costs what 10 do).
 
 Client side (:class:`ScaffoldCorrection`, run by the client trainer), per trained tensor:
 
