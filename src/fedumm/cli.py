@@ -400,7 +400,8 @@ def _cmd_export_flare_job(args: argparse.Namespace) -> int:
 
 
 def _add_backbone(sub: argparse._SubParsersAction) -> None:
-    backbone = sub.add_parser("backbone", help="backbones: sizes and traffic")
+    backbone = sub.add_parser("backbone", help="backbones: sizes and traffic; check a "
+                              "checkpoint folder")
     children = backbone.add_subparsers(dest="backbone_command", required=True)
     _add_backbone_info(children)
     _add_backbone_check(children)
