@@ -545,7 +545,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/generated.png")
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--cfg-scale", type=finite_float(), default=None,
-                   help="classifier-free guidance scale (default: the backbone's own)")
+                   help="classifier-free guidance scale (default: the backbone's own; "
+                   "Janus takes values above 1)")
     p.set_defaults(func=_cmd_generate)
 
 

@@ -61,3 +61,16 @@ def test_cli_generate_passes_the_guidance_scale(kind, tmp_path, monkeypatch):
     np.testing.assert_array_equal(none, default)  # no flag: the backbone's own default
     assert not np.array_equal(low, high)  # the guidance scale changes the image
     assert grids["low"].read_bytes() != grids["high"].read_bytes()
+
+
+def test_janus_refuses_a_guidance_scale_it_cannot_sample_with(monkeypatch):
+    """At 1 or below transformers' Janus drops the guidance step but keeps the unconditional
+    branch (a shape error deep in ``generate``): refused up front, also through the CLI."""
+    bb = build_backbone(BackboneConfig(kind="janus", preset="tiny", device="cpu"))
+    for scale in (1.0, 0.5, 0.0):
+        with pytest.raises(ValueError, match=f"cfg_scale={scale}: Janus's image generation "
+                                             "needs a classifier-free guidance scale above 1"):
+            bb.generate(PROMPTS, seed=0, cfg_scale=scale)
+    monkeypatch.setattr(saved_run, "load_model", lambda name: bb)
+    code, err = run_cli(["generate", "base", *PROMPTS, "--cfg-scale", "1"])
+    assert code == 2 and "fedumm: error: cfg_scale=1.0: Janus's image generation" in err

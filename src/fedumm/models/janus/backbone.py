@@ -337,8 +337,13 @@ class JanusBackbone(ModelPlacement):
                  cfg_scale: float | None = None, temperature: float = 1.0) -> np.ndarray:
         """Images (N, S, S, 3) uint8 through ``generate(generation_mode="image")`` and
         ``decode_image_tokens``; the global RNG is forked, so training is not disturbed.
-        ``cfg_scale``: the guidance scale (None: 5.0)."""
+        ``cfg_scale``: the guidance scale (None: 5.0), above 1: transformers' Janus always
+        runs the unconditional branch beside the prompt, and at 1 or below it drops the
+        guidance step that merges the two (a shape error deep inside ``generate``)."""
         cfg_scale = 5.0 if cfg_scale is None else cfg_scale
+        if not cfg_scale > 1:
+            raise ValueError(f"cfg_scale={cfg_scale}: Janus's image generation needs a "
+                             "classifier-free guidance scale above 1 (its default is 5.0)")
         janus = self._janus
         chunks = []
         devices = [self.device] if self.device.type == "cuda" else []
