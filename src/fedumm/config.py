@@ -306,6 +306,12 @@ class StrategyConfig:
     robust_norm: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
     robust_multikrum_m: int = field(default=0, metadata=_range(0))
 
+    def per_round(self, num_clients: int) -> int:
+        """How many clients uniform sampling asks for per round (at most ``num_clients``)."""
+        # The small epsilon stops float error (0.3 * 10 = 3.0000000000000004) adding a client.
+        n = self.clients_per_round or math.ceil(self.fraction * num_clients - 1e-9)
+        return min(num_clients, max(self.min_clients, n))
+
     def validate(self) -> None:
         _registered("strategy.name", self.name, STRATEGIES.names(), BASELINE_MODES)
         if self.robust_trim >= 0.5:  # nothing would be left to average
@@ -462,9 +468,7 @@ class Config:
                               f"which {folding} needs as it is (it aggregates the clients' "
                               "LoRA products); use lora.aggregation=separate with "
                               "lora.het_aggregation=zeropad, or strategy.robust=none")
-        # the clients a uniform round aggregates (fedumm.fl.sampling.wanted)
-        n = min(self.clients, max(st.min_clients, st.clients_per_round
-                                  or math.ceil(st.fraction * self.clients - 1e-9)))
+        n = st.per_round(self.clients)  # the clients a uniform round aggregates
         need = robust_min_clients(rule, st.robust_malicious)
         if n < need:
             raise ConfigError(f"strategy.robust={rule} with strategy.robust_malicious="

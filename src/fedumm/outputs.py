@@ -130,6 +130,15 @@ def _atomic(path: Path, content: Content) -> None:
 
 
 # ---------------------------------------------------------------- public writers
+def write_atomic(path: str | Path, content: Content) -> Path:
+    """Write one file atomically, with the one-line error of a full disk, but outside the
+    claimed folder's record: for a subtree a command keeps whole and rewrites often (the
+    run's client-state store), whose files would otherwise grow the marker without end."""
+    path = Path(path)
+    _atomic(path, content)
+    return path
+
+
 def write_file(path: str | Path, content: Content) -> Path:
     """Write one file atomically (bytes, text, or a function writing to a binary file), inside
     the folder this process claimed for it (checked and recorded there first)."""

@@ -24,7 +24,6 @@ Bernoulli draws take about a millisecond).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,13 +50,6 @@ class Draw:
         if self.skipped:
             out["skipped"] = self.skipped
         return out
-
-
-def wanted(cfg: StrategyConfig, num_clients: int) -> int:
-    """How many clients uniform sampling asks for per round (at most ``num_clients``)."""
-    # The small epsilon stops float error (0.3 * 10 = 3.0000000000000004) adding a client.
-    n = cfg.clients_per_round or math.ceil(cfg.fraction * num_clients - 1e-9)
-    return min(num_clients, max(cfg.min_clients, n))
 
 
 def online_probability(cfg: StrategyConfig, num_clients: int, seed: int, rnd: int
@@ -89,10 +81,10 @@ def draw(cfg: StrategyConfig, num_clients: int, seed: int, rnd: int) -> Draw:
         hit = np.random.default_rng([seed, rnd, _STREAM, _POISSON]).random(num_clients) < q
         chosen = np.flatnonzero(hit) if up is None else up[hit[up]]
     elif up is None:  # everyone online: the draw fedumm always made
-        n = wanted(cfg, num_clients)
+        n = cfg.per_round(num_clients)
         chosen = np.random.default_rng([seed, rnd]).choice(num_clients, size=n, replace=False)
     else:
-        n = min(len(up), wanted(cfg, num_clients))
+        n = min(len(up), cfg.per_round(num_clients))
         chosen = np.random.default_rng([seed, rnd]).choice(up, size=n, replace=False)
     clients = sorted(int(i) for i in chosen)
     # min_clients above the population asks for everyone, as uniform sampling always did

@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from fedumm.outputs import write_atomic
 
 CLIENT_STATE = "client_state"  # the store's folder in a run folder
 _META = "fedumm_client_state"  # the safetensors metadata key of the non-tensor part
@@ -72,9 +74,7 @@ def save_state(path: Path, state: dict) -> None:
     """Write one client's state to ``path`` atomically."""
     tensors: dict[str, torch.Tensor] = {}
     meta = json.dumps(_pack(state, tensors))
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={_META: meta})
-    os.replace(tmp, path)
+    write_atomic(path, save(tensors, metadata={_META: meta}))
 
 
 def load_state(path: Path) -> dict:

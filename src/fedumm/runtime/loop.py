@@ -73,8 +73,9 @@ class RoundLoop:
         # data edited since the run started
         self.data = data_manifest(cfg.data, val_data)
         # answer calibration's classes: the answer tokens of the server's held-out answers
+        # (a backbone without answer_token_ids was refused when the trainer was built)
         self.answer_space = answer_space(backbone, val_data) \
-            if cfg.train.answer_calibration and hasattr(backbone, "answer_token_ids") else []
+            if cfg.train.answer_calibration else []
 
     def selected(self, rnd: int) -> list[int]:
         return self.server.selected(rnd)
