@@ -369,7 +369,7 @@ class EvalConfig:
     classification: list[str] = field(default_factory=list)
 
 
-ATTACK_KINDS = ("none", "sign_flip", "scale", "noise", "lie")
+ATTACK_KINDS = ("none", "sign_flip", "scale", "noise", "lie", "label_flip", "backdoor")
 
 
 @dataclass
@@ -385,6 +385,71 @@ class AttackConfig:
     scale: float = 10.0
     noise_std: float = field(default=0.1, metadata=_range(0.0))
     lie_factor: float = field(default=10.0, metadata=_range(0.0, None, lo_open=True))
+    # label_flip and backdoor poison a malicious client's training data (fedumm.fl.poison):
+    # the share of its samples poisoned
+    poison_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0))
+
+
+@dataclass
+class SampleDPConfig:
+    """Sample-level DP-SGD inside each client (fedumm.fl.dp_sgd): off while max_grad_norm is
+    unset. Each sample's gradient is clipped to max_grad_norm, Gaussian noise of std
+    noise_multiplier * max_grad_norm is added to their sum; target_epsilon set: the noise
+    multiplier that reaches it over the run (privacy.delta)."""
+
+    noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
+    max_grad_norm: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
+    target_epsilon: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_grad_norm is not None
+
+
+@dataclass
+class ClientDPConfig:
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018; fedumm.fl.client_dp): off while clip is
+    unset. Each client's update is clipped to L2 norm clip and Gaussian noise of std
+    noise_multiplier * clip is added to their sum; adaptive: the clip follows a quantile of
+    the clients' update norms (Andrew et al. 2021)."""
+
+    noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
+    clip: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
+    adaptive: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.clip is not None
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy (docs/trust.md). delta None: 1/n, n the client's samples
+    (sample-level) or the number of clients (client-level)."""
+
+    sample: SampleDPConfig = field(default_factory=SampleDPConfig)
+    client: ClientDPConfig = field(default_factory=ClientDPConfig)
+    delta: float | None = field(default=None, metadata=_range(0.0, 1.0, lo_open=True))
+
+
+@dataclass
+class SecAggConfig:
+    """Secure aggregation, SecAgg+ (Bell et al. 2020; fedumm.fl.secagg): the server learns only
+    the sum of the round's updates. threshold: the fewest clients whose shares rebuild a
+    dropped client's mask (a fraction of the round's clients when <= 1)."""
+
+    enabled: bool = False
+    threshold: float = field(default=0.5, metadata=_range(0.0, None, lo_open=True))
+
+
+@dataclass
+class FaultsConfig:
+    """Simulated faults in the local runtime: each selected client drops out of a round with
+    probability dropout (a seeded draw); a reply that takes longer than deadline_s seconds
+    is late and left out (None: no deadline)."""
+
+    dropout: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    deadline_s: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
 
 
 @dataclass
@@ -424,6 +489,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
     def validate(self) -> None:
@@ -441,6 +509,9 @@ class Config:
                               f"elsewhere (use {', '.join(fits)})")
         self._check_robust()
         self._check_attack()
+        self._check_privacy()
+        self._check_secagg()
+        self._check_faults()
         lr = self.strategy.server_lr
         if folding and lr is not None and lr != 1.0:
             # the folded residual is that of the plain client mean: a server step other than
@@ -492,6 +563,15 @@ class Config:
             raise ConfigError(f"attack.kind={at.kind} with attack.fraction={at.fraction} makes "
                               f"round({at.fraction} * clients={self.clients}) = 0 clients "
                               "malicious; raise attack.fraction")
+
+    def _check_privacy(self) -> None:
+        """Combinations differential privacy cannot serve (fedumm.fl.dp_sgd, fl.client_dp)."""
+
+    def _check_secagg(self) -> None:
+        """Combinations secure aggregation cannot serve (fedumm.fl.secagg)."""
+
+    def _check_faults(self) -> None:
+        """Combinations the simulated faults cannot serve (fedumm.runtime.faults)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
