@@ -566,6 +566,14 @@ class Config:
 
     def _check_privacy(self) -> None:
         """Combinations differential privacy cannot serve (fedumm.fl.dp_sgd, fl.client_dp)."""
+        self._check_sample_dp()
+        self._check_client_dp()
+
+    def _check_sample_dp(self) -> None:
+        """Sample-level DP-SGD's refusals (fedumm.fl.dp_sgd)."""
+
+    def _check_client_dp(self) -> None:
+        """Client-level DP's refusals (fedumm.fl.client_dp)."""
 
     def _check_secagg(self) -> None:
         """Combinations secure aggregation cannot serve (fedumm.fl.secagg)."""
