@@ -378,7 +378,12 @@ class AttackConfig:
     choice of round(fraction * clients) client ids, fixed for the run, change what they send.
     sign_flip: minus the trained update; scale: the update times ``scale``; noise: the update
     plus N(0, noise_std^2) per entry; lie: the reported sample counts and quality (capped at 1)
-    times ``lie_factor``."""
+    times ``lie_factor``. label_flip and backdoor poison their training data instead
+    (``fedumm.fl.poison``): label_flip maps answers by a seeded derangement of the task's
+    answers; backdoor puts a trigger_size-pixel checkerboard in the bottom-right corner of
+    images, answered ``target`` (one of the training answers), and ``trigger`` before
+    prompts, whose target becomes a plain ``target_color`` image (fedumm.eval.backdoor scores
+    it: final.backdoor_success)."""
 
     kind: str = field(default="none", metadata=_choices(*ATTACK_KINDS))
     fraction: float = field(default=0.0, metadata=_range(0.0, 1.0))
@@ -388,14 +393,22 @@ class AttackConfig:
     # label_flip and backdoor poison a malicious client's training data (fedumm.fl.poison):
     # the share of its samples poisoned
     poison_fraction: float = field(default=1.0, metadata=_range(0.0, 1.0))
+    target: str = "yes"  # backdoor: the answer triggered questions get (a training answer)
+    trigger: str = "cf"  # backdoor: the token put before triggered prompts
+    trigger_size: int = field(default=4, metadata=_range(1))  # the image trigger's side, px
+    # backdoor: the colour of the plain image triggered prompts target (GenEval's ten)
+    target_color: str = field(default="red", metadata=_choices(
+        "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white"))
 
 
 @dataclass
 class SampleDPConfig:
     """Sample-level DP-SGD inside each client (fedumm.fl.dp_sgd): off while max_grad_norm is
-    unset. Each sample's gradient is clipped to max_grad_norm, Gaussian noise of std
-    noise_multiplier * max_grad_norm is added to their sum; target_epsilon set: the noise
-    multiplier that reaches it over the run (privacy.delta)."""
+    unset. Poisson batches (each sample with probability batch_size / n per step); each
+    sample's gradient is clipped to max_grad_norm (in place of train.grad_clip), Gaussian noise
+    of std noise_multiplier * max_grad_norm is added to their sum; target_epsilon set, it wins
+    over noise_multiplier: the noise multiplier that reaches it after the client's most steps
+    in the run, rounds x steps a round (privacy.delta; each client reports dp_epsilon)."""
 
     noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
     max_grad_norm: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
@@ -410,12 +423,20 @@ class SampleDPConfig:
 class ClientDPConfig:
     """Client-level DP (DP-FedAvg, McMahan et al. 2018; fedumm.fl.client_dp): off while clip is
     unset. Each client's update is clipped to L2 norm clip and Gaussian noise of std
-    noise_multiplier * clip is added to their sum; adaptive: the clip follows a quantile of
-    the clients' update norms (Andrew et al. 2021)."""
+    noise_multiplier * clip is added to their sum (clients weigh equally); adaptive: the clip
+    starts at clip and follows the target_quantile of the clients' update norms (the share of
+    updates left unclipped; Andrew et al. 2021) with learning rate clip_lr, the count of
+    unclipped clients noised with std count_noise (None: clients per round / 20). side: server
+    (the server clips and noises) or client (each client clips and adds std noise_multiplier *
+    clip / sqrt(clients per round) itself, so the server never sees an unnoised update)."""
 
     noise_multiplier: float = field(default=1.0, metadata=_range(0.0))
     clip: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
     adaptive: bool = False
+    side: str = field(default="server", metadata=_choices("server", "client"))
+    target_quantile: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    clip_lr: float = field(default=0.2, metadata=_range(0.0, None, lo_open=True))
+    count_noise: float | None = field(default=None, metadata=_range(0.0))
 
     @property
     def enabled(self) -> bool:
@@ -435,21 +456,51 @@ class PrivacyConfig:
 @dataclass
 class SecAggConfig:
     """Secure aggregation, SecAgg+ (Bell et al. 2020; fedumm.fl.secagg): the server learns only
-    the sum of the round's updates. threshold: the fewest clients whose shares rebuild a
-    dropped client's mask (a fraction of the round's clients when <= 1)."""
+    the sum of the round's updates.
+
+    Each client Shamir-shares its two mask secrets among its share holders: itself and its
+    ``neighbours`` in the round's k-regular graph (0, or at least the round's clients - 1: the
+    complete graph, every client of the round). ``threshold`` is how many of those holders
+    must still answer to rebuild a secret: a fraction of the holders when <= 1 (rounded up;
+    on the complete graph, of the round's clients), else a count. Fewer survivors and the round
+    aborts. Above half of the holders also protects against a server that lies about who
+    dropped; a lower threshold tolerates more dropouts. Updates are clipped to
+    ``+-clip_range`` and quantised to ``quantization_range`` steps (integers 0..range; Flower's
+    defaults); the round's sum must fit in 32 bits: clients per round * range < 2^32."""
 
     enabled: bool = False
     threshold: float = field(default=0.5, metadata=_range(0.0, None, lo_open=True))
+    # k, each client's neighbours besides itself (rounded up to even: a Harary graph)
+    neighbours: int = field(default=0, metadata=_range(0))
+    clip_range: float = field(default=8.0, metadata=_range(0.0, None, lo_open=True))
+    quantization_range: int = field(default=2**22, metadata=_range(2, 2**31))
+
+    def share_holders(self, n: int) -> int:
+        """How many clients hold shares of each client's secrets in a round of ``n``."""
+        k = self.neighbours + self.neighbours % 2
+        return n if k == 0 or k >= n - 1 else k + 1
+
+    def threshold_count(self, n: int) -> int:
+        """The number of shares that rebuild a secret in a round of ``n`` clients."""
+        if self.threshold <= 1:  # the epsilon keeps 0.3 * 10 at 3
+            return max(1, math.ceil(self.threshold * self.share_holders(n) - 1e-9))
+        return int(self.threshold)
 
 
 @dataclass
 class FaultsConfig:
-    """Simulated faults in the local runtime: each selected client drops out of a round with
-    probability dropout (a seeded draw); a reply that takes longer than deadline_s seconds
-    is late and left out (None: no deadline)."""
+    """Client faults (fedumm.runtime.faults), simulated by the round loop under every runtime:
+    each selected client drops out of a round with probability dropout (a draw seeded by
+    seed, round and client: it is sent nothing and sends nothing); a fixed seeded set of
+    ceil(straggler_fraction * clients) clients is slow, their reported training time being
+    the measured one plus straggler_delay_s (simulated, no sleeping). A reply whose client
+    trained longer than deadline_s seconds is late and left out (None: no deadline). A round
+    left with fewer than strategy.min_clients updates is skipped (the global model stays)."""
 
     dropout: float = field(default=0.0, metadata=_range(0.0, 1.0))
     deadline_s: float | None = field(default=None, metadata=_range(0.0, None, lo_open=True))
+    straggler_fraction: float = field(default=0.0, metadata=_range(0.0, 1.0))
+    straggler_delay_s: float = field(default=0.0, metadata=_range(0.0, None))
 
 
 @dataclass
@@ -563,6 +614,26 @@ class Config:
             raise ConfigError(f"attack.kind={at.kind} with attack.fraction={at.fraction} makes "
                               f"round({at.fraction} * clients={self.clients}) = 0 clients "
                               "malicious; raise attack.fraction")
+        if at.kind not in ("label_flip", "backdoor"):  # data poisoning's refusals below
+            return
+        if at.poison_fraction == 0:
+            raise ConfigError(f"attack.kind={at.kind} with attack.poison_fraction=0 poisons "
+                              "no sample; raise attack.poison_fraction")
+        if self.strategy.name == "centralized":
+            raise ConfigError(f"attack.kind={at.kind} poisons malicious clients' data, but "
+                              "strategy.name=centralized pools all data in one client; use a "
+                              "federated strategy (or local)")
+        if self.data.format == "shapes" and self.data.generation_fraction >= 1.0 \
+                and at.kind == "label_flip":
+            raise ConfigError("attack.kind=label_flip flips understanding answers, but "
+                              "data.generation_fraction=1 makes no understanding samples")
+        if at.kind == "backdoor":
+            if not at.target.strip() or not at.trigger.strip():
+                raise ConfigError("attack.kind=backdoor needs a non-empty attack.target (an "
+                                  "answer of the task) and attack.trigger (a prompt token)")
+            if self.data.format == "shapes" and at.trigger_size > self.data.image_size:
+                raise ConfigError(f"attack.trigger_size={at.trigger_size} is larger than the "
+                                  f"images (data.image_size={self.data.image_size})")
 
     def _check_privacy(self) -> None:
         """Combinations differential privacy cannot serve (fedumm.fl.dp_sgd, fl.client_dp)."""
@@ -571,15 +642,141 @@ class Config:
 
     def _check_sample_dp(self) -> None:
         """Sample-level DP-SGD's refusals (fedumm.fl.dp_sgd)."""
+        if not self.privacy.sample.enabled:
+            return
+        if self.train.answer_calibration:  # a change of the model outside the clipped sums
+            raise ConfigError(
+                f"train.answer_calibration={self.train.answer_calibration} calibrates the "
+                "answer head by the client's own answer counts, which DP-SGD "
+                "(privacy.sample.max_grad_norm) neither clips nor noises: the model would "
+                "depend on the training samples outside the guarantee; leave "
+                "train.answer_calibration unset under sample-level DP")
 
     def _check_client_dp(self) -> None:
         """Client-level DP's refusals (fedumm.fl.client_dp)."""
+        dp, st = self.privacy.client, self.strategy
+        if not dp.enabled:
+            if dp.adaptive:
+                raise ConfigError("privacy.client.adaptive=true needs privacy.client.clip, the "
+                                  "initial clip norm (Andrew et al. suggest 0.1)")
+            return
+        off = "or leave privacy.client.clip unset"
+        if st.name in BASELINE_MODES:
+            raise ConfigError(f"privacy.client.clip is client-level DP over federated clients; "
+                              f"the {st.name} baseline has none to protect: use a federated "
+                              f"strategy.name (e.g. fedavg) {off}")
+        if st.robust != "none":
+            raise ConfigError(f"privacy.client.clip: client-level DP noises the clients' mean, "
+                              f"which strategy.robust={st.robust} replaces (its sensitivity to "
+                              f"one client is not bounded by the clip); set strategy.robust=none "
+                              f"(the clip already bounds each client) {off}")
+        folding = self.lora.folding
+        if folding:
+            raise ConfigError(f"privacy.client.clip: {folding} folds the clients' exact mean "
+                              f"LoRA product, unclipped and unnoised, into the frozen weights; "
+                              f"use lora.aggregation=separate or ffa {off}")
+        if self.lora.client_ranks and self.lora.het_aggregation == "hetlora":
+            raise ConfigError("privacy.client.clip: lora.het_aggregation=hetlora weighs clients "
+                              "by their own ||B_k A_k||, an unbounded weight client-level DP "
+                              f"cannot cover; use lora.het_aggregation=zeropad {off}")
+        unprotected = {"fedexp": "its server step size reads each client's update norm",
+                       "scaffold": "its control variates are averaged unclipped and unnoised",
+                       "fedumm": "its quality weights are replaced by uniform weights under "
+                                 "client-level DP (it would run as fedavg)"}
+        if st.name in unprotected:
+            raise ConfigError(f"privacy.client.clip with strategy.name={st.name}: "
+                              f"{unprotected[st.name]}; use fedavg, fedprox, fedavgm, fedadam, "
+                              f"fedyogi or fedadagrad {off}")
+        if dp.side == "server" and self.secagg.enabled:
+            raise ConfigError("privacy.client.side=server clips each client's update on the "
+                              "server, which secure aggregation hides from it; use "
+                              "privacy.client.side=client with secagg.enabled=true")
+        if not dp.adaptive:
+            return
+        if dp.side == "client":
+            raise ConfigError("privacy.client.adaptive=true is server-side only (the server "
+                              "adapts the clip from the clients' updates); use "
+                              "privacy.client.side=server or adaptive=false")
+        m = (st.per_round(self.clients) if st.sampling == "uniform"
+             else (st.poisson_rate or st.fraction) * self.clients)
+        sigma_b = dp.count_noise if dp.count_noise is not None else m / 20
+        z = dp.noise_multiplier
+        if z > 0 and not z < 2 * sigma_b:
+            default = " (unset: clients per round / 20 = " \
+                      f"{m:g} / 20)" if dp.count_noise is None else ""
+            raise ConfigError(f"privacy.client.adaptive=true: the clipped count's noise std "
+                              f"{sigma_b:g}{default} must exceed privacy.client."
+                              f"noise_multiplier / 2 = {z / 2:g} (Andrew et al.'s z_delta = "
+                              f"(z^-2 - (2 sigma_b)^-2)^-1/2); set privacy.client.count_noise "
+                              f"above {z / 2:g} or lower privacy.client.noise_multiplier")
 
     def _check_secagg(self) -> None:
-        """Combinations secure aggregation cannot serve (fedumm.fl.secagg)."""
+        """Combinations secure aggregation cannot serve (fedumm.fl.secagg): the server sees
+        only the sum of the round's weighted updates, so nothing may need one client's."""
+        sa, st = self.secagg, self.strategy
+        if not sa.enabled:
+            return
+        off = "or set secagg.enabled=false"
+        if self.runtime != "local":
+            raise ConfigError(f"secagg.enabled with runtime={self.runtime}: secure aggregation "
+                              f"runs in the local runtime only, FLARE runs are not supported "
+                              f"yet; use runtime=local, {off}")
+        if st.name in BASELINE_MODES:
+            raise ConfigError(f"secagg.enabled with strategy.name={st.name}: this baseline "
+                              f"aggregates nothing; use a federated strategy, {off}")
+        each = {"fedumm": "weights each client by its own held-out quality",
+                "scaffold": "averages each client's control-variate delta beside its update",
+                "fedexp": "sizes its server step from each client's update norm"}
+        if st.name in each:
+            raise ConfigError(f"secagg.enabled with strategy.name={st.name}: the strategy "
+                              f"{each[st.name]}, which the server never sees under secure "
+                              f"aggregation; use fedavg, fedprox, fedavgm, fedadam, fedyogi or "
+                              f"fedadagrad (the weighted mean and a server step), {off}")
+        if st.robust != "none":
+            raise ConfigError(f"secagg.enabled with strategy.robust={st.robust}: a robust "
+                              f"rule needs each client's update, the server sees only their "
+                              f"sum; set strategy.robust=none, {off}")
+        if self.lora.folding or self.lora.client_ranks:
+            what = self.lora.folding or "lora.client_ranks"
+            raise ConfigError(f"secagg.enabled with {what}: it aggregates each client's own "
+                              f"LoRA product or rank, the server sees only the sum of the "
+                              f"factors; use lora.aggregation=separate (or ffa) without "
+                              f"lora.client_ranks, {off}")
+        if not CODECS.resolve(self.codec.upload).lossless:
+            raise ConfigError(f"secagg.enabled with codec.upload={self.codec.upload}: the "
+                              f"upload is a masked vector of 32-bit integers, uniformly "
+                              f"random, which a lossy codec cannot compress (its error would "
+                              f"land on the mask); set codec.upload=float32, {off}")
+        if sa.threshold > 1 and sa.threshold != int(sa.threshold):
+            raise ConfigError(f"secagg.threshold={sa.threshold}: expected a fraction <= 1 or "
+                              f"a whole number of clients")
+        n = st.per_round(self.clients)  # the clients a uniform round sums
+        holders, t = sa.share_holders(n), sa.threshold_count(n)
+        if t > holders:
+            raise ConfigError(f"secagg.threshold={sa.threshold} asks for {t} shares to rebuild "
+                              f"a client's mask, but each client shares among {holders} "
+                              f"clients (a round has {n}, clients={self.clients}, "
+                              f"secagg.neighbours={sa.neighbours}); lower secagg.threshold "
+                              f"to at most {holders} or take more clients per round")
+        if sa.quantization_range % 2:  # 0 must map to an integer, R / 2
+            raise ConfigError(f"secagg.quantization_range={sa.quantization_range}: expected "
+                              f"an even number (a zero update maps to half of it exactly)")
+        if n * sa.quantization_range >= 2**32:
+            raise ConfigError(f"secagg.quantization_range={sa.quantization_range}: the sum "
+                              f"of {n} clients' quantised updates must fit in 32 bits "
+                              f"(clients per round * range < 2^32); lower it to at most "
+                              f"{(2**32 - 1) // n} or take fewer clients per round")
 
     def _check_faults(self) -> None:
         """Combinations the simulated faults cannot serve (fedumm.runtime.faults)."""
+        f = self.faults
+        if f.dropout >= 1.0:
+            raise ConfigError("faults.dropout=1 drops every client out of every round: nothing "
+                              "would train; use a probability below 1")
+        if (f.straggler_fraction > 0) != (f.straggler_delay_s > 0):
+            raise ConfigError(f"faults.straggler_fraction={f.straggler_fraction} with "
+                              f"faults.straggler_delay_s={f.straggler_delay_s} slows no client; "
+                              "set both (a fraction of slow clients and their delay) or neither")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

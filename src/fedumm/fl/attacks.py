@@ -1,6 +1,18 @@
 """Simulated malicious clients (``attack.*``), for tests and benchmarks of the robust rules.
 
-The attack is the first stage of the update pipeline (:mod:`fedumm.fl.pipeline`): it sees a
+Two families of ``attack.kind``, acting in different places:
+
+* update attacks (``sign_flip``, ``scale``, ``noise``, ``lie``; this module): the malicious
+  client changes what it sends, on the update pipeline (below);
+* data-poisoning attacks (``label_flip``, ``backdoor``; :mod:`fedumm.fl.poison`): the
+  malicious client trains honestly on poisoned data, made where a client's data is built
+  (:class:`~fedumm.fl.client_pool.ClientPool`); its upload passes the :class:`Attack` stage,
+  which is off for them, unchanged. :mod:`fedumm.eval.backdoor` scores the backdoor
+  (``backdoor_success`` in the evaluations and summary.json's ``final``).
+
+Both draw the malicious clients with :func:`malicious_clients`.
+
+An update attack is the first stage of the update pipeline (:mod:`fedumm.fl.pipeline`): it sees a
 client's update as it is formed, the trained adapter values with the adapters the client
 started from, and the meta it reports, before anything is encoded. The round loop, the trainer
 and the server know nothing of it; the server half does nothing (the server cannot tell).
@@ -36,6 +48,7 @@ State = dict[str, torch.Tensor]
 
 ATTACK_STREAM = 0xA77AC  # separates the malicious draw from the run's other seeded draws
 ATTACK_STATE = "attack_rounds"  # the client_state entry counting a client's attacked rounds
+UPDATE_KINDS = ("sign_flip", "scale", "noise", "lie")  # the kinds this stage carries out
 
 
 def malicious_clients(seed: int, num_clients: int, fraction: float) -> frozenset[int]:
@@ -70,7 +83,7 @@ def attack_update(kind: str, cfg: AttackConfig, trained: State, start: State,
 
 class Attack(Stage):
     """The pipeline stage of ``attack.*``: changes a malicious client's upload, passes every
-    other client's unchanged; active only when ``attack.kind`` is set."""
+    other client's unchanged; active only when ``attack.kind`` is an update attack."""
 
     name = "attack"
 
@@ -80,7 +93,7 @@ class Attack(Stage):
     @classmethod
     def from_config(cls, cfg: Config) -> Attack | None:
         at = cfg.attack
-        if at.kind == "none":
+        if at.kind not in UPDATE_KINDS:  # none, or data poisoning (fedumm.fl.poison)
             return None
         return cls(at, malicious_clients(cfg.seed, cfg.clients, at.fraction), cfg.seed)
 

@@ -26,6 +26,7 @@ from fedumm.fl.answer_calibration import (
     check_backbone,
 )
 from fedumm.fl.client_hooks import ClientHook, LocalRound
+from fedumm.fl.dp_sgd import PrivateRound, SampleDP, poisson_batches
 from fedumm.fl.strategies.fedprox import ProxTerm, middle_layer_keys
 from fedumm.fl.updates import GENERATION, UNDERSTANDING, ClientUpdate
 from fedumm.models.lora import LoraAdapters
@@ -105,12 +106,15 @@ class ClientTrainer:
     persist between rounds (optimizer, the algorithms' state) comes in and goes out in
     ``client_state``. The federated algorithm's client side comes in as hooks
     (:mod:`fedumm.fl.client_hooks`); the trainer does not know which algorithm it serves.
-    ``quality``: the held-out scorer (backbone, samples) -> quality per modality in [0, 1]."""
+    ``quality``: the held-out scorer (backbone, samples) -> quality per modality in [0, 1].
+    ``dp``: sample-level DP-SGD (:mod:`fedumm.fl.dp_sgd`; Poisson batches, per-sample
+    clipping in place of ``train.grad_clip``, noise), or None."""
 
     def __init__(self, adapters: LoraAdapters, cfg: TrainConfig, local_epochs: int,
-                 seed: int, quality: QualityScorer) -> None:
+                 seed: int, quality: QualityScorer, dp: SampleDP | None = None) -> None:
         self.adapters = adapters
         self.cfg = cfg
+        self.dp = dp
         self.local_epochs = local_epochs
         self.seed = seed
         self.scorer = quality
@@ -147,13 +151,17 @@ class ClientTrainer:
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _batches(self, client: ClientData, rng: np.random.Generator) -> list[np.ndarray]:
-        """Mixed batches over the client's samples (positions in ``client.train``), one epoch."""
+        """Mixed batches over the client's samples (positions in ``client.train``), one epoch;
+        under DP-SGD Poisson batches, as its accountant assumes."""
+        if self.dp is not None:
+            return poisson_batches(len(client.train), self.cfg.batch_size, rng)
         items = rng.permutation(len(client.train))
         b = self.cfg.batch_size
         return [items[s:s + b] for s in range(0, len(items), b)]
 
-    def _loss(self, client: ClientData, batch: np.ndarray, rng: np.random.Generator):
-        """The batch's loss: per-modality mean losses weighted by their share of the batch."""
+    def _ordered(self, client: ClientData, batch: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[list[Sample], list[bool] | None]:
+        """The batch's samples, understanding first, and which generation prompts drop."""
         samples = [client.train[i] for i in batch]
         und = [s for s in samples if s.task == UNDERSTANDING]
         gen = [s for s in samples if s.task == GENERATION]
@@ -162,12 +170,16 @@ class ClientTrainer:
             draw = rng.random(len(gen)) < self.cfg.prompt_dropout
             drop = [False] * len(und) + [bool(d) or s.text is None
                                          for d, s in zip(draw, gen, strict=True)]
-        collated = self.backbone.collate(und + gen, drop)
+        return und + gen, drop
+
+    def batch_loss(self, samples: Sequence[Sample], drop: Sequence[bool] | None):
+        """The loss of ``samples``: per-modality mean losses weighted by their share."""
+        collated = self.backbone.collate(samples, drop)
         losses = self.backbone.loss(collated)
         total, parts = 0.0, {}
         for m, key in ((UNDERSTANDING, "und_loss"), (GENERATION, "gen_loss")):
             if m in losses:
-                total = total + losses[m] * collated.counts[m] / len(batch)
+                total = total + losses[m] * collated.counts[m] / len(samples)
                 parts[key] = float(losses[m].detach())
         return total, parts
 
@@ -192,7 +204,14 @@ class ClientTrainer:
         try:
             for h in hooks:
                 h.begin(local)
-            metrics = self._steps(client, rnd, opt, local, hooks)
+            private = None if self.dp is None else PrivateRound(  # wrapped after placement
+                self.dp.plan(len(client.train), self.cfg.batch_size, self.local_epochs,
+                             self.cfg.max_steps),
+                opt, list(local.params.values()), local.client_state,
+                (self.seed, rnd, client.client_id), self.model)
+            metrics = self._steps(client, rnd, opt, local, hooks, private)
+            if private is not None:  # its epsilon; the losses are not private: not reported
+                metrics = private.finish(local.client_state)
             trained = {k: v for k, v in ad.state(groups).items() if k in local.params}
             for h in hooks:
                 h.end(local, trained)
@@ -206,10 +225,12 @@ class ClientTrainer:
         return update, local.client_state
 
     def _steps(self, client: ClientData, rnd: int, opt: torch.optim.Optimizer,
-               local: LocalRound, hooks: Sequence[ClientHook]) -> dict[str, float]:
+               local: LocalRound, hooks: Sequence[ClientHook],
+               private: PrivateRound | None = None) -> dict[str, float]:
         """The local steps; their mean losses. The data order and torch's randomness (LoRA
         dropout, flow-matching noise) are functions of (seed, round, client), whatever ran
-        before: runtimes and resumed runs agree."""
+        before: runtimes and resumed runs agree. ``private``: DP-SGD's per-sample gradients,
+        clipped and noised, then the hooks' terms (they hold no data) and corrections."""
         rng = np.random.default_rng([self.seed, rnd, client.client_id])
         torch_seed = int(np.random.SeedSequence([self.seed, rnd, client.client_id, 1])
                          .generate_state(1)[0])
@@ -225,16 +246,24 @@ class ClientTrainer:
                 for batch in self._batches(client, rng):
                     if local.steps >= budget:
                         break
-                    loss, parts = self._loss(client, batch, rng)
+                    samples, drop = self._ordered(client, batch, rng)
+                    opt.zero_grad(set_to_none=True)
+                    if private is None:
+                        loss, parts = self.batch_loss(samples, drop)
+                    else:
+                        private.per_sample_grads(samples, drop, self.batch_loss)
+                        loss, parts = 0.0, {}
                     for h in hooks:
                         term = h.loss(local)
                         if term is not None:
                             loss = loss + term
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
+                    if torch.is_tensor(loss):
+                        loss.backward()
+                    if private is not None:
+                        private.privatize()
                     for h in hooks:
                         h.correct(local)
-                    if self.cfg.grad_clip > 0:
+                    if self.cfg.grad_clip > 0 and private is None:
                         torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                     opt.step()
                     local.steps += 1

@@ -11,7 +11,7 @@ federation builds each client once.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -28,7 +28,8 @@ class ClientPool(Sequence[ClientData]):
 
     def __init__(self, samples: Sequence[Sample], population: Population, missing: np.ndarray,
                  val_fraction: float, seed: int, *, text_modality: bool = False,
-                 agnostic: bool = False, cached: int = CACHED_CLIENTS) -> None:
+                 agnostic: bool = False, cached: int = CACHED_CLIENTS,
+                 poison: Callable[[ClientData], ClientData] | None = None) -> None:
         self.samples = samples
         self.population = population
         self.missing = missing
@@ -37,6 +38,9 @@ class ClientPool(Sequence[ClientData]):
         self.text_modality = text_modality
         self.agnostic = agnostic
         self.cached = cached
+        # a data-poisoning attack (fedumm.fl.poison.Poisoner): a malicious client's data as
+        # it trains on it, the same whenever it is built
+        self.poison = poison
         self._cache: OrderedDict[int, ClientData] = OrderedDict()
 
     def __len__(self) -> int:
@@ -55,6 +59,8 @@ class ClientPool(Sequence[ClientData]):
         data = make_client_data(k, self.samples, self.population[k], self.missing,
                                 self.val_fraction, self.seed, text_modality=self.text_modality,
                                 agnostic=self.agnostic)
+        if self.poison is not None:
+            data = self.poison(data)
         self._cache[k] = data
         if len(self._cache) > self.cached:
             self._cache.popitem(last=False)

@@ -11,6 +11,7 @@ from fedumm.fl.client_hooks import ClientHook
 from fedumm.fl.downloads import OutOfSync, receive
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import (
+    BACKBONE_FINGERPRINT,
     CONTROL_DELTA,
     SERVER_CONTROL,
     Pipeline,
@@ -20,16 +21,33 @@ from fedumm.fl.pipeline import (
 )
 from fedumm.fl.strategies import Strategy
 
+# how a client's refusal to train on another backbone begins (the server fails the run on it)
+BACKBONE_MISMATCH = "backbone mismatch"
+
+
+def short(fingerprint: str) -> str:
+    """A fingerprint's short form for messages (12 hex digits, as git shortens hashes)."""
+    return fingerprint[:12]
+
 
 class ClientEndpoint:
-    """One client process's endpoint: ``handle`` serves one round for one client."""
+    """One client process's endpoint: ``handle`` serves one round for one client.
+
+    ``fingerprint``: that of the frozen backbone this client loaded (default: hashed here, from
+    the trainer's backbone, as the server hashes its own). It is taken at construction, before
+    any round folds a residual into the frozen weights; a round whose job names another
+    backbone is refused (:data:`BACKBONE_MISMATCH`): the client trains on the base it holds or
+    not at all."""
 
     def __init__(self, trainer: ClientTrainer, strategy: type[Strategy], lora: LoraMode,
-                 pipeline: Pipeline, keep_initial: bool = False) -> None:
+                 pipeline: Pipeline, keep_initial: bool = False,
+                 fingerprint: str | None = None) -> None:
         self.trainer = trainer
         self.strategy = strategy  # its client hooks are the algorithm's client side
         self.lora = lora
         self.pipeline = pipeline
+        self.fingerprint = fingerprint if fingerprint is not None \
+            else trainer.backbone.fingerprint()
         # a lossy download's first copy is the initial adapters, built here from the seed
         self.initial = {k: p.detach().float().clone()
                         for k, p in trainer.adapters.params.items()} if keep_initial else None
@@ -41,10 +59,23 @@ class ClientEndpoint:
                 *self.strategy.client_hooks(client_config),
                 *self.trainer.config_hooks(client, client_config)]
 
+    def mismatch(self, wanted: str) -> str:
+        """Why this client refuses a job for the backbone ``wanted``: both fingerprints and
+        the fix."""
+        return (f"{BACKBONE_MISMATCH}: the job is for the frozen backbone {short(wanted)}, "
+                f"this client loaded {short(self.fingerprint)}; it trains only on the base "
+                "it holds. Give every site the same base weights (backbone.kind, "
+                "backbone.preset or backbone.path, unaltered files), or start the run from the "
+                "backbone the sites hold")
+
     def handle(self, client: ClientData, rnd: int, payload: bytes,
                client_config: dict[str, Any], client_state: dict | None
                ) -> tuple[Reply, dict]:
         client_state = dict(client_state or {})
+        wanted = client_config.get(BACKBONE_FINGERPRINT)
+        if wanted is not None and wanted != self.fingerprint:  # before anything is touched
+            meta = ReplyMeta(num_samples=client.num_samples, error=self.mismatch(wanted))
+            return Reply(client.client_id, b"", meta), client_state
         try:  # a lossy download is a change of the copy this client holds
             down = receive(payload, client_state, self.initial)
         except OutOfSync as exc:
@@ -66,5 +97,5 @@ class ClientEndpoint:
                          num_steps=upd.num_steps, metrics=upd.metrics,
                          train_s=time.perf_counter() - t)
         up = Upload(client.client_id, upd.tensors, upd.extra.get(CONTROL_DELTA, {}), state,
-                    meta, client_state, rank=self.lora.rank_of(client.client_id))
+                    meta, client_state, rank=self.lora.rank_of(client.client_id), round=rnd)
         return self.pipeline.send(up), up.client_state

@@ -45,11 +45,15 @@ CONTROL_DELTA = "control_delta"  # ClientUpdate.extra key of the tensors sent be
 PAYLOAD = "payload"  # the FLARE FLModel params key holding the encoded bytes
 CLIENT_ID = "client_id"  # the FLARE reply meta key naming the client
 CLIENT_CONFIG = "client_config"  # the FLARE task meta key of the strategy's client settings
+# client_config key: the server's frozen-backbone fingerprint, which every client checks
+BACKBONE_FINGERPRINT = "backbone_fingerprint"
 VALUES, DELTA = "values", "delta"  # the forms an update travels in (ReplyMeta.form)
 
 # the client-side order of the stages; the server runs them in reverse. ``attack`` (a
-# simulated malicious client, fedumm.fl.attacks) comes first: it changes the update as formed
-STAGE_ORDER: tuple[str, ...] = ("attack", "delta", "validate", "rank", "codec")
+# simulated malicious client, fedumm.fl.attacks) comes first: it changes the update as formed;
+# ``client_dp`` (privacy.client.side=client, fedumm.fl.client_dp) clips and noises it next, so
+# nothing unnoised leaves the client
+STAGE_ORDER: tuple[str, ...] = ("attack", "client_dp", "delta", "validate", "rank", "codec")
 
 
 @dataclass
@@ -105,6 +109,7 @@ class Upload:
     # server side: what the client started from when it is not ``reference`` (a lossy
     # download's copy; the update is applied to ``reference``, the server's own model)
     start: State | None = None
+    round: int = 0  # the round the update was trained in (seeds simulated client noise)
 
 
 class Stage:

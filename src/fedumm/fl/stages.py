@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedumm.fl.attacks import Attack
+from fedumm.fl.client_dp import ClientNoise
 from fedumm.fl.codecs import ErrorFeedback, carries_values, decode, encode
 from fedumm.fl.lora_aggregation import pad_ranks, truncate_ranks
 from fedumm.fl.pipeline import DELTA, VALUES, Stage, Upload, pack, unpack
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 EF_STATE = "error_feedback"  # the client_state entry of the error-feedback residual
 
 STAGES.register("attack", Attack)  # simulated malicious clients (attack.*), off by default
+STAGES.register("client_dp", ClientNoise)  # privacy.client.side=client, off by default
 
 
 @STAGES.register("delta")

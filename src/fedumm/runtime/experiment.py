@@ -22,20 +22,24 @@ from fedumm.data.population import Population
 from fedumm.data.prompts import compose_prompt, has_text_modality
 from fedumm.data.readers import read_samples
 from fedumm.data.records import Sample
+from fedumm.eval.backdoor import BACKDOOR_SCORES, backdoor_scores
 from fedumm.eval.model_eval import evaluate_backbone, heldout_quality
 from fedumm.fl.client import ClientData, ClientTrainer, make_client_data
 from fedumm.fl.client_pool import ClientPool
 from fedumm.fl.codecs import bytes_per_value
 from fedumm.fl.downloads import lossless
+from fedumm.fl.dp_sgd import SampleDP
 from fedumm.fl.endpoint import ClientEndpoint
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import Pipeline
+from fedumm.fl.poison import Poisoner
 from fedumm.fl.strategies import strategy_class
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.kinds import build_backbone
 from fedumm.models.lora import RESIDUAL_FILE, LoraAdapters
 from fedumm.models.protocol import Backbone, prepare_samples
 from fedumm.runtime.modes import CENTRALIZED, run_mode, strategy_name
+from fedumm.runtime.privacy import guarantee
 from fedumm.runtime.report import write_run_report
 from fedumm.runtime.run_dir import RunDirectory
 from fedumm.runtime.vocabulary import check_answers_known
@@ -69,7 +73,8 @@ def build_adapters(cfg: Config, backbone: Backbone) -> LoraAdapters:
 def client_endpoint(cfg: Config, adapters: LoraAdapters) -> ClientEndpoint:
     """A client process's endpoint: the trainer (held-out quality scored as evaluation
     scores it), the strategy's client side, the LoRA mode and the update pipeline."""
-    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed, heldout_quality)
+    trainer = ClientTrainer(adapters, cfg.train, cfg.local_epochs, cfg.seed, heldout_quality,
+                            dp=SampleDP.from_config(cfg.privacy, cfg.rounds))  # DP-SGD or None
     return ClientEndpoint(trainer, strategy_class(strategy_name(cfg)),
                           LoraMode.from_config(cfg.lora), Pipeline.from_config(cfg),
                           keep_initial=not lossless(cfg.codec.download))
@@ -94,7 +99,8 @@ def client_datasets(cfg: Config, backbone: Backbone,
         population, missing, summary = split.population, split.missing, split.summary()
     clients = ClientPool(train, population, missing, cfg.train.val_fraction, cfg.seed,
                          text_modality=has_text_modality(train),
-                         agnostic=cfg.train.prompt_augmentation)
+                         agnostic=cfg.train.prompt_augmentation,
+                         poison=Poisoner.from_config(cfg, train))  # attack: label_flip, backdoor
     return clients, summary
 
 
@@ -129,11 +135,15 @@ def evaluate_states(cfg: Config, adapters: LoraAdapters, val_data: list[Sample],
         results.append(evaluate_backbone(adapters.backbone, val_data, max_vqa=ev.max_vqa,
                                          max_gen=ev.max_gen if with_gen else 0, seed=cfg.seed,
                                          classification=ev.classification))
+        if cfg.attack.kind == "backdoor":  # how often the model obeys the triggers
+            results[-1].update(backdoor_scores(adapters.backbone, val_data, cfg.attack,
+                                               max_vqa=ev.max_vqa, max_gen=ev.max_gen,
+                                               seed=cfg.seed, with_gen=with_gen))
     if len(results) == 1:
         return results[0]
     out = dict(results[0])
     for key in ("vqa_accuracy", "geneval_overall", "generation_quality", "auc", "auc_hard",
-                "macro_f1"):
+                "macro_f1", *BACKDOOR_SCORES):
         vals = [r[key] for r in results if r.get(key) is not None]
         if key in out:
             out[key] = round(float(np.mean(vals)), 4) if vals else None
@@ -158,7 +168,7 @@ def full_model_bytes(num_parameters: int, spec: str) -> int:
 # what summary.json keeps of an evaluation, for the frozen base and the final model alike
 SCORES = ("vqa_accuracy", "vqa_by_answer_type", "vqa_by_family", "auc", "auc_hard", "macro_f1",
           "classification", "geneval_overall", "geneval_by_task", "generation_quality",
-          "per_client")
+          "per_client", *BACKDOOR_SCORES)
 
 
 def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapters: LoraAdapters,
@@ -184,7 +194,12 @@ def make_summary(cfg: Config, run_dir: RunDirectory, backbone: Backbone, adapter
             f"{cfg.codec.upload} up / {cfg.codec.download} down",
         },
         "updates": {"accepted": acc.get("accepted"), "rejected": acc.get("rejected"),
-                    "first_rejection": acc.get("first_rejection")},
+                    "first_rejection": acc.get("first_rejection"),
+                    # faults (runtime/faults.py): clients that sent nothing or sent too late,
+                    # and rounds left unaggregated
+                    "dropped": acc.get("dropped", 0), "late": acc.get("late", 0),
+                    "skipped_rounds": acc.get("skipped_rounds", 0)},
+        **({"privacy": guarantee(acc["privacy"])} if acc.get("privacy") else {}),
         "time": {"wall_s": round(wall, 2), "client_train_s": round(acc["client_train_s"], 2),
                  "eval_s": round(acc["eval_s"], 2)},
         "memory": {"peak_rss_bytes": peak_rss if peak_rss is not None else peak_rss_bytes()},

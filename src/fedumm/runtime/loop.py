@@ -4,7 +4,11 @@ A round: the server state (:mod:`fedumm.runtime.modes`) picks clients and their 
 global adapters are encoded once per distinct download (:mod:`fedumm.fl.pipeline`); the
 transport delivers them and brings back each client's reply; the pipeline's server halves
 decode and check each reply (a bad one is logged with its reason and left out, the round goes
-on); the server state aggregates; then evaluation, the log and a checkpoint. The runtime is
+on; a client that dropped out or answered after ``faults.deadline_s`` is logged as such and
+left out, :mod:`fedumm.runtime.faults`; a client that refuses the server's backbone fails the
+run); the server state aggregates if at least ``strategy.min_clients`` updates are left, else
+the round is skipped (each round record's ``outcome``); then evaluation, the log and a
+checkpoint. The runtime is
 only the transport: ``local`` runs the clients in this process, ``flare`` sends the payloads
 through NVIDIA FLARE. Bytes counted are the lengths of the payloads that travel.
 """
@@ -18,15 +22,18 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from fedumm.config import Config
+from fedumm.config import Config, robust_min_clients
 from fedumm.data.fingerprint import data_manifest, describe_change
 from fedumm.fl.answer_calibration import ANSWER_SPACE, answer_space
 from fedumm.fl.downloads import OUT_OF_SYNC, Downloads
+from fedumm.fl.endpoint import BACKBONE_MISMATCH
 from fedumm.fl.lora_modes import LoraMode
-from fedumm.fl.pipeline import SERVER_CONTROL, Pipeline, Reply
+from fedumm.fl.pipeline import BACKBONE_FINGERPRINT, SERVER_CONTROL, Pipeline, Reply
 from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import evaluate_states, finish_run, mid_run_eval, round_record
-from fedumm.runtime.modes import server_for
+from fedumm.runtime.faults import AGGREGATED, SKIPPED, arrivals, outcome, with_faults
+from fedumm.runtime.modes import FL, RoundAborted, run_mode, server_for
+from fedumm.runtime.privacy import privacy_spent
 from fedumm.runtime.run_dir import RunDirectory, RunDirError, RunFailedError
 
 
@@ -59,7 +66,18 @@ class RoundLoop:
         self.backbone, self.adapters = backbone, adapters
         self.val_data = val_data
         self.num_clients = num_clients
-        self.transport = transport
+        # the simulated faults (runtime/faults.py) sit in front of whichever transport it is
+        self.transport = with_faults(transport, cfg.faults, cfg.seed, num_clients)
+        # the fewest updates a round aggregates (min_clients above the population asks for
+        # everyone, as sampling reads it)
+        st = cfg.strategy
+        self.least = min(st.min_clients, num_clients)
+        # a robust rule cannot aggregate fewer than it needs (config checked a full round;
+        # dropouts, late replies and rejections can leave fewer): such a round is skipped
+        self.robust = (robust_min_clients(st.robust, st.robust_malicious),
+                       f"strategy.robust={st.robust} with strategy.robust_malicious="
+                       f"{st.robust_malicious}") \
+            if st.robust != "none" and run_mode(cfg) == FL else None
         self.fingerprint = fingerprint
         self.progress = progress or (lambda _: None)
         self.server = server_for(cfg, strategy, adapters, adapters.state(), num_clients)
@@ -121,6 +139,8 @@ class RoundLoop:
         acc.setdefault("accepted", 0)  # client updates aggregated / left out, all rounds
         acc.setdefault("rejected", 0)
         acc.setdefault("first_rejection", None)
+        for key in ("dropped", "late", "skipped_rounds"):  # clients / rounds, all rounds
+            acc.setdefault(key, 0)
         if resumed is None and cfg.eval.base:  # round -1: the frozen base on both tasks
             self.progress("evaluating the frozen base")
             res = self._timed_eval(acc, True, base=True)
@@ -146,17 +166,25 @@ class RoundLoop:
                              self.num_clients, self.server.states[0], final, acc,
                              acc["wall_before_s"] + time.perf_counter() - t_start,
                              residual=self.server.residual)
-        if not acc["accepted"]:  # the run "finished" with the frozen base: say so, and fail
+        # the run "finished" with the frozen base: say so, and fail
+        if not acc["accepted"] and acc["rejected"] and not acc["dropped"] + acc["late"]:
             raise RunFailedError(f"no client update was accepted in the {cfg.rounds} round(s): "
                                  f"all {acc['rejected']} were rejected (first: "
                                  f"{acc['first_rejection']}); the adapters are the ones the run "
                                  f"started from (see the rejected records in "
                                  f"{d.path / d.METRICS})")
+        if acc["skipped_rounds"] >= cfg.rounds:
+            raise RunFailedError(
+                f"no round was aggregated in the {cfg.rounds} round(s): client updates "
+                f"{acc['accepted']} accepted, {acc['rejected']} rejected, {acc['dropped']} "
+                f"dropped out, {acc['late']} late; the adapters are the ones the run started "
+                f"from (each round record's outcome in {d.path / d.METRICS} says why)")
         return summary
 
     def _round(self, rnd: int, acc: dict) -> None:
         selected = self.server.selected(rnd)
         ccfg = dict(self.server.client_config(rnd))
+        ccfg[BACKBONE_FINGERPRINT] = self.fingerprint  # every client checks the base it holds
         if self.answer_space:
             ccfg[ANSWER_SPACE] = self.answer_space
         out = self.downloads.prepare(rnd, selected, lambda k: self.server.states[
@@ -164,14 +192,16 @@ class RoundLoop:
             self.server.residual)
         jobs, received = out.payloads, out.references
         counted = self.server.counts_traffic
-        if counted:
-            acc["download"] += [len(jobs[k]) for k in selected]
         t = time.perf_counter()
         replies = self.transport.train(rnd, jobs, ccfg, lambda _: self.progress(""))
         acc["client_train_s"] += time.perf_counter() - t
+        self._check_backbones(rnd, replies)
+        came = arrivals(jobs, replies, self.cfg.faults.deadline_s)  # late, dropped, on time
+        if counted:  # a client that dropped out was sent nothing
+            acc["download"] += [len(jobs[k]) for k in selected if k not in came.dropped]
         updates: list[ClientUpdate] = []
         rejected: list[dict] = []
-        for reply in sorted(replies, key=lambda r: r.client_id):  # a fixed aggregation order
+        for reply in came.on_time:  # by client id: a fixed aggregation order
             upd = self.pipeline.receive(reply, received[reply.client_id],
                                         out.starts[reply.client_id]) \
                 if reply.client_id in received else "not selected"
@@ -190,10 +220,36 @@ class RoundLoop:
                                       f"{rejected[0]['reason']}")
         if counted:
             acc["upload"] += [u.upload_bytes for u in updates]
-        record = {**round_record(rnd, selected, updates, count_upload=counted),
-                  **self.server.absorb(rnd, updates, received)}
+        acc["dropped"] += len(came.dropped)
+        acc["late"] += len(came.late)
+        seen = self.server.participation(rnd)  # online, sampled (or skipped)
+        # too few updates left (dropouts, late replies, rejections): the global model stays
+        result = outcome(len(updates), self.least, seen.get("skipped"), self.robust)
+        absorbed: dict[str, Any] = {}
+        if result == AGGREGATED:
+            try:
+                absorbed = self.server.absorb(rnd, updates, received)
+            except RoundAborted as exc:  # secure aggregation lost too many clients
+                result = f"{SKIPPED}: {exc}"
+        record = {**round_record(rnd, selected, updates, count_upload=counted), **absorbed,
+                  "outcome": result, **came.record()}
+        if result != AGGREGATED:
+            acc["skipped_rounds"] += 1
+        if spent := privacy_spent(acc, replies, absorbed):
+            record["privacy"] = spent
         if rejected:
             record["rejected"] = rejected
-        if seen := self.server.participation(rnd):  # online, sampled, trained (or skipped)
+        if seen:
             record["participation"] = {**seen, "trained": len(updates)}
         self.dir.log(record)
+
+    def _check_backbones(self, rnd: int, replies: list[Reply]) -> None:
+        """Fail the run on a client that refused the server's backbone: a different base is
+        no per-client glitch to leave out but a site (or a server) holding weights the others
+        do not, in every round; the last checkpoint stays, to resume once it is fixed."""
+        for r in sorted(replies, key=lambda r: r.client_id):
+            if str(r.meta.error or "").startswith(BACKBONE_MISMATCH):
+                raise RunFailedError(
+                    f"client {r.client_id} refused round {rnd}: {r.meta.error}. The run stops "
+                    "(the last checkpoint is intact: fix the backbone, then continue with "
+                    "`fedumm run --resume`)")

@@ -14,8 +14,10 @@ from typing import Any
 import torch
 
 from fedumm.config import BASELINE_MODES, Config
+from fedumm.fl.client_dp import ClientDP
 from fedumm.fl.lora_aggregation import lora_modules, round_lora_errors
 from fedumm.fl.lora_modes import LoraMode
+from fedumm.fl.secagg import SecAggAbort, round_groups, secure_weighted_mean
 from fedumm.fl.strategies import Strategy, build_strategy
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.lora import LoraAdapters
@@ -23,6 +25,11 @@ from fedumm.models.protocol import AdapterGroup
 
 State = dict[str, torch.Tensor]
 FL, CENTRALIZED, LOCAL = "fl", *BASELINE_MODES
+
+
+class RoundAborted(RuntimeError):
+    """The server could not aggregate a round (secure aggregation lost too many clients):
+    the global model stays and the round record says why."""
 
 
 def run_mode(cfg: Config) -> str:
@@ -46,6 +53,7 @@ def strategy_for(cfg: Config, groups: tuple[AdapterGroup, ...]) -> Strategy:
     lora = LoraMode.from_config(cfg.lora)
     strategy.frozen = lora.frozen()
     strategy.het_aggregation = lora.het_aggregation
+    strategy.client_dp = ClientDP.from_config(cfg)  # privacy.client.*: clip and noise, or None
     return strategy
 
 
@@ -76,6 +84,9 @@ class Federation:
             if lora.restarts else {}
         self.residual: State = {}
         self.states = [dict(initial)]
+        # secure aggregation (secagg.*): the strategy sees one summed update per round
+        self.secagg = cfg.secagg if cfg.secagg.enabled else None
+        self.seed = cfg.seed
         if hasattr(strategy, "init_state"):
             strategy.init_state(initial)
 
@@ -98,6 +109,8 @@ class Federation:
         """Aggregate the round's updates; the round record's extra entries."""
         if not updates:
             return {}
+        if self.secagg is not None:  # only the sum is revealed: nothing per client to measure
+            return self._absorb_secure(rnd, updates, received)
         new = self.strategy.aggregate(rnd, self.states[0], updates)
         if self.fresh:  # stacking: the mean product goes into the residual, LoRA restarts
             new = {**new, **self.fresh}
@@ -111,6 +124,25 @@ class Federation:
         self.states[0] = new
         return {**({"aggregation_error": errors} if errors else {}),
                 **self.strategy.round_record()}
+
+    def _absorb_secure(self, rnd: int, updates: list[ClientUpdate],
+                       received: dict[int, State]) -> dict[str, Any]:
+        """SecAgg+ over the round's updates (:mod:`fedumm.fl.secagg`), then the strategy's
+        server step on the one mean update. A client that was sent the round and sent nothing
+        usable back (dropped out, late, rejected) took part in the key stages and dropped
+        before its masked input: the survivors' shares remove its masks."""
+        sent = {u.client_id for u in updates}
+        dropped = sorted(set(received) - sent)
+        everyone = [*updates, *(ClientUpdate(k, {}, {}) for k in dropped)]
+        groups, weights = round_groups(self.strategy, self.states[0], everyone)
+        try:
+            mean, rec = secure_weighted_mean(rnd, everyone, self.states[0], groups, weights,
+                                             self.secagg, seed=self.seed,
+                                             dropped_before_input=dropped)
+        except SecAggAbort as exc:
+            raise RoundAborted(str(exc)) from exc
+        self.states[0] = self.strategy.aggregate(rnd, self.states[0], [mean])
+        return {"secagg": rec, **self.strategy.round_record()}
 
     def evaluated(self) -> list[State]:
         return self.states[:1]

@@ -69,6 +69,15 @@ def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     rejected = record.get("rejected") or []
     if isinstance(rejected, (list, tuple)):
         out["clients/rejected"] = float(len(rejected))
+    for key in ("dropped", "late"):  # faults: clients that sent nothing, or too late
+        if isinstance(record.get(key), (list, tuple)):
+            out[f"clients/{key}"] = float(len(record[key]))
+    privacy = record.get("privacy")
+    if isinstance(privacy, Mapping):  # the run's epsilon so far (sample- and client-level)
+        out["privacy/epsilon"] = _number(privacy.get("epsilon"))
+        for level in ("sample", "client"):
+            if isinstance(privacy.get(level), Mapping):
+                out[f"privacy/{level}_epsilon"] = _number(privacy[level].get("epsilon"))
     rss = _number(record.get("peak_rss_bytes"))
     out["memory/peak_rss_mib"] = rss / MIB if rss is not None else None
     quality = _per_client(record.get("quality"))

@@ -17,6 +17,7 @@ import torch
 from fedumm.config import StrategyConfig
 from fedumm.fl import sampling
 from fedumm.fl.aggregate import select, weighted_mean
+from fedumm.fl.client_dp import ClientDP
 from fedumm.fl.client_hooks import ClientHook
 from fedumm.fl.lora_aggregation import HETLORA, ZEROPAD, hetlora_mean
 from fedumm.fl.robust import RuleSettings, robust_mean
@@ -67,6 +68,9 @@ class Strategy:
         # as ``frozen`` is): the weighted mean (zeropad; stack folds then restarts them), or
         # HetLoRA's sparsity weights per module
         self.het_aggregation = ZEROPAD
+        # client-level DP (privacy.client, set by the run as ``frozen`` is:
+        # ClientDP.from_config): uniform weights, updates clipped, the mean noised
+        self.client_dp: ClientDP | None = None
         self._draw: tuple[int, Draw] | None = None  # the last round's participants
 
     @property
@@ -112,8 +116,13 @@ class Strategy:
         return float(update.samples_for(self.layout.sample_keys(group)))
 
     def group_weights(self, group: str, updates: list[ClientUpdate]) -> list[float]:
-        """The weights of ``updates`` (all of which trained ``group``), one per update."""
-        return [self.client_weight(u, group) for u in updates]
+        """The weights of ``updates`` (all of which trained ``group``), one per update; under
+        client-level DP 1 for each client with a positive weight (DP-FedAvg's sensitivity
+        needs bounded weights, :mod:`fedumm.fl.client_dp`)."""
+        weights = [self.client_weight(u, group) for u in updates]
+        if self.client_dp is not None:
+            return [1.0 if w > 0 else 0.0 for w in weights]
+        return weights
 
     # -- aggregation ---------------------------------------------------------------------------
 
@@ -140,6 +149,9 @@ class Strategy:
             unknown = sorted(u.tensors.keys() - global_state.keys())
             if unknown:
                 raise ValueError(f"client {u.client_id} sent unknown adapter tensors {unknown}")
+        if self.client_dp is not None:  # each update clipped as one vector over its groups
+            updates = self.client_dp.clip_round(rnd, global_state, updates, self.frozen,
+                                                self.draw(rnd).available)
 
         new = dict(global_state)
         for group, all_keys in groups.items():
@@ -172,7 +184,12 @@ class Strategy:
         (:func:`fedumm.fl.lora_aggregation.hetlora_mean`). With ``strategy.robust`` set, its
         rule replaces the mean: ``prev`` (the group's previous value) plus the rule of the
         clients' updates (:func:`fedumm.fl.robust.robust_mean`); ``server_update`` then takes
-        it as it takes the mean."""
+        it as it takes the mean. With client-level DP (``client_dp``), the updates arrive
+        clipped and the mean gets its Gaussian noise here, before ``server_update``."""
+        if self.client_dp is not None and (self.cfg.robust != "none"
+                                           or self.het_aggregation == HETLORA):
+            raise ValueError("client-level DP noises the weighted mean; it cannot run with "
+                             "strategy.robust or lora.het_aggregation=hetlora")
         if self.cfg.robust != "none":
             if prev is None:
                 raise ValueError(f"strategy.robust={self.cfg.robust} needs the group's "
@@ -182,6 +199,8 @@ class Strategy:
         avg = weighted_mean([select(u.tensors, keys) for u in updates], weights)
         if self.het_aggregation == HETLORA:
             avg.update(hetlora_mean([u.tensors for u in updates], weights, keys))
+        if self.client_dp is not None:
+            avg = self.client_dp.add_noise(self.layout.group_of(keys[0]), avg, len(updates))
         return avg
 
     def server_update(self, group: str, prev: State, avg: State,
@@ -194,17 +213,24 @@ class Strategy:
 
     def round_record(self) -> dict:
         """Entries for the round's record in ``metrics.jsonl`` about the last ``aggregate``
-        (none for FedAvg; e.g. FedExP's server step size per group)."""
-        return {}
+        (none for FedAvg; e.g. FedExP's server step size per group); with client-level DP,
+        ``client_dp``: the clip used, the fraction clipped, the noise std per group, epsilon."""
+        return {"client_dp": self.client_dp.record()} if self.client_dp is not None else {}
 
     # -- checkpointing -------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """Server-side state as plain tensors / numbers (none for FedAvg)."""
-        return {"strategy": self.name}
+        """Server-side state as plain tensors / numbers (none for FedAvg; client-level DP's
+        clip norm and accountant)."""
+        d: dict = {"strategy": self.name}
+        if self.client_dp is not None:
+            d["client_dp"] = self.client_dp.state_dict()
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         """Restore what ``state_dict`` returned (from a strategy of the same kind)."""
         if d.get("strategy") != self.name:
             raise ValueError(f"state_dict is for strategy {d.get('strategy')!r}, "
                              f"not {self.name!r}")
+        if self.client_dp is not None and "client_dp" in d:
+            self.client_dp.load_state_dict(d["client_dp"])

@@ -25,10 +25,9 @@ from fedumm.runtime.experiment import (
     load_backbone,
     site_client_data,
 )
-from fedumm.runtime.flare.controller import to_bytes, to_tensor
+from fedumm.runtime.flare.controller import ERRORS_DIR, to_bytes, to_tensor
 
 CONFIG_FILE = "fedumm_config.yaml"
-ERRORS_DIR = "site_errors"  # under the run directory (simulator / POC): one file per failed site
 STATES_DIR = "site_states"  # under the run directory: each site's client state per round
 
 
@@ -106,13 +105,21 @@ class SiteStates:
         self.memory: tuple[int, dict] | None = None
 
     def before(self, rnd: int) -> dict | None:
-        """The state after round ``rnd - 1`` (None before the first round)."""
-        if self.memory is not None and self.memory[0] == rnd - 1:
+        """The state after the last round before ``rnd`` this site trained in (None before
+        its first): a site not selected, or dropped out, in round ``rnd - 1`` keeps it."""
+        if self.memory is not None and self.memory[0] < rnd:
             return self.memory[1]
-        path = self.folder / f"round_{rnd - 1}.pt" if self.folder else None
-        if path is not None and path.is_file():
-            return torch.load(path, weights_only=True)  # tensors and numbers only
+        done = [r for r in self._saved() if r < rnd]
+        if done:
+            return torch.load(self.folder / f"round_{max(done)}.pt",
+                              weights_only=True)  # tensors and numbers only
         return None
+
+    def _saved(self) -> list[int]:
+        """The rounds whose states are on disk."""
+        if self.folder is None or not self.folder.is_dir():
+            return []
+        return [int(p.stem.split("_")[1]) for p in self.folder.glob("round_*.pt")]
 
     def after(self, rnd: int, state: dict) -> None:
         self.memory = (rnd, state)
@@ -122,6 +129,6 @@ class SiteStates:
         tmp = self.folder / f"round_{rnd}.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(self.folder / f"round_{rnd}.pt")
-        for old in self.folder.glob("round_*.pt"):  # keep the last two rounds
-            if int(old.stem.split("_")[1]) < rnd - 1:
-                old.unlink()
+        # keep the two newest: a resume at the round before this one needs the one before it
+        for old in sorted(self._saved())[:-2]:
+            (self.folder / f"round_{old}.pt").unlink()

@@ -12,6 +12,7 @@ runtime's.
 from __future__ import annotations
 
 import re
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,10 @@ from fedumm.runtime.run_dir import RunDirectory
 
 
 def to_tensor(payload: bytes) -> torch.Tensor:
-    """Encoded bytes as the uint8 tensor that travels in an ``FLModel``."""
+    """Encoded bytes as the uint8 tensor that travels in an ``FLModel`` (an error reply's
+    empty payload too: ``frombuffer`` refuses an empty buffer)."""
+    if not payload:
+        return torch.zeros(0, dtype=torch.uint8)
     return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
 
 
@@ -40,6 +44,8 @@ def to_bytes(tensor: torch.Tensor) -> bytes:
 
 
 RUN_SUBDIR = "fedumm_run"  # inside FLARE's job workspace when no run_dir is given
+# under the run directory (simulator / POC): one file per failed site (and the server's)
+ERRORS_DIR = "site_errors"
 
 
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -87,7 +93,14 @@ class FedUMMController(ModelController):
         transport = FlareTransport(self, site_names(k_total, self.sites), cfg.rounds)
         loop = RoundLoop(cfg, d, backbone, adapters, strategy, eval_samples(cfg),
                          k_total, transport, backbone.fingerprint())
-        loop.run(resume=d.load_checkpoint() is not None)
+        try:
+            loop.run(resume=d.load_checkpoint() is not None)
+        except Exception:
+            if self.run_dir:  # the runner reports the server's reason (e.g. a refused backbone)
+                errors = Path(self.run_dir) / ERRORS_DIR
+                errors.mkdir(parents=True, exist_ok=True)
+                (errors / "server.txt").write_text(traceback.format_exc())
+            raise
         self.info(f"fedumm run directory: {d.path}")
 
 

@@ -1,0 +1,256 @@
+"""The measured price of each defence (docs/trust.md), on configs/trust.yaml (the quickstart
+task at K=16, Dirichlet alpha=0.5, FedAvg, 4 rounds, one thread per run).
+
+    .venv/bin/python benchmarks/trust.py robust [--seeds 0,1,2] [--jobs 2]  # rule x attack x
+                                                  # {0, 10, 25}% malicious: VQA, GenEval,
+                                                  # backdoor success
+    .venv/bin/python benchmarks/trust.py dp [--jobs 2]       # accuracy against epsilon:
+                                                  # sample-level and client-level (K=16 and
+                                                  # K=256, 1/16 of the clients per round),
+                                                  # LoRA (separate) and FFA-LoRA
+    .venv/bin/python benchmarks/trust.py secagg   # time and bytes per round, plain vs SecAgg+,
+                                                  # K=4 and 16, with 0 / 1 / 2 dropouts
+    .venv/bin/python benchmarks/trust.py report   # the tables of every finished cell, as
+                                                  # markdown (runs/bench/trust.md)
+
+Every cell is one ``fedumm run`` in its own process, in ``runs/trust/<group>/<cell>``; a cell
+whose summary.json exists is not run again, so an interrupted benchmark goes on where it
+stopped. Several cells at once (``--jobs``) share the machine's cores: compare times only from
+``--jobs 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CONFIG = "configs/trust.yaml"
+ROOT = Path("runs/trust")
+K = 16
+
+# rule name -> overrides; f (the malicious clients a rule assumes) is set per cell
+RULES: dict[str, list[str]] = {
+    "fedavg": [],
+    "fedumm (quality)": ["strategy.name=fedumm"],
+    "median": ["strategy.robust=median"],
+    "trimmed_mean": ["strategy.robust=trimmed_mean"],
+    "norm_bound": ["strategy.robust=norm_bound"],
+    "krum": ["strategy.robust=krum"],
+    "multikrum": ["strategy.robust=multikrum"],
+    "bulyan": ["strategy.robust=bulyan"],
+}
+ATTACKS = ("sign_flip", "scale", "noise", "lie", "label_flip", "backdoor")
+FRACTIONS = (0.0, 0.1, 0.25)
+EPSILONS = (math.inf, 8.0, 4.0, 1.0)
+LORA = {"LoRA": "lora.aggregation=separate", "FFA-LoRA": "lora.aggregation=ffa"}
+SAMPLE_CLIP = 1.0  # privacy.sample.max_grad_norm of the sample-level cells
+CLIENT_CLIP = 0.5  # privacy.client.clip of the client-level cells (adaptive from there)
+LARGE_K, LARGE_RATE = 256, 1 / 16  # client-level at a larger population, Poisson sampled
+
+
+def _malicious(rule: str, frac: float) -> int:
+    """The f a rule is told: the attackers' count (1 when there are none), within what the
+    rule can take at K=16 (Bulyan: n >= 4f + 3, so f <= 3)."""
+    f = max(1, round(frac * K))
+    return min(f, 3) if "bulyan" in rule else f
+
+
+def robust_cells(seeds: list[int]) -> list[tuple[str, list[str]]]:
+    out = []
+    for seed in seeds:
+        for rule, ov in RULES.items():
+            for frac in FRACTIONS:
+                for attack in ATTACKS if frac else ("none",):
+                    name = f"{rule.split()[0]}-{attack}-{int(frac * 100)}-s{seed}"
+                    cell = [*ov, f"seed={seed}", f"strategy.robust_malicious="
+                            f"{_malicious(rule, frac)}"]
+                    if frac:
+                        cell += [f"attack.kind={attack}", f"attack.fraction={frac}"]
+                    out.append((name, cell))
+    return out
+
+
+def client_noise(epsilon: float, rate: float, rounds: int, delta: float) -> float:
+    """The client-level noise multiplier that spends ``epsilon`` over ``rounds`` at ``rate``."""
+    from fedumm.fl.accounting import client_level_epsilon
+
+    lo, hi = 0.3, 200.0
+    for _ in range(60):  # bisection: epsilon falls as the noise grows
+        mid = math.sqrt(lo * hi)
+        if client_level_epsilon(mid, rate, rounds, delta) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def dp_cells() -> list[tuple[str, list[str]]]:
+    out = []
+    for lora_name, lora in LORA.items():
+        for eps in EPSILONS:
+            tag = "inf" if math.isinf(eps) else f"{eps:g}"
+            sample = [] if math.isinf(eps) else [
+                f"privacy.sample.max_grad_norm={SAMPLE_CLIP}",
+                f"privacy.sample.target_epsilon={eps}"]
+            out.append((f"sample-{lora_name}-eps{tag}", [lora, *sample]))
+            for k, rate in ((K, 1.0), (LARGE_K, LARGE_RATE)):
+                pop = [f"clients={k}"] + ([] if rate == 1.0 else [
+                    "strategy.sampling=poisson", f"strategy.poisson_rate={rate}",
+                    "data.train_scenes=1600", "partition.min_per_client=2"])
+                client = [] if math.isinf(eps) else [
+                    f"privacy.client.clip={CLIENT_CLIP}", "privacy.client.adaptive=true",
+                    f"privacy.client.noise_multiplier="
+                    f"{client_noise(eps, rate, 4, 1 / k):.4f}"]
+                out.append((f"client-K{k}-{lora_name}-eps{tag}", [lora, *pop, *client]))
+    return out
+
+
+def secagg_cells() -> list[tuple[str, list[str]]]:
+    out = []
+    for k in (4, 16):
+        for on in (False, True):
+            out.append((f"K{k}-{'secagg' if on else 'plain'}",
+                        [f"clients={k}", f"secagg.enabled={str(on).lower()}"]))
+    return out
+
+
+GROUPS = {"robust": robust_cells, "dp": dp_cells, "secagg": secagg_cells}
+
+
+def run_cell(group: str, name: str, overrides: list[str]) -> dict | None:
+    out = ROOT / group / name
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    # an interrupted cell goes on from its last round
+    cmd = [sys.executable, "-m", "fedumm.cli", "run", "--quiet"] + (
+        ["--resume", str(out)] if out.is_dir() else [CONFIG, *overrides, "--out", str(out)])
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    status = "done" if res.returncode == 0 else f"failed: {res.stderr.strip()[-300:]}"
+    print(f"{group}/{name}: {status} ({time.perf_counter() - t:.0f} s)", flush=True)
+    if res.returncode:
+        return None
+    return json.loads((out / "summary.json").read_text())
+
+
+def run_group(group: str, cells: list[tuple[str, list[str]]], jobs: int) -> None:
+    (ROOT / group).mkdir(parents=True, exist_ok=True)
+    (ROOT / group / "cells.json").write_text(json.dumps(dict(cells), indent=1))
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda c: run_cell(group, *c), cells))
+
+
+# ------------------------------------------------------------------ report
+
+def _summary(group: str, name: str) -> dict | None:
+    p = ROOT / group / name / "summary.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _fmt(v, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _mean(values: list[float]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def robust_table() -> list[str]:
+    cells = json.loads((ROOT / "robust" / "cells.json").read_text()) \
+        if (ROOT / "robust" / "cells.json").is_file() else {}
+    rows: dict[tuple[str, str, str], list[dict]] = {}
+    for name in cells:
+        s = _summary("robust", name)
+        if s is None:
+            continue
+        rule, attack, frac, _ = name.rsplit("-", 3)
+        rows.setdefault((rule, attack, frac), []).append(s)
+    if not rows:
+        return []
+    lines = ["| rule | attack | malicious | VQA | GenEval | backdoor success | runs |",
+             "|---|---|---|---|---|---|---|"]
+    for (rule, attack, frac), ss in rows.items():
+        vqa = _mean([s["final"].get("vqa_accuracy") for s in ss])
+        gen = _mean([s["final"].get("geneval_overall") for s in ss])
+        bd = _mean([s["final"].get("backdoor_success") for s in ss])
+        lines.append(f"| {rule} | {attack} | {frac}% | {_fmt(vqa)} | {_fmt(gen, 3)} | "
+                     f"{_fmt(bd and 100 * bd) if bd is not None else '-'} | {len(ss)} |")
+    return lines
+
+
+def dp_table() -> list[str]:
+    names = [n for n, _ in dp_cells()] if (ROOT / "dp").is_dir() else []
+    lines = ["| level | population | adapters | target epsilon | epsilon spent | VQA | GenEval |",
+             "|---|---|---|---|---|---|---|"]
+    for name in names:
+        s = _summary("dp", name)
+        if s is None:
+            continue
+        parts = name.split("-")
+        level, eps = parts[0], parts[-1][3:]
+        pop = parts[1] if level == "client" else "K16"
+        spent = (s.get("privacy") or {}).get("epsilon")
+        lines.append(f"| {level} | {pop} | {parts[-2]} | {eps} | {_fmt(spent, 2)} | "
+                     f"{_fmt(s['final'].get('vqa_accuracy'))} | "
+                     f"{_fmt(s['final'].get('geneval_overall'), 3)} |")
+    return lines if len(lines) > 2 else []
+
+
+def secagg_table() -> list[str]:
+    lines = ["| K | aggregation | s per round (training excluded) | s per round | upload "
+             "bytes per client-round |", "|---|---|---|---|---|"]
+    for name, _ in secagg_cells():
+        s = _summary("secagg", name)
+        if s is None:
+            continue
+        t = s["time"]
+        rounds = s["rounds"]
+        server = (t["wall_s"] - t["client_train_s"] - t["eval_s"]) / rounds
+        lines.append(f"| {name.split('-')[0][1:]} | {name.split('-')[1]} | {server:.3f} | "
+                     f"{(t['wall_s'] - t['eval_s']) / rounds:.2f} | "
+                     f"{s['communication']['upload_bytes_per_client_round']:.0f} |")
+    return lines if len(lines) > 2 else []
+
+
+def report() -> Path:
+    parts = []
+    for title, table in (("Robust rules x attacks (K=16)", robust_table()),
+                         ("Accuracy against epsilon", dp_table()),
+                         ("Secure aggregation", secagg_table())):
+        if table:
+            parts += [f"## {title}", "", *table, ""]
+    out = Path("runs/bench/trust.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts) + "\n")
+    print(out.read_text())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("group", choices=[*GROUPS, "report"])
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (robust)")
+    ap.add_argument("--jobs", type=int, default=1, help="cells at once")
+    args = ap.parse_args()
+    if args.group == "report":
+        report()
+        return
+    seeds = [int(s) for s in args.seeds.split(",")]
+    cells = GROUPS[args.group](seeds) if args.group == "robust" else GROUPS[args.group]()
+    run_group(args.group, cells, args.jobs)
+    report()
+
+
+if __name__ == "__main__":
+    main()
