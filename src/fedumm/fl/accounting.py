@@ -35,6 +35,7 @@ checkpoint holds (``state_dict``), so a resumed run reports the epsilon of an un
 
 from __future__ import annotations
 
+import logging
 import math
 
 import dp_accounting
@@ -68,10 +69,19 @@ def _epsilon(runs: list[tuple[float, float, int]], delta: float) -> float:
     if any(z == 0 and n for _, z, n in runs):
         return math.inf  # no noise: no privacy (the accountant says inf too, slowly)
     accountant = rdp.RdpAccountant()
-    for q, z, n in runs:
-        if n:
-            accountant.compose(_event(z, q), n)
-    return float(accountant.get_epsilon(delta))
+    absl = logging.getLogger("absl")
+    level = absl.level
+    # dp-accounting logs a warning for each low RDP order whose series does not converge at
+    # small noise (it leaves that order out, as it should): one per order per call, which
+    # would flood a run's output, so only errors are let through while it computes
+    absl.setLevel(max(level, logging.ERROR))
+    try:
+        for q, z, n in runs:
+            if n:
+                accountant.compose(_event(z, q), n)
+        return float(accountant.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def client_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
