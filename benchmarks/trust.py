@@ -64,10 +64,10 @@ def _malicious(rule: str, frac: float) -> int:
 
 
 def robust_cells(seeds: list[int]) -> list[tuple[str, list[str]]]:
-    out = []
+    out = []  # no attack first, then 25%, then 10%: the strongest attacks first
     for seed in seeds:
-        for rule, ov in RULES.items():
-            for frac in FRACTIONS:
+        for frac in sorted(FRACTIONS, key=lambda f: (f > 0, -f)):
+            for rule, ov in RULES.items():
                 for attack in ATTACKS if frac else ("none",):
                     name = f"{rule.split()[0]}-{attack}-{int(frac * 100)}-s{seed}"
                     cell = [*ov, f"seed={seed}", f"strategy.robust_malicious="

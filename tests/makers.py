@@ -7,6 +7,7 @@ import contextlib
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import fedumm.cli as cli
 
@@ -69,3 +70,17 @@ def blip3o_samples() -> list:
     s = shapes_samples(generate_shapes("downstream", 8, seed=3, role="train", image_size=48))
     return ([x for x in s if x.task == UNDERSTANDING][:4]
             + [x for x in s if x.task == GENERATION][:4])
+
+
+def run_adapters(run) -> dict:
+    """A finished run's exported global adapters (PEFT's safetensors file)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run) / "adapters" / "adapter_model.safetensors"))
+
+
+def round_records(run) -> list[dict]:
+    """A run's ``round`` records from metrics.jsonl, in order."""
+    from fedumm.runtime.run_dir import RunDirectory
+
+    return [m for m in RunDirectory(run).metrics() if m.get("type") == "round"]

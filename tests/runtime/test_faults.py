@@ -15,12 +15,8 @@ from fedumm.fl.sampling import draw
 from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.faults import arrivals, drops_out, outcome, stragglers
 from fedumm.runtime.local import LocalRuntime
-from fedumm.runtime.run_dir import RunDirectory, RunFailedError
-from makers import killed_at_training_call
-
-
-def _rounds(run) -> list[dict]:
-    return [m for m in RunDirectory(run).metrics() if m.get("type") == "round"]
+from fedumm.runtime.run_dir import RunFailedError
+from makers import killed_at_training_call, round_records
 
 
 def _survivors(seed: int, rnd: int, clients: int, p: float) -> list[int]:
@@ -102,7 +98,7 @@ def test_a_run_with_dropout_logs_the_dropped_clients_and_aggregates_the_rest(
     cfg = config_from_dict({"name": "d"}, [*tiny_overrides, "clients=4", f"seed={seed}",
                                            f"faults.dropout={p}", "eval.base=false"])
     summary = run_experiment(cfg, tmp_path / "run", progress=False)
-    for rnd, rec in enumerate(_rounds(tmp_path / "run")):
+    for rnd, rec in enumerate(round_records(tmp_path / "run")):
         kept = _survivors(seed, rnd, 4, p)
         assert rec["clients"] == [0, 1, 2, 3]
         assert rec["dropped"] == sorted(set(range(4)) - set(kept))
@@ -118,7 +114,7 @@ def test_a_straggler_past_the_deadline_is_late_and_left_out(tmp_path, tiny_overr
         "faults.deadline_s=100", "eval.base=false"])
     (slow,) = stragglers(cfg.seed, 2, 0.5)
     run_experiment(cfg, tmp_path / "run", progress=False)
-    for rec in _rounds(tmp_path / "run"):
+    for rec in round_records(tmp_path / "run"):
         (late,) = rec["late"]
         assert late["client"] == slow and late["time_s"] >= 1000.0  # logged with its time
         assert [int(k) for k in rec["num_samples"]] == [1 - slow]
@@ -138,7 +134,7 @@ def test_a_round_with_fewer_than_min_clients_updates_is_skipped_and_the_model_st
                                              r"client updates 1 accepted, 0 rejected, 0 "
                                              r"dropped out, 1 late"):
         rt.run()
-    (rec,) = _rounds(tmp_path / "run")
+    (rec,) = round_records(tmp_path / "run")
     assert rec["outcome"] == "skipped: 1 update, fewer than strategy.min_clients=2"
     assert "aggregation_error" not in rec and len(rec["late"]) == 1
     after = rt.loop.server.states[0]
@@ -164,6 +160,6 @@ def test_a_run_resumed_after_a_kill_with_dropout_equals_an_uninterrupted_one(
     a, b = (load_file(str(tmp_path / r / "adapters" / "adapter_model.safetensors"))
             for r in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    full, cut = _rounds(tmp_path / "full"), _rounds(tmp_path / "cut")
+    full, cut = round_records(tmp_path / "full"), round_records(tmp_path / "cut")
     assert len(cut) == 3
     assert [r.get("dropped") for r in full] == [r.get("dropped") for r in cut]

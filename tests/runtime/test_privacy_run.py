@@ -6,20 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
 from fedumm.runtime.dispatch import run_experiment
-from fedumm.runtime.run_dir import RunDirectory
-
-
-def _adapters(run) -> dict[str, torch.Tensor]:
-    return load_file(str(next((run / "adapters").glob("*.safetensors"))))
-
-
-def _rounds(run) -> list[dict]:
-    return [m for m in RunDirectory(run).metrics() if m["type"] == "round"]
+from makers import round_records, run_adapters
 
 
 @pytest.fixture()
@@ -31,7 +21,7 @@ def test_sample_level_dp_reports_the_largest_client_epsilon(tmp_path, quick):
     cfg = config_from_dict({"name": "s"}, [*quick, "privacy.sample.max_grad_norm=1.0",
                                            "privacy.sample.noise_multiplier=1.0"])
     summary = run_experiment(cfg, tmp_path / "s", progress=False)
-    rounds = _rounds(tmp_path / "s")
+    rounds = round_records(tmp_path / "s")
     reported = [m["dp_epsilon"] for r in rounds for m in r["train_loss"].values()]
     assert len(reported) == 4 and all(0 < e < float("inf") for e in reported)
     # the run's guarantee after each round: the largest epsilon any client reported so far
@@ -52,7 +42,7 @@ def test_a_run_without_dp_reports_no_privacy(tmp_path, quick):
     summary = run_experiment(config_from_dict({"name": "n"}, quick), tmp_path / "n",
                              progress=False)
     assert "privacy" not in summary
-    assert all("privacy" not in r for r in _rounds(tmp_path / "n"))
+    assert all("privacy" not in r for r in round_records(tmp_path / "n"))
 
 
 def test_client_side_clipping_equals_server_side_clipping_without_noise(tmp_path, quick):
@@ -64,13 +54,13 @@ def test_client_side_clipping_equals_server_side_clipping_without_noise(tmp_path
     run_experiment(config_from_dict({"name": "b"}, [*quick, *dp,
                                                     "privacy.client.side=client"]),
                    tmp_path / "client", progress=False)
-    server, client = _adapters(tmp_path / "server"), _adapters(tmp_path / "client")
+    server, client = run_adapters(tmp_path / "server"), run_adapters(tmp_path / "client")
     assert max(float((server[k] - client[k]).abs().max()) for k in server) < 1e-6
     # and the clip bit: without it the adapters differ
     run_experiment(config_from_dict({"name": "c"}, quick), tmp_path / "plain", progress=False)
-    plain = _adapters(tmp_path / "plain")
+    plain = run_adapters(tmp_path / "plain")
     assert max(float((server[k] - plain[k]).abs().max()) for k in server) > 1e-4
-    assert all(r["client_dp"]["clipped_fraction"] > 0 for r in _rounds(tmp_path / "server"))
+    assert all(r["client_dp"]["clipped_fraction"] > 0 for r in round_records(tmp_path / "server"))
 
 
 def test_client_side_noise_with_secure_aggregation_runs_and_is_accounted(tmp_path, quick):
@@ -78,7 +68,7 @@ def test_client_side_noise_with_secure_aggregation_runs_and_is_accounted(tmp_pat
             "privacy.client.side=client", "secagg.enabled=true"]
     summary = run_experiment(config_from_dict({"name": "d"}, over), tmp_path / "d",
                              progress=False)
-    rounds = _rounds(tmp_path / "d")
+    rounds = round_records(tmp_path / "d")
     assert all(r["outcome"] == "aggregated" and "secagg" in r for r in rounds)
     assert summary["privacy"]["unit"] == "client"
     assert 0 < summary["privacy"]["epsilon"] < float("inf")

@@ -5,20 +5,10 @@ that loses too many clients is skipped with its reason (the model stays)."""
 from __future__ import annotations
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
 from fedumm.runtime.dispatch import run_experiment
-from fedumm.runtime.run_dir import RunDirectory
-
-
-def _adapters(run) -> dict[str, torch.Tensor]:
-    return load_file(str(next((run / "adapters").glob("*.safetensors"))))
-
-
-def _rounds(run) -> list[dict]:
-    return [m for m in RunDirectory(run).metrics() if m["type"] == "round"]
+from makers import round_records, run_adapters
 
 
 @pytest.fixture()
@@ -31,13 +21,13 @@ def test_secure_aggregation_equals_plain_fedavg_within_the_quantisation_step(tmp
     run_experiment(config_from_dict({"name": "p"}, four), tmp_path / "plain", progress=False)
     run_experiment(config_from_dict({"name": "s"}, [*four, "secagg.enabled=true"]),
                    tmp_path / "sec", progress=False)
-    plain, sec = _adapters(tmp_path / "plain"), _adapters(tmp_path / "sec")
+    plain, sec = run_adapters(tmp_path / "plain"), run_adapters(tmp_path / "sec")
     assert plain.keys() == sec.keys()
     # 2 rounds, each within D/2 = 8 / 2^22 of the plain weighted mean (clients reached the
     # second round from slightly different adapters, so allow a small margin on top)
     worst = max(float((plain[k] - sec[k]).abs().max()) for k in plain)
     assert 0 < worst < 1e-4
-    recs = _rounds(tmp_path / "sec")
+    recs = round_records(tmp_path / "sec")
     assert all(r["outcome"] == "aggregated" and r["secagg"]["inputs"] == 4 for r in recs)
     assert all(r["secagg"]["bytes"] for r in recs)
 
@@ -48,7 +38,7 @@ def test_a_dropped_client_is_unmasked_by_the_others_and_too_few_skip_the_round(
     over = [*four, "rounds=6", "secagg.enabled=true", "secagg.threshold=3",
             "faults.dropout=0.25"]
     run_experiment(config_from_dict({"name": "d"}, over), tmp_path / "d", progress=False)
-    recs = _rounds(tmp_path / "d")
+    recs = round_records(tmp_path / "d")
     for r in recs:
         dropped = r.get("dropped", [])
         alive = 4 - len(dropped)
