@@ -53,7 +53,9 @@ LORA = {"LoRA": "lora.aggregation=separate", "FFA": "lora.aggregation=ffa"}  # F
 SAMPLE_CLIP = 1.0  # privacy.sample.max_grad_norm of the sample-level cells
 CLIENT_CLIP = 2.0  # privacy.client.clip of the client-level cells: about the median update
 # norm of this task's clients in round 0 (69% of them clipped at 2, none at 5)
-LARGE_K, LARGE_RATE = 256, 1 / 16  # client-level at a larger population, Poisson sampled
+# client-level at larger populations, Poisson sampled: 1/16 of 256 (as many per round as
+# K=16 has) and 1/4 of 1024 (16x more per round: the noise on the mean falls with them)
+POPULATIONS = ((256, 1 / 16), (1024, 1 / 4))
 
 
 def _malicious(rule: str, frac: float) -> int:
@@ -101,7 +103,7 @@ def dp_cells() -> list[tuple[str, list[str]]]:
                 f"privacy.sample.max_grad_norm={SAMPLE_CLIP}",
                 f"privacy.sample.target_epsilon={eps}"]
             out.append((f"sample-{lora_name}-eps{tag}", [lora, *sample]))
-            for k, rate in ((K, 1.0), (LARGE_K, LARGE_RATE)):
+            for k, rate in ((K, 1.0), *POPULATIONS):
                 pop = [f"clients={k}"] + ([] if rate == 1.0 else [
                     "strategy.sampling=poisson", f"strategy.poisson_rate={rate}",
                     "data.train_scenes=1600", "partition.min_per_client=2"])
@@ -176,7 +178,9 @@ def run_cell(group: str, name: str, overrides: list[str]) -> dict | None:
 
 def run_group(group: str, cells: list[tuple[str, list[str]]], jobs: int) -> None:
     (ROOT / group).mkdir(parents=True, exist_ok=True)
-    (ROOT / group / "cells.json").write_text(json.dumps(dict(cells), indent=1))
+    known = ROOT / group / "cells.json"  # every cell any invocation asked for (the report's)
+    before = json.loads(known.read_text()) if known.is_file() else {}
+    known.write_text(json.dumps({**before, **dict(cells)}, indent=1))
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda c: run_cell(group, *c), cells))
 
@@ -199,26 +203,55 @@ def _mean(values: list[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def robust_table() -> list[str]:
-    cells = json.loads((ROOT / "robust" / "cells.json").read_text()) \
-        if (ROOT / "robust" / "cells.json").is_file() else {}
+def _robust_rows() -> dict[tuple[str, str, str], list[dict]]:
+    """(rule, attack, malicious %) -> the summaries of its finished seeds."""
+    known = ROOT / "robust" / "cells.json"
     rows: dict[tuple[str, str, str], list[dict]] = {}
-    for name in cells:
+    for name in json.loads(known.read_text()) if known.is_file() else {}:
         s = _summary("robust", name)
-        if s is None:
-            continue
-        rule, attack, frac, _ = name.rsplit("-", 3)
-        rows.setdefault((rule, attack, frac), []).append(s)
+        if s is not None:
+            rule, attack, frac, _ = name.rsplit("-", 3)
+            rows.setdefault((rule, attack, frac), []).append(s)
+    return rows
+
+
+def _stat(ss: list[dict], key: str, scale: float = 1.0, digits: int = 1) -> str:
+    """Mean over seeds (and the standard deviation when there are several)."""
+    vals = [scale * s["final"][key] for s in ss if s["final"].get(key) is not None]
+    if not vals:
+        return "n/a"
+    m = sum(vals) / len(vals)
+    if len(vals) == 1:
+        return f"{m:.{digits}f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def robust_table() -> list[str]:
+    """One table per share of malicious clients: rules x attacks, VQA accuracy (GenEval) of
+    the final model; for the backdoor also its success rate (%)."""
+    rows = _robust_rows()
     if not rows:
         return []
-    lines = ["| rule | attack | malicious | VQA | GenEval | backdoor success | runs |",
-             "|---|---|---|---|---|---|---|"]
-    for (rule, attack, frac), ss in rows.items():
-        vqa = _mean([s["final"].get("vqa_accuracy") for s in ss])
-        gen = _mean([s["final"].get("geneval_overall") for s in ss])
-        bd = _mean([s["final"].get("backdoor_success") for s in ss])
-        lines.append(f"| {rule} | {attack} | {frac}% | {_fmt(vqa)} | {_fmt(gen, 3)} | "
-                     f"{_fmt(bd and 100 * bd) if bd is not None else '-'} | {len(ss)} |")
+    rules = list(dict.fromkeys(r for r, _, _ in rows))
+    lines: list[str] = []
+    for frac in ("25", "10"):
+        attacks = [a for a in ATTACKS if any((r, a, frac) in rows for r in rules)]
+        if not attacks:
+            continue
+        lines += [f"**{frac}% malicious** (VQA accuracy / GenEval; no attack: the rule alone)",
+                  "", "| rule | no attack | " + " | ".join(attacks) + " | backdoor success % |",
+                  "|---" * (len(attacks) + 3) + "|"]
+        for rule in rules:
+            cells = [rows.get((rule, "none", "0"))] + [rows.get((rule, a, frac))
+                                                       for a in attacks]
+            text = [f"{_stat(c, 'vqa_accuracy')} / {_stat(c, 'geneval_overall', digits=3)}"
+                    if c else "-" for c in cells]
+            bd = rows.get((rule, "backdoor", frac))
+            lines.append(f"| {rule} | " + " | ".join(text) + " | "
+                         f"{_stat(bd, 'backdoor_success', 100) if bd else '-'} |")
+        seeds = sorted({len(v) for k, v in rows.items() if k[2] == frac})
+        lines += ["", f"(seeds per cell: {', '.join(map(str, seeds))})", ""]
     return lines
 
 
@@ -290,12 +323,16 @@ def main() -> None:
     ap.add_argument("group", choices=[*GROUPS, "report"])
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (robust)")
     ap.add_argument("--jobs", type=int, default=1, help="cells at once")
+    ap.add_argument("--only", default="", help="comma-separated parts of cell names: run the "
+                    "cells whose name holds one, e.g. backdoor-25,scale-25 (robust)")
     args = ap.parse_args()
     if args.group == "report":
         report()
         return
     seeds = [int(s) for s in args.seeds.split(",")]
     cells = GROUPS[args.group](seeds) if args.group == "robust" else GROUPS[args.group]()
+    if args.only:
+        cells = [c for c in cells if any(part in c[0] for part in args.only.split(","))]
     run_group(args.group, cells, args.jobs)
     if args.group == "secagg":  # the protocol alone, at the runs' adapter size
         s = _summary("secagg", "K4-plain")
