@@ -163,3 +163,23 @@ def test_a_run_resumed_after_a_kill_with_dropout_equals_an_uninterrupted_one(
     full, cut = round_records(tmp_path / "full"), round_records(tmp_path / "cut")
     assert len(cut) == 3
     assert [r.get("dropped") for r in full] == [r.get("dropped") for r in cut]
+
+
+def test_the_progress_hears_of_every_job_dropped_ones_included():
+    from fedumm.config import FaultsConfig
+    from fedumm.fl.pipeline import Reply
+    from fedumm.runtime.faults import FaultyTransport
+
+    class Inner:  # answers every job it is given
+        def train(self, rnd, jobs, ccfg, on_reply):
+            out = [Reply(k, b"x") for k in sorted(jobs)]
+            for r in out:
+                on_reply(r)
+            return out
+
+    heard: list[int] = []
+    t = FaultyTransport(Inner(), FaultsConfig(dropout=0.5), seed=0, num_clients=8)
+    replies = t.train(0, {k: b"" for k in range(8)}, {}, lambda r: heard.append(r.client_id))
+    dropped = [k for k in range(8) if drops_out(0, 0, k, 0.5)]
+    assert dropped and sorted(heard) == list(range(8))  # one tick per job
+    assert sorted(r.client_id for r in replies) == sorted(set(range(8)) - set(dropped))

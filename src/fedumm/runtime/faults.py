@@ -35,9 +35,10 @@ from typing import Any
 import numpy as np
 
 from fedumm.config import FaultsConfig
-from fedumm.fl.pipeline import Reply
+from fedumm.fl.pipeline import Reply, ReplyMeta
 
 AGGREGATED, SKIPPED = "aggregated", "skipped"
+DROPPED = "dropped out (faults.dropout)"  # what the progress display is told of a dropout
 # seed words of the fault streams, apart from sampling's (fl/sampling.py) and the trainer's
 _STREAM = 0xFA017
 _DROPOUT, _STRAGGLERS = 1, 2
@@ -121,6 +122,8 @@ class FaultyTransport:
               on_reply: Callable[[Reply], None]) -> list[Reply]:
         kept = {k: p for k, p in jobs.items()
                 if not drops_out(self.seed, rnd, k, self.cfg.dropout)}
+        for k in sorted(set(jobs) - set(kept)):  # a dropped client is done too (progress),
+            on_reply(Reply(k, b"", ReplyMeta(error=DROPPED)))  # but sends nothing back
         replies = self.inner.train(rnd, kept, client_config, on_reply)
         for r in replies:
             if r.client_id in self.slow:
