@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CONFIG = "configs/trust.yaml"
+TABLES = ("<!-- benchmarks/trust.py report -->", "<!-- end of report -->")
 ROOT = Path("runs/trust")
 K = 16
 
@@ -124,7 +125,20 @@ def secagg_cells() -> list[tuple[str, list[str]]]:
     return out
 
 
-GROUPS = {"robust": robust_cells, "dp": dp_cells, "secagg": secagg_cells}
+def base_cells() -> list[tuple[str, list[str]]]:
+    """The frozen base's scores on this task, backdoor triggers included (what every table
+    starts from): one round of a backdoored run, scored before it (round -1)."""
+    return [("frozen", ["eval.base=true", "rounds=1", "attack.kind=backdoor",
+                        "attack.fraction=0.25"])]
+
+
+def frozen_base() -> dict:
+    """The frozen base's VQA, GenEval and backdoor success, or {} before ``base`` ran."""
+    s = _summary("base", "frozen")
+    return (s or {}).get("base", {})
+
+
+GROUPS = {"robust": robust_cells, "dp": dp_cells, "secagg": secagg_cells, "base": base_cells}
 
 
 def protocol_times(length: int, repeats: int = 3) -> list[dict]:
@@ -274,18 +288,29 @@ def dp_table() -> list[str]:
 
 
 def secagg_table() -> list[str]:
-    lines = ["| K | aggregation | s per round (training excluded) | s per round | upload "
-             "bytes per client-round |", "|---|---|---|---|---|"]
+    """Plain against SecAgg+ at K=4 and 16: time per round (all of it, and the server's part:
+    training and evaluation excluded) and bytes each client sends per round (under SecAgg+
+    the protocol's messages: keys, shares, masked vectors)."""
+    lines = ["| K | aggregation | s per round | of which not training | upload bytes per "
+             "client-round | VQA |", "|---|---|---|---|---|---|"]
+    plain: dict[str, tuple[float, float]] = {}
     for name, _ in secagg_cells():
         s = _summary("secagg", name)
         if s is None:
             continue
-        t = s["time"]
-        rounds = s["rounds"]
-        server = (t["wall_s"] - t["client_train_s"] - t["eval_s"]) / rounds
-        lines.append(f"| {name.split('-')[0][1:]} | {name.split('-')[1]} | {server:.3f} | "
-                     f"{(t['wall_s'] - t['eval_s']) / rounds:.2f} | "
-                     f"{s['communication']['upload_bytes_per_client_round']:.0f} |")
+        k, how = name.split("-")
+        t, rounds = s["time"], s["rounds"]
+        per_round = (t["wall_s"] - t["eval_s"]) / rounds
+        up = s["communication"]["upload_bytes_per_client_round"]
+        ratio = ""
+        if how == "plain":
+            plain[k] = (per_round, up)
+        elif k in plain:
+            ratio = (f" ({per_round / plain[k][0]:.2f}x time, {up / plain[k][1]:.3f}x "
+                     "bytes)")
+        lines.append(f"| {k[1:]} | {how}{ratio} | {per_round:.2f} | "
+                     f"{(t['wall_s'] - t['client_train_s'] - t['eval_s']) / rounds:.3f} | "
+                     f"{up:,.0f} | {_fmt(s['final'].get('vqa_accuracy'))} |")
     return lines if len(lines) > 2 else []
 
 
@@ -303,8 +328,56 @@ def protocol_table() -> list[str]:
     return lines
 
 
+def plot_dp(out_dir: Path) -> Path | None:
+    """VQA accuracy against the epsilon spent (inf: no DP, drawn at the right edge), one line
+    per (level, population, adapters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for name, _ in dp_cells():
+        s = _summary("dp", name)
+        if s is None or s["final"].get("vqa_accuracy") is None:
+            continue
+        parts = name.split("-")
+        eps = math.inf if parts[-1] == "epsinf" else float(parts[-1][3:])
+        label = f"{parts[0]}-level, {parts[1] if parts[0] == 'client' else 'K16'}, {parts[-2]}"
+        lines.setdefault(label, []).append((eps, s["final"]["vqa_accuracy"]))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = {1.0: 0, 4.0: 1, 8.0: 2, math.inf: 3}
+    for label, pts in sorted(lines.items()):
+        pts = sorted((xs[e], v) for e, v in pts if e in xs)
+        ax.plot([x for x, _ in pts], [v for _, v in pts], marker="o",
+                linestyle="--" if "FFA" in label else "-", label=label)
+    if (base := frozen_base().get("vqa_accuracy")) is not None:
+        ax.axhline(base, color="grey", linestyle=":", label=f"frozen base ({base:.1f})")
+    ax.set_xticks(list(xs.values()), ["1", "4", "8", "no DP"])
+    ax.set_xlabel("epsilon (privacy.delta = 1/n per client, 1/K for client-level)")
+    ax.set_ylabel("VQA accuracy (%)")
+    ax.set_title("Accuracy against epsilon (ShapesWorld, 4 rounds)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "epsilon.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
 def report() -> Path:
+    if (fig := plot_dp(Path("docs/trust"))) is not None:
+        print(f"plot: {fig}")
     parts = []
+    if base := frozen_base():
+        parts += ["The frozen base: VQA {:.1f}, GenEval {:.3f}, backdoor success {:.1f}% (how "
+                  "often it answers the target or draws the target colour anyway)".format(
+                      base["vqa_accuracy"], base["geneval_overall"],
+                      100 * base["backdoor_success"]), ""]
     for title, table in (("Robust rules x attacks (K=16)", robust_table()),
                          ("Accuracy against epsilon", dp_table()),
                          ("Secure aggregation", secagg_table()),
@@ -314,6 +387,11 @@ def report() -> Path:
     out = Path("runs/bench/trust.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts) + "\n")
+    doc = Path("docs/trust.md")  # the tables between its markers are this report's
+    if doc.is_file() and TABLES[0] in (text := doc.read_text()):
+        head, rest = text.split(TABLES[0], 1)
+        doc.write_text(head + TABLES[0] + "\n" + "\n".join(parts).replace("## ", "### ")
+                       + "\n" + TABLES[1] + rest.split(TABLES[1], 1)[1])
     print(out.read_text())
     return out
 

@@ -4,6 +4,8 @@ that loses too many clients is skipped with its reason (the model stays)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedumm.config import config_from_dict
@@ -29,7 +31,14 @@ def test_secure_aggregation_equals_plain_fedavg_within_the_quantisation_step(tmp
     assert 0 < worst < 1e-4
     recs = round_records(tmp_path / "sec")
     assert all(r["outcome"] == "aggregated" and r["secagg"]["inputs"] == 4 for r in recs)
-    assert all(r["secagg"]["bytes"] for r in recs)
+    # the bytes counted are the protocol's messages (keys, shares, masked uint32 vectors),
+    # not the payloads the simulation hands the server
+    sent = [sum(s["up"] for s in r["secagg"]["bytes"].values()) for r in recs]
+    assert [r["upload_bytes"] for r in recs] == sent
+    length = recs[0]["secagg"]["length"]
+    assert all(b > 4 * 4 * length for b in sent)  # 4 clients' masked vectors and more
+    summary = json.loads((tmp_path / "sec" / "summary.json").read_text())
+    assert summary["communication"]["upload_bytes_per_client_round"] == sum(sent) / 8
 
 
 def test_a_dropped_client_is_unmasked_by_the_others_and_too_few_skip_the_round(

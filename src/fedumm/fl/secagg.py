@@ -52,7 +52,7 @@ from fedumm.fl.strategies.base import Strategy
 from fedumm.fl.updates import ClientUpdate
 
 __all__ = ["Quantizer", "SecAggAbort", "SecureSum", "round_groups", "run_secure_sum",
-           "secure_weighted_mean"]
+           "secure_weighted_mean", "upload_per_client"]
 
 State = dict[str, torch.Tensor]
 AGGREGATE_ID = -1  # the client_id of the round's summed update
@@ -261,3 +261,13 @@ def secure_weighted_mean(rnd: int, updates: Sequence[ClientUpdate], reference: S
                        num_steps=sum(updates[i].num_steps for i in counted),
                        upload_bytes=sum(up for up, _ in res.traffic.values()))
     return upd, record
+
+
+def upload_per_client(record: Mapping) -> list[int]:
+    """What each of a round's clients sent the server under SecAgg+, from the round's
+    :func:`secure_weighted_mean` record: every stage's bytes up (public keys, encrypted
+    shares, masked vectors, unmasking shares), split evenly over the round's clients (a
+    deployment sends these instead of the update payloads)."""
+    total = sum(int(stage["up"]) for stage in record["bytes"].values())
+    n = int(record["clients"])
+    return [total // n + (1 if i < total % n else 0) for i in range(n)]

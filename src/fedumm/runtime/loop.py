@@ -29,6 +29,7 @@ from fedumm.fl.downloads import OUT_OF_SYNC, Downloads
 from fedumm.fl.endpoint import BACKBONE_MISMATCH
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import BACKBONE_FINGERPRINT, SERVER_CONTROL, Pipeline, Reply
+from fedumm.fl.secagg import upload_per_client
 from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import evaluate_states, finish_run, mid_run_eval, round_record
 from fedumm.runtime.faults import AGGREGATED, SKIPPED, arrivals, outcome, with_faults
@@ -218,8 +219,6 @@ class RoundLoop:
         if rejected and acc["first_rejection"] is None:
             acc["first_rejection"] = (f"client {rejected[0]['client']} in round {rnd}: "
                                       f"{rejected[0]['reason']}")
-        if counted:
-            acc["upload"] += [u.upload_bytes for u in updates]
         acc["dropped"] += len(came.dropped)
         acc["late"] += len(came.late)
         seen = self.server.participation(rnd)  # online, sampled (or skipped)
@@ -233,6 +232,12 @@ class RoundLoop:
                 result = f"{SKIPPED}: {exc}"
         record = {**round_record(rnd, selected, updates, count_upload=counted), **absorbed,
                   "outcome": result, **came.record()}
+        uploads = [u.upload_bytes for u in updates]
+        if "secagg" in absorbed:  # what a deployment sends: the protocol's messages
+            uploads = upload_per_client(absorbed["secagg"])
+            record["upload_bytes"] = sum(uploads) if counted else 0
+        if counted:
+            acc["upload"] += uploads
         if result != AGGREGATED:
             acc["skipped_rounds"] += 1
         if spent := privacy_spent(acc, replies, absorbed):
