@@ -264,8 +264,9 @@ def robust_table() -> list[str]:
             bd = rows.get((rule, "backdoor", frac))
             lines.append(f"| {rule} | " + " | ".join(text) + " | "
                          f"{_stat(bd, 'backdoor_success', 100) if bd else '-'} |")
-        seeds = sorted({len(v) for k, v in rows.items() if k[2] == frac})
-        lines += ["", f"(seeds per cell: {', '.join(map(str, seeds))})", ""]
+        seeds = {len(v) for k, v in rows.items() if k[2] in (frac, "0")}
+        lines += ["", "(seeds per cell: " + " or ".join(map(str, sorted(seeds))) + "; "
+                  "mean ± standard deviation where there are several)", ""]
     return lines
 
 
