@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from fedumm.config import config_from_dict
 from fedumm.runtime.dispatch import run_experiment
@@ -72,3 +73,17 @@ def test_client_side_noise_with_secure_aggregation_runs_and_is_accounted(tmp_pat
     assert all(r["outcome"] == "aggregated" and "secagg" in r for r in rounds)
     assert summary["privacy"]["unit"] == "client"
     assert 0 < summary["privacy"]["epsilon"] < float("inf")
+
+
+def test_dp_sgd_in_forked_workers_equals_sequential_training(tmp_path, quick):
+    # the accountant and the noise stream travel in each client's state, whichever process
+    # trains it: the same adapters and the same epsilon
+    dp = [*quick, "privacy.sample.max_grad_norm=1.0"]
+    seq = run_experiment(config_from_dict({"name": "a"}, dp), tmp_path / "seq",
+                         progress=False)
+    par = run_experiment(config_from_dict({"name": "b"}, [*dp, "workers=2",
+                                                          "train.threads=2"]),
+                         tmp_path / "w2", progress=False)
+    a, b = run_adapters(tmp_path / "seq"), run_adapters(tmp_path / "w2")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert seq["privacy"] == par["privacy"] and seq["privacy"]["epsilon"] > 0
