@@ -106,6 +106,10 @@ def test_a_run_with_dropout_logs_the_dropped_clients_and_aggregates_the_rest(
         assert rec["outcome"] == "aggregated" and "rejected" not in rec
         assert rec["participation"]["trained"] == len(kept)
     assert summary["updates"]["rejected"] == 0  # a dropout is not a rejected update
+    dropped = sum(4 - len(_survivors(seed, r, 4, p)) for r in range(2))
+    assert summary["updates"]["dropped"] == dropped and summary["updates"]["late"] == 0
+    assert f"Faults: {dropped} client-round(s) dropped out, 0 late, 0 round(s) skipped" in \
+        (tmp_path / "run" / "report.md").read_text()
 
 
 def test_a_straggler_past_the_deadline_is_late_and_left_out(tmp_path, tiny_overrides):

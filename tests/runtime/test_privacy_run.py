@@ -31,6 +31,8 @@ def test_sample_level_dp_reports_the_largest_client_epsilon(tmp_path, quick):
     p = summary["privacy"]
     assert p["unit"] == "sample" and p["epsilon"] == max(reported)
     assert p == json.loads((tmp_path / "s" / "summary.json").read_text())["privacy"]
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert f"({p['epsilon']:.3g}, {p['delta']:.3g})-DP per sample" in report
     # the second round of each client spent more than its first
     per_client = {}
     for r in rounds:
@@ -43,6 +45,7 @@ def test_a_run_without_dp_reports_no_privacy(tmp_path, quick):
     summary = run_experiment(config_from_dict({"name": "n"}, quick), tmp_path / "n",
                              progress=False)
     assert "privacy" not in summary
+    assert "Differential privacy" not in (tmp_path / "n" / "report.md").read_text()
     assert all("privacy" not in r for r in round_records(tmp_path / "n"))
 
 

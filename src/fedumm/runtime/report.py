@@ -135,6 +135,20 @@ def write_run_report(run_dir: str | Path, out: str | Path | None = None) -> Path
         lines += [f"**{updates['rejected']} of {updates['rejected'] + updates['accepted']} "
                   f"client updates were rejected** (first: {updates['first_rejection']}); "
                   "each has a `rejected` record in `metrics.jsonl`.", ""]
+    lost = {k: updates.get(k) for k in ("dropped", "late", "skipped_rounds")}
+    if any(lost.values()):  # faults: who sent nothing or too late, rounds not aggregated
+        lines += [f"Faults: {lost['dropped'] or 0} client-round(s) dropped out, "
+                  f"{lost['late'] or 0} late, {lost['skipped_rounds'] or 0} round(s) skipped "
+                  "(each round record's `outcome` in `metrics.jsonl` says why).", ""]
+    if privacy := summary.get("privacy"):  # the run's differential-privacy guarantee
+        levels = "; ".join(f"{level}-level epsilon {privacy[level]['epsilon']:.3g} at delta "
+                           f"{privacy[level]['delta']:.3g}" for level in ("sample", "client")
+                           if level in privacy)
+        lines += [f"**Differential privacy:** ({privacy['epsilon']:.3g}, "
+                  f"{privacy['delta']:.3g})-DP per {privacy['unit']} ({levels}).", ""]
+    if fin.get("backdoor_success") is not None:  # a simulated backdoor attack ran
+        lines += [f"Backdoor success (attack.kind=backdoor): {fin['backdoor_success']} "
+                  f"(frozen base: {base.get('backdoor_success', 'n/a')}).", ""]
     if fin.get("vqa_by_family"):
         lines += ["VQA by question family (final vs base):", "", "| family | base | final |",
                   "|---|---|---|"]
