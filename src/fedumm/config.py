@@ -306,6 +306,11 @@ class StrategyConfig:
     robust_norm: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
     robust_multikrum_m: int = field(default=0, metadata=_range(0))
 
+    def least(self, num_clients: int) -> int:
+        """The fewest clients a round may go on with: min_clients, at most the population
+        (min_clients above it asks for everyone, as uniform sampling always did)."""
+        return min(self.min_clients, num_clients)
+
     def per_round(self, num_clients: int) -> int:
         """How many clients uniform sampling asks for per round (at most ``num_clients``)."""
         # The small epsilon stops float error (0.3 * 10 = 3.0000000000000004) adding a client.

@@ -36,6 +36,12 @@ _STREAM = 0x5A3F11
 _ONLINE, _POISSON, _PHASE = 1, 2, 3
 
 
+def too_few(n: int, what: str, least: int) -> str:
+    """Why a round is skipped for having too few ``what`` (clients online or sampled, or
+    updates left after faults: :mod:`fedumm.runtime.faults`), in one wording."""
+    return f"{n} {what}, fewer than strategy.min_clients={least}"
+
+
 @dataclass(frozen=True)
 class Draw:
     """A round's participants and how they were found (for the round record)."""
@@ -87,11 +93,9 @@ def draw(cfg: StrategyConfig, num_clients: int, seed: int, rnd: int) -> Draw:
         n = min(len(up), cfg.per_round(num_clients))
         chosen = np.random.default_rng([seed, rnd]).choice(up, size=n, replace=False)
     clients = sorted(int(i) for i in chosen)
-    # min_clients above the population asks for everyone, as uniform sampling always did
-    least = min(cfg.min_clients, num_clients)
+    least = cfg.least(num_clients)
     short = available if cfg.sampling == UNIFORM else len(clients)
     if short < least:
         why = "online" if cfg.sampling == UNIFORM else "sampled"
-        return Draw([], available, len(clients),
-                    f"{short} client(s) {why}, fewer than strategy.min_clients={least}")
+        return Draw([], available, len(clients), too_few(short, f"client(s) {why}", least))
     return Draw(clients, available, len(clients))

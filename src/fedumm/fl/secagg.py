@@ -152,21 +152,13 @@ def round_groups(strategy: Strategy, reference: State, updates: Sequence[ClientU
     """The adapter groups as :meth:`Strategy.aggregate` sees them: each group's trained keys
     of ``reference`` (frozen keys left out; groups without any left out) and each update's
     weight for it (``strategy.group_weights``; 0 where the update lacks the group)."""
-    keys: dict[str, list[str]] = defaultdict(list)
-    for key in reference:
-        if not strategy.frozen(key):
-            keys[strategy.layout.group_of(key)].append(key)
+    keys: dict[str, list[str]] = {}
     weights: dict[str, list[float]] = {}
-    for group, ks in keys.items():
-        have = [sum(k in u.tensors for k in ks) for u in updates]
-        for u, h in zip(updates, have, strict=True):
-            if h and h != len(ks):
-                raise ValueError(f"client {u.client_id} sent {h} of the {len(ks)} tensors of "
-                                 f"adapter group {group!r}")
-        trained = [u for u, h in zip(updates, have, strict=True) if h]
-        given = iter(strategy.group_weights(group, trained))
-        weights[group] = [float(next(given)) if h else 0.0 for h in have]
-    return dict(keys), weights
+    for group, (ks, trained) in strategy.group_members(reference, list(updates)).items():
+        given = dict(zip(map(id, trained), strategy.group_weights(group, trained), strict=True))
+        keys[group] = ks
+        weights[group] = [float(given.get(id(u), 0.0)) for u in updates]
+    return keys, weights
 
 
 def secure_weighted_mean(rnd: int, updates: Sequence[ClientUpdate], reference: State,

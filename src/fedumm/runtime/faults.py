@@ -36,6 +36,7 @@ import numpy as np
 
 from fedumm.config import FaultsConfig
 from fedumm.fl.pipeline import Reply, ReplyMeta
+from fedumm.fl.sampling import too_few
 
 AGGREGATED, SKIPPED = "aggregated", "skipped"
 DROPPED = "dropped out (faults.dropout)"  # what the progress display is told of a dropout
@@ -59,11 +60,6 @@ def stragglers(seed: int, num_clients: int, fraction: float) -> frozenset[int]:
         return frozenset()
     rng = np.random.default_rng([seed, _STREAM, _STRAGGLERS])
     return frozenset(int(k) for k in rng.choice(num_clients, size=n, replace=False))
-
-
-def too_few(n: int, what: str, least: int) -> str:
-    """Why a round is skipped, as :mod:`fedumm.fl.sampling` words it for clients online."""
-    return f"{n} {what}, fewer than strategy.min_clients={least}"
 
 
 def outcome(accepted: int, least: int, sampling_skip: str | None = None,

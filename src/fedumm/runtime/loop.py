@@ -69,10 +69,8 @@ class RoundLoop:
         self.num_clients = num_clients
         # the simulated faults (runtime/faults.py) sit in front of whichever transport it is
         self.transport = with_faults(transport, cfg.faults, cfg.seed, num_clients)
-        # the fewest updates a round aggregates (min_clients above the population asks for
-        # everyone, as sampling reads it)
-        st = cfg.strategy
-        self.least = min(st.min_clients, num_clients)
+        st = cfg.strategy  # a round aggregates at least st.least(K) updates
+        self.least = st.least(num_clients)
         # a robust rule cannot aggregate fewer than it needs (config checked a full round;
         # dropouts, late replies and rejections can leave fewer): such a round is skipped
         self.robust = (robust_min_clients(st.robust, st.robust_malicious),

@@ -126,6 +126,35 @@ class Strategy:
 
     # -- aggregation ---------------------------------------------------------------------------
 
+    def group_members(self, global_state: State, updates: list[ClientUpdate]
+                      ) -> dict[str, tuple[list[str], list[ClientUpdate]]]:
+        """Each adapter group's trainable keys of ``global_state`` (a group with none is
+        left out) and the updates that trained it, in the state's order.
+
+        Raises
+        ------
+        ValueError
+            If an update has some but not all tensors of a group.
+        """
+        groups: dict[str, list[str]] = defaultdict(list)
+        for key in global_state:
+            groups[self.layout.group_of(key)].append(key)
+        out = {}
+        for group, all_keys in groups.items():
+            keys = [k for k in all_keys if not self.frozen(k)]
+            if not keys:
+                continue
+            trained = []
+            for u in updates:
+                have = sum(k in u.tensors for k in keys)
+                if have and have != len(keys):
+                    raise ValueError(f"client {u.client_id} sent {have} of the {len(keys)} "
+                                     f"tensors of adapter group {group!r}")
+                if have:
+                    trained.append(u)
+            out[group] = (keys, trained)
+        return out
+
     def aggregate(self, rnd: int, global_state: State, updates: list[ClientUpdate]) -> State:
         """The new global adapter state after round ``rnd``.
 
@@ -142,9 +171,6 @@ class Strategy:
         """
         if not self.layout.groups:
             raise ValueError("this strategy was built without the backbone's adapter groups")
-        groups: dict[str, list[str]] = defaultdict(list)
-        for key in global_state:
-            groups[self.layout.group_of(key)].append(key)
         for u in updates:
             unknown = sorted(u.tensors.keys() - global_state.keys())
             if unknown:
@@ -154,18 +180,7 @@ class Strategy:
                                                 self.draw(rnd).available)
 
         new = dict(global_state)
-        for group, all_keys in groups.items():
-            keys = [k for k in all_keys if not self.frozen(k)]
-            if not keys:
-                continue
-            trained = []
-            for u in updates:
-                have = sum(k in u.tensors for k in keys)
-                if have and have != len(keys):
-                    raise ValueError(f"client {u.client_id} sent {have} of the {len(keys)} "
-                                     f"tensors of adapter group {group!r}")
-                if have:
-                    trained.append(u)
+        for group, (keys, trained) in self.group_members(global_state, updates).items():
             weights = self.group_weights(group, trained)
             kept = [(u, w) for u, w in zip(trained, weights, strict=True) if w > 0]
             if not kept:
