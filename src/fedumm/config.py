@@ -305,6 +305,10 @@ class StrategyConfig:
     robust_malicious: int = field(default=1, metadata=_range(0))
     robust_norm: float = field(default=1.0, metadata=_range(0.0, None, lo_open=True))
     robust_multikrum_m: int = field(default=0, metadata=_range(0))
+    # FedSeq's superclients (fedumm.fl.chains): a round's clients drawn into chains of this
+    # many, each member training from the previous one's adapters, the chains aggregated;
+    # 1: every client trains from the global adapters
+    chain: int = field(default=1, metadata=_range(1))
 
     def least(self, num_clients: int) -> int:
         """The fewest clients a round may go on with: min_clients, at most the population
@@ -568,6 +572,7 @@ class Config:
         self._check_privacy()
         self._check_secagg()
         self._check_faults()
+        self._check_chain()
         lr = self.strategy.server_lr
         if folding and lr is not None and lr != 1.0:
             # the folded residual is that of the plain client mean: a server step other than
@@ -714,6 +719,37 @@ class Config:
                               f"noise_multiplier / 2 = {z / 2:g} (Andrew et al.'s z_delta = "
                               f"(z^-2 - (2 sigma_b)^-2)^-1/2); set privacy.client.count_noise "
                               f"above {z / 2:g} or lower privacy.client.noise_multiplier")
+
+    def _check_chain(self) -> None:
+        """What chains of clients (fedumm.fl.chains) cannot serve: whatever needs each
+        client's own update at the server, or one download for every client."""
+        st = self.strategy
+        if st.chain <= 1:
+            return
+        off = "or set strategy.chain=1"
+        if st.name in BASELINE_MODES:
+            raise ConfigError(f"strategy.chain={st.chain} with strategy.name={st.name}: this "
+                              f"baseline has no rounds of several clients to chain; use a "
+                              f"federated strategy, {off}")
+        why = {"scaffold": "keeps a control variate per client, which a chain's one update "
+                           "does not have",
+               "fedexp": "sizes its server step from the clients' own update norms"}
+        if st.name in why:
+            raise ConfigError(f"strategy.chain={st.chain} with strategy.name={st.name}: the "
+                              f"strategy {why[st.name]}; {off}")
+        for key, on in (("strategy.robust", st.robust != "none"),
+                        ("secagg.enabled", self.secagg.enabled),
+                        ("privacy.client.clip", self.privacy.client.clip is not None),
+                        ("lora.client_ranks", bool(self.lora.client_ranks))):
+            if on:
+                raise ConfigError(f"strategy.chain={st.chain} with {key}: it works on each "
+                                  f"client's own update (or rank), and a chain sends the server "
+                                  f"one update for all its members; {off}")
+        if not CODECS.resolve(self.codec.download).lossless:
+            raise ConfigError(f"strategy.chain={st.chain} with codec.download="
+                              f"{self.codec.download}: a lossy download sends changes to one "
+                              f"copy every client holds, and chained clients hold different "
+                              f"ones; use a lossless download codec, {off}")
 
     def _check_secagg(self) -> None:
         """Combinations secure aggregation cannot serve (fedumm.fl.secagg): the server sees

@@ -117,7 +117,10 @@ class ClientStore:
 
     def begin(self, rnd: int) -> None:
         """Round ``rnd`` starts: the previous rounds are checkpointed (fold them in) and what
-        an interrupted attempt of this round wrote is dropped. Round 0 starts empty."""
+        an interrupted attempt of this round wrote is dropped. Round 0 starts empty.
+        Called again in the same round (its next hop of chained clients), nothing changes."""
+        if rnd == self.round:
+            return
         if rnd == 0:
             self.clear()
         for r in self._staged_rounds():

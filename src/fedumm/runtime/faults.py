@@ -85,6 +85,11 @@ class Arrivals:
     late: list[dict[str, Any]] = field(default_factory=list)  # {"client", "time_s"}
     dropped: list[int] = field(default_factory=list)
 
+    def __add__(self, other: Arrivals) -> Arrivals:
+        """Two hops' arrivals of one round (chains of clients, :mod:`fedumm.fl.chains`)."""
+        return Arrivals(self.on_time + other.on_time, self.late + other.late,
+                        sorted(self.dropped + other.dropped))
+
     def record(self) -> dict[str, Any]:
         """The round record's entries (none when every client answered in time)."""
         return {**({"dropped": self.dropped} if self.dropped else {}),

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from fedumm.config import Config, robust_min_clients
 from fedumm.data.fingerprint import data_manifest, describe_change
 from fedumm.fl.answer_calibration import ANSWER_SPACE, answer_space
+from fedumm.fl.chains import draw_chains, hops, merge_chain
 from fedumm.fl.downloads import OUT_OF_SYNC, Downloads
 from fedumm.fl.endpoint import BACKBONE_MISMATCH
 from fedumm.fl.lora_modes import LoraMode
@@ -32,8 +33,8 @@ from fedumm.fl.pipeline import BACKBONE_FINGERPRINT, SERVER_CONTROL, Pipeline, R
 from fedumm.fl.secagg import upload_per_client
 from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import evaluate_states, finish_run, mid_run_eval, round_record
-from fedumm.runtime.faults import AGGREGATED, SKIPPED, arrivals, outcome, with_faults
-from fedumm.runtime.modes import FL, RoundAborted, run_mode, server_for
+from fedumm.runtime.faults import AGGREGATED, SKIPPED, Arrivals, arrivals, outcome, with_faults
+from fedumm.runtime.modes import FL, RoundAborted, State, run_mode, server_for
 from fedumm.runtime.privacy import privacy_spent
 from fedumm.runtime.run_dir import RunDirectory, RunDirError, RunFailedError
 
@@ -186,51 +187,56 @@ class RoundLoop:
         ccfg[BACKBONE_FINGERPRINT] = self.fingerprint  # every client checks the base it holds
         if self.answer_space:
             ccfg[ANSWER_SPACE] = self.answer_space
-        out = self.downloads.prepare(rnd, selected, lambda k: self.server.states[
-            self.server.source(k)], self.server.source, ccfg.pop(SERVER_CONTROL, {}),
-            self.server.residual)
-        jobs, received = out.payloads, out.references
-        counted = self.server.counts_traffic
-        t = time.perf_counter()
-        replies = self.transport.train(rnd, jobs, ccfg, lambda _: self.progress(""))
-        acc["client_train_s"] += time.perf_counter() - t
-        self._check_backbones(rnd, replies)
-        came = arrivals(jobs, replies, self.cfg.faults.deadline_s)  # late, dropped, on time
-        if counted:  # a client that dropped out was sent nothing
-            acc["download"] += [len(jobs[k]) for k in selected if k not in came.dropped]
-        updates: list[ClientUpdate] = []
-        rejected: list[dict] = []
-        for reply in came.on_time:  # by client id: a fixed aggregation order
-            upd = self.pipeline.receive(reply, received[reply.client_id],
-                                        out.starts[reply.client_id]) \
-                if reply.client_id in received else "not selected"
-            if isinstance(upd, str):
-                rejected.append({"client": reply.client_id, "reason": upd})
-            else:
-                updates.append(upd)
-        for r in rejected:
-            self.dir.log({"type": "rejected", "round": rnd, **r})
-        self.downloads.delivered(rnd, [r.client_id for r in replies if r.client_id in received
-                                       and not str(r.meta.error or "").startswith(OUT_OF_SYNC)])
-        acc["accepted"] += len(updates)
-        acc["rejected"] += len(rejected)
-        if rejected and acc["first_rejection"] is None:
-            acc["first_rejection"] = (f"client {rejected[0]['client']} in round {rnd}: "
-                                      f"{rejected[0]['reason']}")
-        acc["dropped"] += len(came.dropped)
-        acc["late"] += len(came.late)
+        control = ccfg.pop(SERVER_CONTROL, {})
+        # strategy.chain > 1: chains of clients trained one after another (fl/chains.py);
+        # else one hop in which every client starts from the global adapters
+        chains = draw_chains(selected, self.cfg.strategy.chain, self.cfg.seed, rnd)
+        heads: dict[int, State] = {}  # chain -> the adapters its next member starts from
+        members: dict[int, list[ClientUpdate]] = {}  # chain -> its accepted members' updates
+        sent: dict[int, State] = {}  # client -> the server model it was sent
+        came, replies, rejected = Arrivals([]), [], []
+        for hop in hops(chains):
+            chain_of = {k: i for i, k in hop}
+            # a member starts from its chain's head; the first (or one after members who
+            # sent nothing usable) from the server's adapters
+            start_of = {k: heads.get(i, self.server.states[self.server.source(k)])
+                        for i, k in hop}
+            key_of = {k: (i if i in heads else None, self.server.source(k)) for i, k in hop}
+            out = self.downloads.prepare(rnd, list(chain_of), start_of.__getitem__,
+                                         key_of.__getitem__, control, self.server.residual)
+            sent.update(out.references)
+            hop_came, hop_replies = self._train(rnd, out.payloads, ccfg, acc)
+            came, replies = came + hop_came, replies + hop_replies
+            for reply in hop_came.on_time:  # by client id: a fixed aggregation order
+                k = reply.client_id
+                upd = self.pipeline.receive(reply, out.references[k], out.starts[k]) \
+                    if k in out.references else "not selected"
+                if isinstance(upd, str):
+                    rejected.append(self._reject(rnd, k, upd, acc))
+                    continue
+                members.setdefault(chain_of[k], []).append(upd)
+                heads[chain_of[k]] = {**heads.get(chain_of[k], out.references[k]),
+                                      **upd.tensors}
+        # by client id: a fixed aggregation order (a chain by its first member's)
+        trained = sorted((u for m in members.values() for u in m), key=lambda u: u.client_id)
+        acc["accepted"] += len(trained)
+        updates = trained if self.cfg.strategy.chain <= 1 else \
+            sorted((merge_chain(m) for m in members.values()), key=lambda u: u.client_id)
         seen = self.server.participation(rnd)  # online, sampled (or skipped)
         # too few updates left (dropouts, late replies, rejections): the global model stays
-        result = outcome(len(updates), self.least, seen.get("skipped"), self.robust)
+        result = outcome(len(trained), self.least, seen.get("skipped"), self.robust)
         absorbed: dict[str, Any] = {}
         if result == AGGREGATED:
             try:
-                absorbed = self.server.absorb(rnd, updates, received)
+                # a chain's first member started from the global adapters: its update and
+                # so the chain's apply to them
+                absorbed = self.server.absorb(rnd, updates, sent)
             except RoundAborted as exc:  # secure aggregation lost too many clients
                 result = f"{SKIPPED}: {exc}"
-        record = {**round_record(rnd, selected, updates, count_upload=counted), **absorbed,
+        counted = self.server.counts_traffic
+        record = {**round_record(rnd, selected, trained, count_upload=counted), **absorbed,
                   "outcome": result, **came.record()}
-        uploads = [u.upload_bytes for u in updates]
+        uploads = [u.upload_bytes for u in trained]
         if "secagg" in absorbed:  # what a deployment sends: the protocol's messages
             uploads = upload_per_client(absorbed["secagg"])
             record["upload_bytes"] = sum(uploads) if counted else 0
@@ -243,8 +249,36 @@ class RoundLoop:
         if rejected:
             record["rejected"] = rejected
         if seen:
-            record["participation"] = {**seen, "trained": len(updates)}
+            record["participation"] = {**seen, "trained": len(trained)}
+        if self.cfg.strategy.chain > 1:
+            record["chains"] = chains
         self.dir.log(record)
+
+    def _train(self, rnd: int, jobs: dict[int, bytes], ccfg: dict[str, Any], acc: dict
+               ) -> tuple[Arrivals, list[Reply]]:
+        """Send ``jobs`` and sort the replies (on time, late, dropped); count the time, the
+        download bytes and the faults, and note who now holds which download."""
+        t = time.perf_counter()
+        replies = self.transport.train(rnd, jobs, ccfg, lambda _: self.progress(""))
+        acc["client_train_s"] += time.perf_counter() - t
+        self._check_backbones(rnd, replies)
+        came = arrivals(jobs, replies, self.cfg.faults.deadline_s)  # late, dropped, on time
+        if self.server.counts_traffic:  # a client that dropped out was sent nothing
+            acc["download"] += [len(jobs[k]) for k in jobs if k not in came.dropped]
+        self.downloads.delivered(rnd, [r.client_id for r in replies if r.client_id in jobs
+                                       and not str(r.meta.error or "").startswith(OUT_OF_SYNC)])
+        acc["dropped"] += len(came.dropped)
+        acc["late"] += len(came.late)
+        return came, replies
+
+    def _reject(self, rnd: int, client: int, reason: str, acc: dict) -> dict[str, Any]:
+        """Leave client ``client``'s reply out of round ``rnd``, logged with its reason."""
+        entry = {"client": client, "reason": reason}
+        self.dir.log({"type": "rejected", "round": rnd, **entry})
+        acc["rejected"] += 1
+        if acc["first_rejection"] is None:
+            acc["first_rejection"] = f"client {client} in round {rnd}: {reason}"
+        return entry
 
     def _check_backbones(self, rnd: int, replies: list[Reply]) -> None:
         """Fail the run on a client that refused the server's backbone: a different base is
