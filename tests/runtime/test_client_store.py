@@ -69,6 +69,18 @@ def test_a_round_is_visible_once_checkpointed_and_dropped_if_it_never_was(tmp_pa
     assert torch.equal(again.get(7)["c"], torch.full((2,), 2.0))
 
 
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_rounds_later_hops_keep_what_its_earlier_hops_staged(tmp_path, on_disk):
+    store = ClientStore(tmp_path / "cs" if on_disk else None)
+    for rnd in (0, 1):  # round 0 would clear, round 1 would drop, a first begin
+        store.begin(rnd)
+        store.put(rnd, 3, {"c": torch.full((1,), float(rnd))})  # hop 0 of a chain
+        store.begin(rnd)  # hop 1 of the same round
+        store.put(rnd, 4, {"c": torch.full((1,), 10.0 + rnd)})
+    store.finish()
+    assert [float(store.get(k)["c"]) for k in (3, 4)] == [1.0, 11.0]
+
+
 def test_no_state_no_file(tmp_path):
     store = ClientStore(tmp_path / "cs")
     store.begin(0)
