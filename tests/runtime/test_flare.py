@@ -41,6 +41,8 @@ def _processes_mentioning(text: str) -> list[str]:
     pytest.param(["strategy.name=fedavg"], id="fedavg"),
     pytest.param(["strategy.name=fedumm", "codec=bfloat16"], id="fedumm-bf16"),
     pytest.param(["strategy.name=fedavg", "codec=int8"], id="fedavg-int8"),
+    # chains: several hops (transport calls) per round, each member from the one before
+    pytest.param(["strategy.name=fedavg", "clients=4", "strategy.chain=2"], id="chains"),
     pytest.param(["strategy.name=scaffold"], id="scaffold", marks=pytest.mark.slow),
     pytest.param(["strategy.name=fedadam", "strategy.fraction=0.5"], id="fedadam-sampled",
                  marks=pytest.mark.slow),
