@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from safetensors.torch import load_file
 
 from fedumm.config import config_from_dict
@@ -9,10 +10,15 @@ from fedumm.runtime.dispatch import run_experiment
 from fedumm.runtime.run_dir import RunDirectory
 
 
-def test_parallel_workers_equal_sequential_training(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("extra", [
     # SCAFFOLD and error feedback keep client state; dropout draws from torch's RNG
-    extra = ["clients=3", "strategy.name=scaffold", "codec.upload=topk:0.1+int8",
-             "lora.dropout=0.1", "eval.every=0"]
+    pytest.param(["clients=3", "strategy.name=scaffold", "codec.upload=topk:0.1+int8",
+                  "lora.dropout=0.1", "eval.every=0"], id="scaffold-topk"),
+    # chains: each hop's members trained at once, a round's client states kept across hops
+    pytest.param(["clients=4", "strategy.chain=2", "codec.upload=topk:0.1+int8",
+                  "lora.dropout=0.1", "eval.every=0"], id="chains-topk"),
+])
+def test_parallel_workers_equal_sequential_training(tmp_path, tiny_overrides, extra):
     seq = run_experiment(config_from_dict({"name": "s"}, [*tiny_overrides, *extra,
                                                           "train.threads=1"]),
                          tmp_path / "seq", progress=False)
