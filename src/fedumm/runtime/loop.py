@@ -8,7 +8,9 @@ on; a client that dropped out or answered after ``faults.deadline_s`` is logged 
 left out, :mod:`fedumm.runtime.faults`; a client that refuses the server's backbone fails the
 run); the server state aggregates if at least ``strategy.min_clients`` updates are left, else
 the round is skipped (each round record's ``outcome``); then evaluation, the log and a
-checkpoint. The runtime is
+checkpoint. With ``strategy.chain`` > 1 (:mod:`fedumm.fl.chains`) a round runs in hops: hop h
+sends each chain's latest adapters to its h-th member, and the strategy aggregates one update
+per chain. The runtime is
 only the transport: ``local`` runs the clients in this process, ``flare`` sends the payloads
 through NVIDIA FLARE. Bytes counted are the lengths of the payloads that travel.
 """
