@@ -307,7 +307,8 @@ class StrategyConfig:
     robust_multikrum_m: int = field(default=0, metadata=_range(0))
     # FedSeq's superclients (fedumm.fl.chains): a round's clients drawn into chains of this
     # many, each member training from the previous one's adapters, the chains aggregated;
-    # 1: every client trains from the global adapters
+    # 1: every client trains from the global adapters. The baselines (centralized, local)
+    # ignore it
     chain: int = field(default=1, metadata=_range(1))
 
     def least(self, num_clients: int) -> int:
@@ -727,10 +728,8 @@ class Config:
         if st.chain <= 1:
             return
         off = "or set strategy.chain=1"
-        if st.name in BASELINE_MODES:
-            raise ConfigError(f"strategy.chain={st.chain} with strategy.name={st.name}: this "
-                              f"baseline has no rounds of several clients to chain; use a "
-                              f"federated strategy, {off}")
+        if st.name in BASELINE_MODES:  # their clients are never chained: one config serves
+            return  # the federated run and its baselines
         why = {"scaffold": "keeps a control variate per client, which a chain's one update "
                            "does not have",
                "fedexp": "sizes its server step from the clients' own update norms"}

@@ -48,7 +48,6 @@ def test_a_chain_sends_its_last_adapters_with_its_members_samples_summed():
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (["strategy.name=centralized"], "this baseline has no rounds"),
     (["strategy.name=scaffold"], "control variate per client"),
     (["strategy.name=fedexp"], "update norms"),
     (["strategy.robust=median", "clients=4"], "strategy.robust"),

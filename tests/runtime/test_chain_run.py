@@ -119,3 +119,17 @@ def test_chains_of_one_are_the_plain_round(tmp_path, tiny_overrides):
     a, b = run_adapters(tmp_path / "plain"), run_adapters(tmp_path / "one")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "chains" not in round_records(tmp_path / "one")[0]
+
+
+def test_the_baselines_ignore_chains(tmp_path, tiny_overrides):
+    # one config serves a chained federated run and its centralized / local baselines
+    for name in ("centralized", "local"):
+        base = [*tiny_overrides, f"strategy.name={name}", "clients=4", "eval.base=false"]
+        run_experiment(config_from_dict({"name": "b"}, base), tmp_path / name,
+                       progress=False)
+        run_experiment(config_from_dict({"name": "b"}, [*base, "strategy.chain=4"]),
+                       tmp_path / f"{name}_chained", progress=False)
+        rec = round_records(tmp_path / f"{name}_chained")[0]
+        assert "chains" not in rec
+        a, b = run_adapters(tmp_path / name), run_adapters(tmp_path / f"{name}_chained")
+        assert all(torch.equal(a[k], b[k]) for k in a), name

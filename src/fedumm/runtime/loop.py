@@ -81,6 +81,8 @@ class RoundLoop:
                        f"{st.robust_malicious}") \
             if st.robust != "none" and run_mode(cfg) == FL else None
         self.fingerprint = fingerprint
+        # clients per chain (fl/chains.py); the baselines' clients are never chained
+        self.chain = st.chain if run_mode(cfg) == FL else 1
         self.progress = progress or (lambda _: None)
         self.server = server_for(cfg, strategy, adapters, adapters.state(), num_clients)
         self.pipeline = Pipeline.from_config(cfg)
@@ -192,7 +194,7 @@ class RoundLoop:
         control = ccfg.pop(SERVER_CONTROL, {})
         # strategy.chain > 1: chains of clients trained one after another (fl/chains.py);
         # else one hop in which every client starts from the global adapters
-        chains = draw_chains(selected, self.cfg.strategy.chain, self.cfg.seed, rnd)
+        chains = draw_chains(selected, self.chain, self.cfg.seed, rnd)
         heads: dict[int, State] = {}  # chain -> the adapters its next member starts from
         members: dict[int, list[ClientUpdate]] = {}  # chain -> its accepted members' updates
         sent: dict[int, State] = {}  # client -> the server model it was sent
@@ -222,7 +224,7 @@ class RoundLoop:
         # by client id: a fixed aggregation order (a chain by its first member's)
         trained = sorted((u for m in members.values() for u in m), key=lambda u: u.client_id)
         acc["accepted"] += len(trained)
-        updates = trained if self.cfg.strategy.chain <= 1 else \
+        updates = trained if self.chain <= 1 else \
             sorted((merge_chain(m) for m in members.values()), key=lambda u: u.client_id)
         seen = self.server.participation(rnd)  # online, sampled (or skipped)
         # too few updates left (dropouts, late replies, rejections): the global model stays
@@ -252,7 +254,7 @@ class RoundLoop:
             record["rejected"] = rejected
         if seen:
             record["participation"] = {**seen, "trained": len(trained)}
-        if self.cfg.strategy.chain > 1:
+        if self.chain > 1:
             record["chains"] = chains
         self.dir.log(record)
 
