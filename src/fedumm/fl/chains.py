@@ -18,7 +18,9 @@ the chains are drawn at random each round, seeded, so no client reveals its labe
 
 The round loop (:mod:`fedumm.runtime.loop`) trains chains hop by hop: hop h sends each
 chain's current adapters to its h-th member. A member that drops out, is late or is rejected
-is passed over: the next member starts from the adapters before it.
+is passed over: the next member starts from the adapters before it. A member's client hooks
+see what it was sent as its start: FedProx's proximal term pulls it toward the previous
+member's adapters, not the round's global ones.
 """
 
 from __future__ import annotations
