@@ -191,36 +191,10 @@ class RoundLoop:
         ccfg[BACKBONE_FINGERPRINT] = self.fingerprint  # every client checks the base it holds
         if self.answer_space:
             ccfg[ANSWER_SPACE] = self.answer_space
-        control = ccfg.pop(SERVER_CONTROL, {})
         # strategy.chain > 1: chains of clients trained one after another (fl/chains.py);
         # else one hop in which every client starts from the global adapters
         chains = draw_chains(selected, self.chain, self.cfg.seed, rnd)
-        heads: dict[int, State] = {}  # chain -> the adapters its next member starts from
-        members: dict[int, list[ClientUpdate]] = {}  # chain -> its accepted members' updates
-        sent: dict[int, State] = {}  # client -> the server model it was sent
-        came, replies, rejected = Arrivals([]), [], []
-        for hop in hops(chains):
-            chain_of = {k: i for i, k in hop}
-            # a member starts from its chain's head; the first (or one after members who
-            # sent nothing usable) from the server's adapters
-            start_of = {k: heads.get(i, self.server.states[self.server.source(k)])
-                        for i, k in hop}
-            key_of = {k: (i if i in heads else None, self.server.source(k)) for i, k in hop}
-            out = self.downloads.prepare(rnd, list(chain_of), start_of.__getitem__,
-                                         key_of.__getitem__, control, self.server.residual)
-            sent.update(out.references)
-            hop_came, hop_replies = self._train(rnd, out.payloads, ccfg, acc)
-            came, replies = came + hop_came, replies + hop_replies
-            for reply in hop_came.on_time:  # by client id: a fixed aggregation order
-                k = reply.client_id
-                upd = self.pipeline.receive(reply, out.references[k], out.starts[k]) \
-                    if k in out.references else "not selected"
-                if isinstance(upd, str):
-                    rejected.append(self._reject(rnd, k, upd, acc))
-                    continue
-                members.setdefault(chain_of[k], []).append(upd)
-                heads[chain_of[k]] = {**heads.get(chain_of[k], out.references[k]),
-                                      **upd.tensors}
+        members, sent, came, replies, rejected = self._hops(rnd, chains, ccfg, acc)
         # by client id: a fixed aggregation order (a chain by its first member's)
         trained = sorted((u for m in members.values() for u in m), key=lambda u: u.client_id)
         acc["accepted"] += len(trained)
@@ -257,6 +231,41 @@ class RoundLoop:
         if self.chain > 1:
             record["chains"] = chains
         self.dir.log(record)
+
+    def _hops(self, rnd: int, chains: list[list[int]], ccfg: dict[str, Any], acc: dict
+              ) -> tuple[dict[int, list[ClientUpdate]], dict[int, State], Arrivals,
+                         list[Reply], list[dict[str, Any]]]:
+        """Train round ``rnd``'s chains hop by hop. Returns each chain's accepted members'
+        updates (by chain index), the server model each client was sent, the arrivals, the
+        replies and the rejected ones."""
+        control = ccfg.pop(SERVER_CONTROL, {})
+        heads: dict[int, State] = {}  # chain -> the adapters its next member starts from
+        members: dict[int, list[ClientUpdate]] = {}
+        sent: dict[int, State] = {}
+        came, replies, rejected = Arrivals([]), [], []
+        for hop in hops(chains):
+            chain_of = {k: i for i, k in hop}
+            # a member starts from its chain's head; the first (or one after members who
+            # sent nothing usable) from the server's adapters
+            start_of = {k: heads.get(i, self.server.states[self.server.source(k)])
+                        for i, k in hop}
+            key_of = {k: (i if i in heads else None, self.server.source(k)) for i, k in hop}
+            out = self.downloads.prepare(rnd, list(chain_of), start_of.__getitem__,
+                                         key_of.__getitem__, control, self.server.residual)
+            sent.update(out.references)
+            hop_came, hop_replies = self._train(rnd, out.payloads, ccfg, acc)
+            came, replies = came + hop_came, replies + hop_replies
+            for reply in hop_came.on_time:  # by client id: a fixed aggregation order
+                k = reply.client_id
+                upd = self.pipeline.receive(reply, out.references[k], out.starts[k]) \
+                    if k in out.references else "not selected"
+                if isinstance(upd, str):
+                    rejected.append(self._reject(rnd, k, upd, acc))
+                    continue
+                members.setdefault(chain_of[k], []).append(upd)
+                heads[chain_of[k]] = {**heads.get(chain_of[k], out.references[k]),
+                                      **upd.tensors}
+        return members, sent, came, replies, rejected
 
     def _train(self, rnd: int, jobs: dict[int, bytes], ccfg: dict[str, Any], acc: dict
                ) -> tuple[Arrivals, list[Reply]]:
