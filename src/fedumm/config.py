@@ -725,11 +725,10 @@ class Config:
         """What chains of clients (fedumm.fl.chains) cannot serve: whatever needs each
         client's own update at the server, or one download for every client."""
         st = self.strategy
-        if st.chain <= 1:
+        # the baselines' clients are never chained: one config serves a run and its baselines
+        if st.chain <= 1 or st.name in BASELINE_MODES:
             return
         off = "or set strategy.chain=1"
-        if st.name in BASELINE_MODES:  # their clients are never chained: one config serves
-            return  # the federated run and its baselines
         why = {"scaffold": "keeps a control variate per client, which a chain's one update "
                            "does not have",
                "fedexp": "sizes its server step from the clients' own update norms"}
