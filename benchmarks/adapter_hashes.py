@@ -1,10 +1,11 @@
 """Hashes of the adapters a set of runs ends with: the check that a refactor changes no number.
 
-Runs 12 micro configs (the test suite's micro reference model, seconds each) covering every
+Runs 14 micro configs (the test suite's micro reference model, seconds each) covering every
 strategy, the baselines, the LoRA modes, heterogeneous ranks, lossy and sparse codecs with
-error feedback, modality scenarios and forked workers, and optionally the quickstart at one
-thread; prints per run one SHA-256 over the exported adapter tensors (sorted names, raw bytes)
-and the exact-aggregation residual where there is one, and one over the logged numbers (per
+error feedback, modality scenarios, forked workers and secure aggregation with dropouts, and
+optionally the quickstart at one thread; prints per run one SHA-256 over the exported adapter
+tensors (sorted names, raw bytes) and the exact-aggregation residual where there is one, and one
+over the logged numbers (per
 round: losses, quality, steps, bytes, aggregation errors, rejections; evaluations; the
 summary's traffic). Run it before and after a change and
 compare the two JSON files:
@@ -48,6 +49,8 @@ MICRO: dict[str, list[str]] = {
     "centralized": ["strategy.name=centralized"],
     "workers2_missing": ["workers=2", "partition.scenario=missing_modality",
                          "partition.missing_rate=0.5"],
+    "secagg_dropout": ["secagg.enabled=true", "clients=4", "rounds=3", "faults.dropout=0.3",
+                       "secagg.threshold=2", "strategy.name=fedadam", "strategy.server_lr=0.01"],
 }
 
 QUICKSTART = ["configs/quickstart.yaml", "train.threads=1"]

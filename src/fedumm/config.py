@@ -756,10 +756,6 @@ class Config:
         if not sa.enabled:
             return
         off = "or set secagg.enabled=false"
-        if self.runtime != "local":
-            raise ConfigError(f"secagg.enabled with runtime={self.runtime}: secure aggregation "
-                              f"runs in the local runtime only, FLARE runs are not supported "
-                              f"yet; use runtime=local, {off}")
         if st.name in BASELINE_MODES:
             raise ConfigError(f"secagg.enabled with strategy.name={st.name}: this baseline "
                               f"aggregates nothing; use a federated strategy, {off}")

@@ -282,7 +282,6 @@ ON = "secagg.enabled=true"
     (["strategy.name=scaffold"], "strategy.name=scaffold"),
     (["strategy.name=fedexp"], "strategy.name=fedexp"),
     (["strategy.name=local"], "strategy.name=local"),
-    (["runtime=flare-sim"], "FLARE runs are not supported yet"),
     (["clients=4", "secagg.threshold=5"], "5 shares.*among 4 clients"),
     (["clients=10", "strategy.clients_per_round=3", "secagg.threshold=4"], "among 3 clients"),
     (["clients=10", "secagg.neighbours=2", "secagg.threshold=4"], "among 3 clients"),
@@ -298,6 +297,7 @@ def test_config_refuses_what_secagg_cannot_serve(overrides, match) -> None:
 
 @pytest.mark.parametrize("overrides", [[], ["strategy.name=fedadam"], ["strategy.name=fedprox"],
                                        ["codec.download=int8"], ["lora.aggregation=ffa"],
-                                       ["clients=8", "secagg.threshold=8"]])
+                                       ["clients=8", "secagg.threshold=8"],
+                                       ["runtime=flare-sim"]])
 def test_config_accepts_what_secagg_serves(overrides) -> None:
     assert load_config(None, [ON, *overrides]).secagg.enabled

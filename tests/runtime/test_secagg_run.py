@@ -62,3 +62,44 @@ def test_a_dropped_client_is_unmasked_by_the_others_and_too_few_skip_the_round(
     assert any(r["outcome"] == "aggregated" and r.get("dropped") for r in recs)
     skipped = [r for r in recs if r["outcome"] != "aggregated"]
     assert skipped and all("fewer than the threshold 3" in r["outcome"] for r in skipped)
+
+
+def test_a_sealed_reply_keeps_the_update_on_the_client(tiny_overrides):
+    """Over a real transport the client runs the pipeline's server halves itself and keeps
+    the values; the server gets their keys only, as tensors that cannot be read."""
+    import torch
+
+    from fedumm.fl import codecs as codec
+    from fedumm.fl.pipeline import SEALED
+    from fedumm.runtime.experiment import (
+        build_adapters,
+        client_datasets,
+        client_endpoint,
+        load_backbone,
+    )
+
+    cfg = config_from_dict({"name": "s"}, [*tiny_overrides, "secagg.enabled=true"])
+    backbone = load_backbone(cfg)
+    adapters = build_adapters(cfg, backbone)
+    client = client_datasets(cfg, backbone)[0][0]
+    start = adapters.state()
+    payload = codec.encode(start, "float32")
+    plain, _ = client_endpoint(cfg, adapters).handle(client, 0, payload, {}, None)
+    held = []
+    sealed, _ = client_endpoint(cfg, adapters).handle_sealed(
+        client, 0, payload, {}, None, hold=lambda values, begun: held.append((values, begun)))
+    endpoint = client_endpoint(cfg, adapters)
+    server_view = endpoint.pipeline.receive(plain, start)  # what an open server decodes
+    (values, begun), = held
+    assert values.keys() == server_view.tensors.keys()
+    assert all(torch.equal(values[k], server_view.tensors[k]) for k in values)
+    assert all(torch.equal(begun[k], start[k]) for k in start)
+    assert sealed.payload == b"" and sealed.meta.form == SEALED
+    assert sealed.meta.keys == sorted(values) and sealed.meta.num_samples == \
+        plain.meta.num_samples
+    shell = endpoint.pipeline.receive(sealed, start)
+    assert shell.tensors.keys() == values.keys() and shell.num_samples == plain.meta.num_samples
+    k = next(iter(shell.tensors))
+    assert shell.tensors[k].is_meta
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        shell.tensors[k].tolist()

@@ -4,6 +4,8 @@ train with the algorithm's client hooks, and send the update through the pipelin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from fedumm.fl.client import ClientData, ClientTrainer
@@ -13,10 +15,12 @@ from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import (
     BACKBONE_FINGERPRINT,
     CONTROL_DELTA,
+    SEALED,
     SERVER_CONTROL,
     Pipeline,
     Reply,
     ReplyMeta,
+    State,
     Upload,
 )
 from fedumm.fl.strategies import Strategy
@@ -71,16 +75,43 @@ class ClientEndpoint:
     def handle(self, client: ClientData, rnd: int, payload: bytes,
                client_config: dict[str, Any], client_state: dict | None
                ) -> tuple[Reply, dict]:
+        reply, client_state, _ = self._serve(client, rnd, payload, client_config, client_state)
+        return reply, client_state
+
+    def handle_sealed(self, client: ClientData, rnd: int, payload: bytes,
+                      client_config: dict[str, Any], client_state: dict | None,
+                      hold: Callable[[State, State], None]) -> tuple[Reply, dict]:
+        """:meth:`handle` for secure aggregation over a real transport (:mod:`fedumm.fl.secagg`):
+        the update stays here. The pipeline's server halves run on this client, against the
+        adapters it started from, so it is checked and decoded as the server would; its values
+        and that start go to ``hold``, and the reply carries its meta and tensor keys only
+        (:data:`SEALED`), or the reason the update is left out."""
+        reply, client_state, start = self._serve(client, rnd, payload, client_config,
+                                                 client_state)
+        if reply.meta.error or start is None:
+            return reply, client_state
+        upd = self.pipeline.receive(reply, start)
+        if isinstance(upd, str):
+            return Reply(client.client_id, b"", replace(reply.meta, error=upd)), client_state
+        hold(upd.tensors, start)
+        meta = replace(reply.meta, form=SEALED, keys=sorted(upd.tensors), has_control=False)
+        return Reply(client.client_id, b"", meta), client_state
+
+    def _serve(self, client: ClientData, rnd: int, payload: bytes,
+               client_config: dict[str, Any], client_state: dict | None
+               ) -> tuple[Reply, dict, State | None]:
+        """The round's reply, the client state after it and the adapters the client started
+        from (None when it did not train)."""
         client_state = dict(client_state or {})
         wanted = client_config.get(BACKBONE_FINGERPRINT)
         if wanted is not None and wanted != self.fingerprint:  # before anything is touched
             meta = ReplyMeta(num_samples=client.num_samples, error=self.mismatch(wanted))
-            return Reply(client.client_id, b"", meta), client_state
+            return Reply(client.client_id, b"", meta), client_state, None
         try:  # a lossy download is a change of the copy this client holds
             down = receive(payload, client_state, self.initial)
         except OutOfSync as exc:
             meta = ReplyMeta(num_samples=client.num_samples, error=str(exc))
-            return Reply(client.client_id, b"", meta), client_state
+            return Reply(client.client_id, b"", meta), client_state, None
         ad = self.trainer.adapters
         if down.residual:  # exact LoRA aggregation: the frozen weights carry the residual
             ad.fold_residuals(down.residual)
@@ -89,7 +120,7 @@ class ClientEndpoint:
         state = self.lora.restore(down.state, {k: p.detach() for k, p in ad.params.items()})
         if not client.groups_with_data(ad):  # nothing it could train
             meta = ReplyMeta(num_samples=client.num_samples, error="no training data")
-            return Reply(client.client_id, b"", meta), client_state
+            return Reply(client.client_id, b"", meta), client_state, None
         t = time.perf_counter()
         upd, client_state = self.trainer.train(client, state, rnd,
                                                self.hooks(client, ccfg), client_state)
@@ -98,4 +129,4 @@ class ClientEndpoint:
                          train_s=time.perf_counter() - t)
         up = Upload(client.client_id, upd.tensors, upd.extra.get(CONTROL_DELTA, {}), state,
                     meta, client_state, rank=self.lora.rank_of(client.client_id), round=rnd)
-        return self.pipeline.send(up), up.client_state
+        return self.pipeline.send(up), up.client_state, state

@@ -48,6 +48,10 @@ CLIENT_CONFIG = "client_config"  # the FLARE task meta key of the strategy's cli
 # client_config key: the server's frozen-backbone fingerprint, which every client checks
 BACKBONE_FINGERPRINT = "backbone_fingerprint"
 VALUES, DELTA = "values", "delta"  # the forms an update travels in (ReplyMeta.form)
+# ReplyMeta.form of an update that stays on the client (secure aggregation over a transport)
+SEALED = "sealed"
+SECAGG_STAGE = "secagg_stage"  # the FLARE task meta key of a secure aggregation stage
+SECAGG_ANSWER = "secagg_answer"  # the FLARE reply meta key of a stage answer's settings
 
 # the client-side order of the stages; the server runs them in reverse. ``attack`` (a
 # simulated malicious client, fedumm.fl.attacks) comes first: it changes the update as formed;
@@ -69,6 +73,7 @@ class ReplyMeta:
     has_control: bool = False  # the payload carries CONTROL tensors
     form: str = VALUES  # VALUES: trained adapter values; DELTA: trained minus received
     rank: int | None = None  # a lower-rank client: its LoRA tensors are truncated
+    keys: list[str] | None = None  # SEALED: the tensor keys of the update the client holds
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,6 +163,10 @@ class Pipeline:
         meta = reply.meta
         if meta.error:
             return str(meta.error)
+        if meta.form == SEALED:  # the client checked it and keeps the values for SecAgg+
+            return ClientUpdate(reply.client_id, sealed_tensors(meta.keys or []),
+                                dict(meta.num_samples), dict(meta.quality),
+                                int(meta.num_steps), dict(meta.metrics), {}, len(reply.payload))
         up = Upload(reply.client_id, {}, {}, reference, meta, payload=reply.payload,
                     start=None if start is reference else start)
         for stage in reversed(self.stages):
@@ -168,6 +177,13 @@ class Pipeline:
         return ClientUpdate(reply.client_id, up.tensors, dict(meta.num_samples),
                             dict(meta.quality), int(meta.num_steps), dict(meta.metrics), extra,
                             len(reply.payload))
+
+
+def sealed_tensors(keys: list[str]) -> State:
+    """A sealed update's tensors as the server holds them: its keys only, each an empty
+    tensor on the ``meta`` device, so that reading a value fails loudly instead of
+    aggregating zeros."""
+    return {k: torch.empty(0, device="meta") for k in keys}
 
 
 # ------------------------------------------------------------------ payload layout

@@ -36,6 +36,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,16 +44,19 @@ import torch
 from fedumm.config import SecAggConfig
 from fedumm.fl.secure_sum import (
     MODULUS_BITS,
+    InProcessParties,
     SecAggAbort,
-    SecAggClient,
-    SecAggServer,
+    SecAggParties,
+    SecAggSite,
+    SecureSum,
+    SecureSumRound,
     neighbour_graph,
 )
 from fedumm.fl.strategies.base import Strategy
 from fedumm.fl.updates import ClientUpdate
 
-__all__ = ["Quantizer", "SecAggAbort", "SecureSum", "round_groups", "run_secure_sum",
-           "secure_weighted_mean", "upload_per_client"]
+__all__ = ["Quantizer", "SecAggAbort", "SecureRound", "SecureSum", "client_input",
+           "round_groups", "run_secure_sum", "secure_weighted_mean", "upload_per_client"]
 
 State = dict[str, torch.Tensor]
 AGGREGATE_ID = -1  # the client_id of the round's summed update
@@ -97,54 +101,29 @@ class Quantizer:
         return total.astype(np.float64) * self.step - n * self.clip_range
 
 
-@dataclass
-class SecureSum:
-    """What one SecAgg+ round gives the server: the sum of U3's vectors, and its cost."""
-
-    total: np.ndarray  # uint32, mod 2^32
-    inputs: frozenset[int]  # U3: the clients whose vector is in the total
-    traffic: dict[str, list[int]]  # stage -> [bytes up, bytes down]
-    seconds: dict[str, float]
-
-
 def run_secure_sum(rnd: int, clients: Sequence[int], vector_of: Callable[[int], np.ndarray],
                    length: int, graph: Mapping[int, Sequence[int]], threshold: int, *,
                    dropped_before_shares: Collection[int] = (),
                    dropped_before_input: Collection[int] = (),
                    dropped_after_input: Collection[int] = ()) -> SecureSum:
-    """One SecAgg+ round, in process: a :class:`SecAggClient` per client, a
-    :class:`SecAggServer`, and only messages between them. ``vector_of(k)`` is client k's
+    """One SecAgg+ round over the wire, in process: a :class:`SecAggSite` per client, a
+    :class:`SecureSumRound`, and only messages between them. ``vector_of(k)`` is client k's
     uint32 input, asked for only from clients that send one. Clients drop after advertising
     keys (``dropped_before_shares``), after sharing them (``dropped_before_input``) or after
     sending their input (``dropped_after_input``). Raises :class:`SecAggAbort` when a stage
     is left with fewer than ``threshold`` clients."""
     ids = [int(k) for k in clients]
-    drops = [set(map(int, d)) for d in (dropped_before_shares, dropped_before_input,
-                                        dropped_after_input)]
+    drops = [frozenset(map(int, d)) for d in (dropped_before_shares, dropped_before_input,
+                                              dropped_after_input)]
     if len(set(ids)) != len(ids) or any(d - set(ids) for d in drops) or \
-            sum(map(len, drops)) != len(set().union(*drops)):
+            sum(map(len, drops)) != len(frozenset().union(*drops)):
         raise ValueError(f"secure aggregation: client ids {ids} must be distinct, and the "
                          f"dropped sets {[sorted(d) for d in drops]} disjoint subsets of them")
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    server = SecAggServer(rnd, graph, threshold, length)
-    parties = {k: SecAggClient(k, rnd, graph[k], threshold) for k in ids}
-    routed = server.receive_keys([parties[k].advertise_keys() for k in ids])
-    alive = [k for k in ids if k not in drops[0]]
-    inbox = server.receive_shares([parties[k].share_keys(routed[k]) for k in alive])
-    seconds["key_agreement"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    alive = [k for k in alive if k not in drops[1]]
-    request = server.receive_masked([parties[k].masked_input(vector_of(k), inbox[k])
-                                     for k in alive])
-    seconds["masking"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    alive = [k for k in alive if k not in drops[2]]
-    total = server.unmask([parties[k].unmask(request) for k in alive])
-    seconds["unmasking"] = time.perf_counter() - t0
-    return SecureSum(total, request.inputs, server.traffic, seconds)
+    sites = {k: SecAggSite(k) for k in ids}
+    for k, site in sites.items():
+        site.hold(rnd, lambda _plan, k=k: (vector_of(k), 0))
+    parties = InProcessParties(sites, *drops)
+    return SecureSumRound(rnd, ids, graph, threshold, length, parties).finish(ids)
 
 
 def round_groups(strategy: Strategy, reference: State, updates: Sequence[ClientUpdate]
@@ -161,6 +140,120 @@ def round_groups(strategy: Strategy, reference: State, updates: Sequence[ClientU
     return keys, weights
 
 
+def client_input(tensors: State, start: State, plan: Mapping[str, Any]
+                 ) -> tuple[np.ndarray, int]:
+    """Client side of the mask stage: the quantised scaled change z = s (x - start) of the
+    trained ``tensors`` from the adapters the client started from, in the plan's order (zeros
+    for a group it did not train), and how many entries were clipped. ``plan``: the round's
+    public settings for this client (:meth:`SecureRound.plan_for`)."""
+    quant = Quantizer(plan["clip_range"], plan["steps"])
+    scales = plan["scales"]
+    parts = [(tensors[k].detach().to("cpu", torch.float64)
+              - start[k].detach().to("cpu", torch.float64)).reshape(-1).numpy() * scales[g]
+             if scales.get(g, 0.0) > 0 else np.zeros(start[k].numel())
+             for g, k in plan["order"]]
+    return quant.quantize(np.concatenate(parts) if parts else np.zeros(0))
+
+
+class SecureRound:
+    """One round of secure aggregation, the server's side (see the module docstring).
+
+    Opening it runs SecAgg+'s key stages with the round's ``clients`` over ``parties`` (a
+    transport's; None: the clients live in this process, the local runtime, and their
+    updates are handed to :meth:`finish`). ``groups``: each adapter group's tensor keys
+    (:func:`round_groups`); every update is taken relative to ``reference``, the global
+    adapters of the round. ``seed`` draws the neighbour graph (with ``rnd``); keys and
+    self-mask seeds are the OS's randomness. Raises :class:`SecAggAbort` when too few clients
+    are left, ValueError when the round cannot be summed at all."""
+
+    def __init__(self, rnd: int, clients: Sequence[int], reference: State,
+                 groups: Mapping[str, Sequence[str]], cfg: SecAggConfig, *, seed: int,
+                 parties: SecAggParties | None = None) -> None:
+        ids = [int(k) for k in clients]
+        n = len(ids)
+        self.rnd, self.reference = rnd, reference
+        self.quant = Quantizer(cfg.clip_range, cfg.quantization_range)
+        self.quant.check(n)
+        self.holders, self.threshold = cfg.share_holders(n), cfg.threshold_count(n)
+        if self.threshold > self.holders:
+            raise ValueError(f"secure aggregation: threshold {self.threshold} exceeds the "
+                             f"{self.holders} clients each client shares its secrets with "
+                             f"(round of {n})")
+        self.groups = {g: list(ks) for g, ks in groups.items()}
+        self.order = [(g, k) for g in self.groups for k in self.groups[g]]
+        self.length = sum(reference[k].numel() for _, k in self.order)
+        self.parties = parties if parties is not None else \
+            InProcessParties({k: SecAggSite(k) for k in ids})
+        self.sum = SecureSumRound(rnd, ids, neighbour_graph(ids, cfg.neighbours, seed, rnd),
+                                  self.threshold, self.length, self.parties)
+        self.clients = ids
+
+    def plan_for(self, scales: Mapping[str, float]) -> dict[str, Any]:
+        """What one client needs to form its input: the order of the tensors, its scale per
+        group and the quantiser (public: the scales follow from the sample counts)."""
+        return {"order": [list(gk) for gk in self.order], "scales": dict(scales),
+                "clip_range": self.quant.clip_range, "steps": self.quant.steps}
+
+    def finish(self, updates: Sequence[ClientUpdate], weights: Mapping[str, Sequence[float]],
+               dropped: Collection[int] = ()) -> tuple[ClientUpdate, dict]:
+        """The weighted mean per adapter group of the updates whose input counted, as ONE
+        update, and the round's record.
+
+        ``updates``: one per client of the round, in any order (the local runtime's carry
+        their tensors; a real transport's only their sample counts and keys, the values stay
+        on the clients); ``weights[g]``: one weight per update (0: it does not take part in
+        g; :func:`round_groups`); ``dropped``: the clients that sent nothing usable (they are
+        not asked for an input). The result holds the groups some counted client trained, its
+        ``num_samples`` are those of the counted clients summed, ``upload_bytes`` every byte
+        the clients sent the server."""
+        n = len(updates)
+        if not updates or any(len(weights[g]) != n for g in self.groups) or \
+                sorted(u.client_id for u in updates) != sorted(self.clients):
+            raise ValueError(f"secure aggregation: expected an update for each of the round's "
+                             f"clients {sorted(self.clients)} and one weight per update for "
+                             f"each group, got clients {[u.client_id for u in updates]} and "
+                             f"weights of lengths { {g: len(weights[g]) for g in self.groups} }")
+        positive = {g: [w for w in ws if w > 0] for g, ws in weights.items()}
+        # s_kg = w_kg / mean positive weight of g (0 for clients that did not train g)
+        scales = {g: [w / (sum(positive[g]) / len(positive[g])) if w > 0 else 0.0
+                      for w in weights[g]] if positive[g] else [0.0] * n for g in self.groups}
+        ids = [u.client_id for u in updates]
+        mine = {k: {g: scales[g][i] for g in self.groups} for i, k in enumerate(ids)}
+        if isinstance(self.parties, InProcessParties):  # the clients are in this process
+            for u in updates:
+                self.parties.sites[u.client_id].hold(
+                    self.rnd, lambda plan, t=u.tensors: client_input(t, self.reference, plan))
+        res = self.sum.finish([k for k in ids if k not in set(dropped)],
+                              lambda k: {"plan": self.plan_for(mine[k])})
+        counted = [i for i, k in enumerate(ids) if k in res.inputs]
+        t0 = time.perf_counter()
+        total = self.quant.dequantize_sum(res.total, len(counted))
+        tensors, offset = {}, 0
+        for g, k in self.order:
+            ref, size = self.reference[k], self.reference[k].numel()
+            mass = sum(scales[g][i] for i in counted)
+            if mass > 0:
+                mean = torch.from_numpy(total[offset:offset + size] / mass).reshape(ref.shape)
+                tensors[k] = (ref.detach().to("cpu", torch.float64) + mean).to(ref.dtype)
+            offset += size
+        res.seconds["unmasking"] += time.perf_counter() - t0
+        samples: dict[str, int] = defaultdict(int)
+        for i in counted:
+            for m, c in updates[i].num_samples.items():
+                samples[m] += c
+        record = {"clients": n, "threshold": self.threshold, "share_holders": self.holders,
+                  "inputs": len(counted),
+                  **{f"dropped_{when}": ks for when, ks in res.dropped.items()},
+                  "length": self.length,
+                  "clipped": sum(int(a.get("clipped", 0)) for a in res.answers.values()),
+                  "bytes": {s: {"up": up, "down": down} for s, (up, down) in res.traffic.items()},
+                  "seconds": {s: round(v, 6) for s, v in res.seconds.items()}}
+        upd = ClientUpdate(AGGREGATE_ID, tensors, dict(samples),
+                           num_steps=sum(updates[i].num_steps for i in counted),
+                           upload_bytes=sum(up for up, _ in res.traffic.values()))
+        return upd, record
+
+
 def secure_weighted_mean(rnd: int, updates: Sequence[ClientUpdate], reference: State,
                          groups: Mapping[str, Sequence[str]],
                          weights: Mapping[str, Sequence[float]], cfg: SecAggConfig, *,
@@ -168,91 +261,32 @@ def secure_weighted_mean(rnd: int, updates: Sequence[ClientUpdate], reference: S
                          dropped_before_input: Collection[int] = (),
                          dropped_after_input: Collection[int] = ()
                          ) -> tuple[ClientUpdate, dict]:
-    """The weighted mean per adapter group of the updates whose input counted, computed with
-    SecAgg+ (see the module docstring), as ONE update, and the round's record.
+    """:class:`SecureRound` in one call, every client in this process: the weighted mean per
+    adapter group of ``updates`` whose input counted, and the round's record. Clients drop as
+    in :func:`run_secure_sum`; an input that does not count is one that dropped before
+    sending it.
 
-    ``groups``: each group's tensor keys; ``weights[g]``: one weight per update (0: the update
-    does not take part in g); both from :func:`round_groups`. Every update's values are
-    taken relative to ``reference``, the global adapters of the round. ``seed`` draws the
-    neighbour graph (with ``rnd``); the keys and self-mask seeds are the OS's randomness. The
-    result holds the groups some counted client trained, its ``num_samples`` are those of the
-    counted clients summed, ``upload_bytes`` every byte the clients sent the server. Dropped
-    clients as in :func:`run_secure_sum`; an input that does not count is one that dropped
-    before sending it. Raises :class:`SecAggAbort` with too few clients left.
+    The round loop does the same in two steps, the key stages before the clients train::
 
-    The round loop, once the pipeline has received the updates::
-
+        secure = SecureRound(rnd, selected, global_state, groups, cfg.secagg, seed=cfg.seed)
+        ... the clients train ...
         groups, weights = round_groups(strategy, global_state, updates)
-        mean, record = secure_weighted_mean(rnd, updates, global_state, groups, weights,
-                                            cfg.secagg, seed=cfg.seed)
+        mean, record = secure.finish(updates, weights, dropped=...)
         new_state = strategy.aggregate(rnd, global_state, [mean])  # its server step
 
     ``strategy.aggregate`` of the one mean update is that mean per group (its weight is its
     summed samples), then the strategy's ``server_update``."""
+    ids = [u.client_id for u in updates]
     n = len(updates)
     if not updates or any(len(weights[g]) != n for g in groups):
         raise ValueError(f"secure aggregation: expected updates and one weight per update for "
                          f"each group, got {n} updates and weights of lengths "
                          f"{ {g: len(weights[g]) for g in groups} }")
-    quant = Quantizer(cfg.clip_range, cfg.quantization_range)
-    quant.check(n)
-    ids = [u.client_id for u in updates]
-    holders, t = cfg.share_holders(n), cfg.threshold_count(n)
-    if t > holders:
-        raise ValueError(f"secure aggregation: threshold {t} exceeds the {holders} clients "
-                         f"each client shares its secrets with (round of {n})")
-    positive = {g: [w for w in ws if w > 0] for g, ws in weights.items()}
-    # s_kg = w_kg / mean positive weight of g (0 for clients that did not train g)
-    scales = {g: [w / (sum(positive[g]) / len(positive[g])) if w > 0 else 0.0
-                  for w in weights[g]] if positive[g] else [0.0] * n for g in groups}
-    order = [(g, k) for g in groups for k in groups[g]]
-    length = sum(reference[k].numel() for _, k in order)
-    clipped = [0]
-
-    def vector_of(cid: int) -> np.ndarray:  # runs "on" client cid: its own update only
-        i = ids.index(cid)
-        upd = updates[i]
-        parts = [(upd.tensors[k].detach().to("cpu", torch.float64)
-                  - reference[k].detach().to("cpu", torch.float64)).reshape(-1).numpy()
-                 * scales[g][i] if scales[g][i] > 0 else np.zeros(reference[k].numel())
-                 for g, k in order]
-        codes, c = quant.quantize(np.concatenate(parts) if parts else np.zeros(0))
-        clipped[0] += c
-        return codes
-
-    res = run_secure_sum(rnd, ids, vector_of, length,
-                         neighbour_graph(ids, cfg.neighbours, seed, rnd), t,
-                         dropped_before_shares=dropped_before_shares,
-                         dropped_before_input=dropped_before_input,
-                         dropped_after_input=dropped_after_input)
-    counted = [i for i, k in enumerate(ids) if k in res.inputs]
-    t0 = time.perf_counter()
-    total = quant.dequantize_sum(res.total, len(counted))
-    tensors, offset = {}, 0
-    for g, k in order:
-        ref, size = reference[k], reference[k].numel()
-        mass = sum(scales[g][i] for i in counted)
-        if mass > 0:
-            mean = torch.from_numpy(total[offset:offset + size] / mass).reshape(ref.shape)
-            tensors[k] = (ref.detach().to("cpu", torch.float64) + mean).to(ref.dtype)
-        offset += size
-    res.seconds["unmasking"] += time.perf_counter() - t0
-    samples: dict[str, int] = defaultdict(int)
-    for i in counted:
-        for m, c in updates[i].num_samples.items():
-            samples[m] += c
-    record = {"clients": n, "threshold": t, "share_holders": holders,
-              "inputs": len(counted),
-              "dropped_before_shares": sorted(dropped_before_shares),
-              "dropped_before_input": sorted(dropped_before_input),
-              "dropped_after_input": sorted(dropped_after_input),
-              "length": length, "clipped": clipped[0],
-              "bytes": {s: {"up": up, "down": down} for s, (up, down) in res.traffic.items()},
-              "seconds": {s: round(v, 6) for s, v in res.seconds.items()}}
-    upd = ClientUpdate(AGGREGATE_ID, tensors, dict(samples),
-                       num_steps=sum(updates[i].num_steps for i in counted),
-                       upload_bytes=sum(up for up, _ in res.traffic.values()))
-    return upd, record
+    drops = [frozenset(map(int, d)) for d in (dropped_before_shares, dropped_before_input,
+                                              dropped_after_input)]
+    parties = InProcessParties({k: SecAggSite(k) for k in ids}, *drops)
+    secure = SecureRound(rnd, ids, reference, groups, cfg, seed=seed, parties=parties)
+    return secure.finish(updates, weights)
 
 
 def upload_per_client(record: Mapping) -> list[int]:

@@ -29,14 +29,24 @@ server that lies about who dropped cannot unmask an individual input. Each stage
 
 Shamir sharing is pycryptodome's (GF(2^128), 16-byte secrets): a 32-byte secret is shared as
 two 16-byte halves with the same holders.
+
+Transport. The server reaches the clients only through :class:`SecAggParties`: one call per
+stage sends each client its message as bytes (the wire formats below) and returns the answers
+of those that answered. :class:`SecAggSite` is one client's side of it, the same in every
+runtime: :class:`InProcessParties` holds one per client in this process (the local runtime,
+tests), and a FLARE site holds its own. :class:`SecureSumRound` is the server's side: the key
+stages when it is built (before the clients train), the masked inputs and their sum in
+:meth:`SecureSumRound.finish`.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
@@ -50,6 +60,11 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 MODULUS_BITS = 32  # vectors are uint32; sums wrap mod 2^32
 KEY_BYTES = 32  # X25519 keys, seeds, derived keys
 ID_BYTES = 4  # a client id on the wire
+NONCE_BYTES, TAG_BYTES, INDEX_BYTES = 12, 16, 8
+# one encrypted share on the wire: nonce, then (share index, share of b_u, share of s_u) + tag
+SEALED_BYTES = NONCE_BYTES + INDEX_BYTES + 2 * KEY_BYTES + TAG_BYTES
+# the stages, in order; also the keys of SecAggServer.traffic
+ADVERTISE, SHARE, MASK, UNMASK = "advertise_keys", "share_keys", "masked_input", "unmask"
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
@@ -155,7 +170,7 @@ class UnmaskRequest:
 
     @property
     def nbytes(self) -> int:
-        return ID_BYTES * (len(self.inputs) + len(self.dropped))
+        return ID_BYTES * (1 + len(self.inputs) + len(self.dropped))  # a count, then the ids
 
 
 @dataclass(frozen=True)
@@ -220,7 +235,7 @@ class SecAggClient:
             if v == self.id:  # our own share stays here
                 self._held[v] = (i + 1, b[i], s[i])
                 continue
-            nonce = self._entropy(12)
+            nonce = self._entropy(NONCE_BYTES)
             plain = struct.pack("<q", i + 1) + b[i] + s[i]
             sealed[v] = nonce + self._aead(v).encrypt(nonce, plain, self._header(self.id, v))
         return Shares(self.id, sealed)
@@ -232,7 +247,8 @@ class SecAggClient:
             if v not in self._keys:
                 raise SecAggAbort(f"client {self.id}: a share from non-neighbour {v}")
             try:
-                plain = self._aead(v).decrypt(blob[:12], blob[12:], self._header(v, self.id))
+                plain = self._aead(v).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:],
+                                              self._header(v, self.id))
             except InvalidTag as e:
                 raise SecAggAbort(f"client {self.id}: the share from client {v} does not "
                                   f"authenticate") from e
@@ -288,6 +304,16 @@ class SecAggServer:
         self._masked: dict[int, np.ndarray] = {}  # U3's y_u
         self._request: UnmaskRequest | None = None
 
+    @property
+    def advertised(self) -> frozenset[int]:
+        """U1: the clients whose keys arrived."""
+        return frozenset(self._keys)
+
+    @property
+    def shared(self) -> frozenset[int]:
+        """U2: the clients whose shares arrived."""
+        return frozenset(self._shared)
+
     def _enough(self, alive: int, stage: str) -> None:
         if alive < self.threshold:
             raise SecAggAbort(f"secure aggregation aborted in round {self.rnd} at {stage}: "
@@ -300,23 +326,23 @@ class SecAggServer:
     def receive_keys(self, msgs: Sequence[Keys]) -> dict[int, dict[int, Keys]]:
         """Stage 1: each client's neighbours' keys to forward to it."""
         self._keys = {m.client: m for m in msgs}
-        self._enough(len(self._keys), "advertise_keys")
+        self._enough(len(self._keys), ADVERTISE)
         out = {u: {v: self._keys[v] for v in self.graph[u] if v in self._keys}
                for u in self._keys}
-        self._count("advertise_keys", sum(m.nbytes for m in msgs),
+        self._count(ADVERTISE, sum(m.nbytes for m in msgs),
                     sum(m.nbytes for d in out.values() for m in d.values()))
         return out
 
     def receive_shares(self, msgs: Sequence[Shares]) -> dict[int, dict[int, bytes]]:
         """Stage 2: the sealed shares, by recipient ({recipient: {sender: blob}})."""
         self._shared = {m.client for m in msgs}
-        self._enough(len(self._shared), "share_keys")
+        self._enough(len(self._shared), SHARE)
         inbox: dict[int, dict[int, bytes]] = {u: {} for u in self._shared}
         for m in msgs:
             for v, blob in m.sealed.items():
                 if v in inbox:  # holders that dropped meanwhile get nothing
                     inbox[v][m.client] = blob
-        self._count("share_keys", sum(m.nbytes for m in msgs),
+        self._count(SHARE, sum(m.nbytes for m in msgs),
                     sum(ID_BYTES + len(b) for d in inbox.values() for b in d.values()))
         return inbox
 
@@ -327,18 +353,18 @@ class SecAggServer:
                 raise SecAggAbort(f"round {self.rnd}: unexpected masked input from client "
                                   f"{m.client}")
         self._masked = {m.client: m.vector for m in msgs}
-        self._enough(len(self._masked), "masked_input")
+        self._enough(len(self._masked), MASK)
         self._request = UnmaskRequest(frozenset(self._masked),
                                       frozenset(self._shared - set(self._masked)))
-        self._count("masked_input", sum(m.nbytes for m in msgs), 0)
+        self._count(MASK, sum(m.nbytes for m in msgs), 0)
         return self._request
 
     def unmask(self, msgs: Sequence[Unmask]) -> np.ndarray:
         """Stage 4: the sum of the inputs in U3 (uint32, mod 2^32)."""
         req = self._request
         assert req is not None, "receive_masked comes first"
-        self._enough(len(msgs), "unmask")
-        self._count("unmask", sum(m.nbytes for m in msgs),
+        self._enough(len(msgs), UNMASK)
+        self._count(UNMASK, sum(m.nbytes for m in msgs),
                     req.nbytes * len(msgs))
         total = np.zeros(self.length, dtype=np.uint32)
         for y in self._masked.values():
@@ -362,3 +388,251 @@ class SecAggServer:
                               f"shares of client {u}'s {what} came back, fewer than the "
                               f"threshold {self.threshold}")
         return combine_secret(dict(list(shares.items())[:self.threshold]))
+
+
+# ----------------------------------------------------------------------------- the wire
+# Little-endian. Every message's ``nbytes`` is the length of its encoding, so the traffic
+# the server counts is the bytes that travel.
+
+def _ids(ids: Sequence[int]) -> bytes:
+    return struct.pack(f"<{len(ids)}i", *ids)
+
+
+def _read_ids(blob: bytes, n: int, at: int = 0) -> list[int]:
+    return list(struct.unpack_from(f"<{n}i", blob, at))
+
+
+def _check_length(blob: bytes, head: int, item: int, what: str) -> int:
+    """How many ``item``-byte records follow a ``head``-byte header in ``blob``."""
+    if len(blob) < head or (len(blob) - head) % item:
+        raise SecAggAbort(f"a malformed {what} message ({len(blob)} bytes)")
+    return (len(blob) - head) // item
+
+
+def encode_keys(msgs: Collection[Keys]) -> bytes:
+    """Stage 1: one client's keys (up), or its neighbours' (down)."""
+    return b"".join(struct.pack("<i", m.client) + m.encrypt_pk + m.mask_pk for m in msgs)
+
+
+def decode_keys(blob: bytes) -> dict[int, Keys]:
+    size = ID_BYTES + 2 * KEY_BYTES
+    out = {}
+    for i in range(_check_length(blob, 0, size, "keys")):
+        rec = blob[i * size:(i + 1) * size]
+        (client,) = struct.unpack_from("<i", rec)
+        out[client] = Keys(client, rec[ID_BYTES:ID_BYTES + KEY_BYTES], rec[ID_BYTES + KEY_BYTES:])
+    return out
+
+
+def encode_sealed(sealed: Mapping[int, bytes]) -> bytes:
+    """Encrypted shares by client id (a client's to everyone, or everyone's to a client)."""
+    return b"".join(struct.pack("<i", v) + blob for v, blob in sealed.items())
+
+
+def decode_sealed(blob: bytes, at: int = 0) -> dict[int, bytes]:
+    size = ID_BYTES + SEALED_BYTES
+    n = _check_length(blob, at, size, "shares")
+    return {struct.unpack_from("<i", blob, at + i * size)[0]:
+            blob[at + i * size + ID_BYTES:at + (i + 1) * size] for i in range(n)}
+
+
+def encode_shares(m: Shares) -> bytes:
+    return struct.pack("<i", m.client) + encode_sealed(m.sealed)
+
+
+def decode_shares(blob: bytes) -> Shares:
+    _check_length(blob, ID_BYTES, ID_BYTES + SEALED_BYTES, "shares")
+    return Shares(struct.unpack_from("<i", blob)[0], decode_sealed(blob, ID_BYTES))
+
+
+def encode_masked(m: MaskedInput) -> bytes:
+    return struct.pack("<i", m.client) + np.asarray(m.vector, dtype="<u4").tobytes()
+
+
+def decode_masked(blob: bytes) -> MaskedInput:
+    n = _check_length(blob, ID_BYTES, 4, "masked input")
+    vector = np.frombuffer(blob, dtype="<u4", count=n, offset=ID_BYTES).astype(np.uint32)
+    return MaskedInput(struct.unpack_from("<i", blob)[0], vector)
+
+
+def encode_request(r: UnmaskRequest) -> bytes:
+    return struct.pack("<i", len(r.inputs)) + _ids(sorted(r.inputs)) + _ids(sorted(r.dropped))
+
+
+def decode_request(blob: bytes) -> UnmaskRequest:
+    n = _check_length(blob, ID_BYTES, ID_BYTES, "unmask request")
+    (inputs,) = struct.unpack_from("<i", blob)
+    if not 0 <= inputs <= n:
+        raise SecAggAbort(f"a malformed unmask request ({len(blob)} bytes)")
+    ids = _read_ids(blob, n, ID_BYTES)
+    return UnmaskRequest(frozenset(ids[:inputs]), frozenset(ids[inputs:]))
+
+
+def encode_unmask(m: Unmask) -> bytes:
+    """Its shares: (client, index, share) each; whether one is of b_u or of s_u follows
+    from the request (b_u for clients whose input arrived, s_u for those that dropped)."""
+    entries = [*m.seed_shares.items(), *m.key_shares.items()]
+    return struct.pack("<i", m.client) + b"".join(
+        struct.pack("<ii", u, index) + share for u, (index, share) in entries)
+
+
+def decode_unmask(blob: bytes, request: UnmaskRequest) -> Unmask:
+    size = 2 * ID_BYTES + KEY_BYTES
+    n = _check_length(blob, ID_BYTES, size, "unmask")
+    seeds: dict[int, tuple[int, bytes]] = {}
+    keys: dict[int, tuple[int, bytes]] = {}
+    for i in range(n):
+        at = ID_BYTES + i * size
+        u, index = struct.unpack_from("<ii", blob, at)
+        if u not in request.inputs | request.dropped:
+            raise SecAggAbort(f"an unmask answer holds a share of client {u}, not asked for")
+        (seeds if u in request.inputs else keys)[u] = (index, blob[at + 2 * ID_BYTES:at + size])
+    return Unmask(struct.unpack_from("<i", blob)[0], seeds, keys)
+
+
+# ----------------------------------------------------------------------------- the parties
+
+Message = tuple[bytes, dict[str, Any]]  # a stage message: its bytes, and public settings
+
+
+class SecAggParties(Protocol):
+    """How the server reaches the clients: the transport's one job in SecAgg+."""
+
+    def exchange(self, rnd: int, stage: str, messages: Mapping[int, Message]
+                 ) -> dict[int, Message]:
+        """Send client k ``messages[k]`` for ``stage`` of round ``rnd``; the answers of the
+        clients that answered (a client that dropped out is missing)."""
+        ...
+
+
+InputOf = Callable[[Mapping[str, Any]], tuple[np.ndarray, int]]
+
+
+class SecAggSite:
+    """One client's side of SecAgg+ over the wire, in any runtime: its secrets for the round
+    (a :class:`SecAggClient`) and the input it will mask. :meth:`hold` gives the input, as a
+    function of the mask stage's public plan (the weights of the round) that returns the
+    uint32 vector and how many entries it clipped."""
+
+    def __init__(self, client: int, entropy: Callable[[int], bytes] = os.urandom) -> None:
+        self.id, self.entropy = int(client), entropy
+        self.party: SecAggClient | None = None
+        self.input_of: tuple[int, InputOf] | None = None  # (round, input)
+
+    def hold(self, rnd: int, input_of: InputOf) -> None:
+        """The input to mask in round ``rnd``."""
+        self.input_of = (int(rnd), input_of)
+
+    def handle(self, rnd: int, stage: str, payload: bytes, meta: Mapping[str, Any]
+               ) -> Message:
+        """Answer the server's ``stage`` message of round ``rnd``."""
+        if stage == ADVERTISE:  # a new round: new secrets, no input yet
+            self.party = SecAggClient(self.id, rnd, [int(v) for v in meta["neighbours"]],
+                                      int(meta["threshold"]), self.entropy)
+            return encode_keys([self.party.advertise_keys()]), {}
+        party = self.party
+        if party is None or party.rnd != rnd:
+            raise SecAggAbort(f"client {self.id}: a {stage} message for round {rnd} before "
+                              f"its keys for that round")
+        if stage == SHARE:
+            return encode_shares(party.share_keys(decode_keys(payload))), {}
+        if stage == MASK:
+            if self.input_of is None or self.input_of[0] != rnd:
+                raise SecAggAbort(f"client {self.id}: asked to mask an input for round {rnd}, "
+                                  f"which it does not hold")
+            vector, clipped = self.input_of[1](meta.get("plan", {}))
+            self.input_of = None  # one input per round
+            return encode_masked(party.masked_input(vector, decode_sealed(payload))), \
+                {"clipped": clipped}
+        if stage == UNMASK:
+            return encode_unmask(party.unmask(decode_request(payload))), {}
+        raise SecAggAbort(f"client {self.id}: unknown secure aggregation stage {stage!r}")
+
+
+@dataclass
+class InProcessParties:
+    """Every client's :class:`SecAggSite` in this process (the local runtime, tests). Clients
+    drop out (stop answering) after advertising keys (``dropped_before_shares``), after
+    sharing them (``dropped_before_input``) or after sending their input
+    (``dropped_after_input``)."""
+
+    sites: dict[int, SecAggSite]
+    dropped_before_shares: frozenset[int] = frozenset()
+    dropped_before_input: frozenset[int] = frozenset()
+    dropped_after_input: frozenset[int] = frozenset()
+
+    def exchange(self, rnd: int, stage: str, messages: Mapping[int, Message]
+                 ) -> dict[int, Message]:
+        gone = {ADVERTISE: set(), SHARE: self.dropped_before_shares,
+                MASK: self.dropped_before_shares | self.dropped_before_input,
+                UNMASK: self.dropped_before_shares | self.dropped_before_input
+                | self.dropped_after_input}[stage]
+        return {k: self.sites[k].handle(rnd, stage, payload, meta)
+                for k, (payload, meta) in messages.items() if k not in gone}
+
+
+def _from(k: int, msg, stage: str):
+    """``msg``, if client ``k`` sent it about itself."""
+    if msg.client != k:
+        raise SecAggAbort(f"client {k}'s {stage} message claims to come from {msg.client}")
+    return msg
+
+
+@dataclass
+class SecureSum:
+    """What one SecAgg+ round gives the server: the sum of U3's vectors, who took part in
+    which stage, the clients' public answers to the mask stage, and the cost."""
+
+    total: np.ndarray  # uint32, mod 2^32
+    inputs: frozenset[int]  # U3: the clients whose vector is in the total
+    traffic: dict[str, list[int]]  # stage -> [bytes up, bytes down]
+    seconds: dict[str, float]
+    dropped: dict[str, list[int]] = field(default_factory=dict)  # seen dropping, by stage
+    answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # mask-stage meta
+
+
+class SecureSumRound:
+    """The server's side of one SecAgg+ round over ``parties``. Building it runs the key
+    stages (advertise and share keys) with ``clients``; :meth:`finish` collects the masked
+    inputs and returns their sum. Raises :class:`SecAggAbort` when a stage is left with fewer
+    than ``threshold`` clients or a message is forged."""
+
+    def __init__(self, rnd: int, clients: Sequence[int], graph: Mapping[int, Sequence[int]],
+                 threshold: int, length: int, parties: SecAggParties) -> None:
+        self.rnd, self.parties = int(rnd), parties
+        self.clients = [int(k) for k in clients]
+        self.server = SecAggServer(rnd, graph, threshold, length)
+        t0 = time.perf_counter()
+        keys = parties.exchange(rnd, ADVERTISE, {
+            k: (b"", {"neighbours": list(graph[k]), "threshold": int(threshold)})
+            for k in self.clients})
+        routed = self.server.receive_keys([_from(k, one, ADVERTISE) for k, (b, _) in
+                                           keys.items() for one in decode_keys(b).values()])
+        shares = parties.exchange(rnd, SHARE, {k: (encode_keys(list(ks.values())), {})
+                                               for k, ks in routed.items()})
+        self.inbox = self.server.receive_shares([_from(k, decode_shares(b), SHARE)
+                                                 for k, (b, _) in shares.items()])
+        self.seconds = {"key_agreement": time.perf_counter() - t0}
+
+    def finish(self, senders: Collection[int], meta_of: Callable[[int], dict[str, Any]]
+               = lambda k: {}) -> SecureSum:
+        """Ask ``senders`` (those of the clients that shared keys) for their masked inputs,
+        each with its public ``meta_of(k)``; then the survivors for their shares; the sum."""
+        rnd, t0 = self.rnd, time.perf_counter()
+        answers = self.parties.exchange(rnd, MASK, {
+            k: (encode_sealed(self.inbox[k]), meta_of(k)) for k in senders if k in self.inbox})
+        request = self.server.receive_masked([_from(k, decode_masked(b), MASK)
+                                              for k, (b, _) in answers.items()])
+        self.seconds["masking"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        unmasks = self.parties.exchange(rnd, UNMASK, {k: (encode_request(request), {})
+                                                      for k in sorted(request.inputs)})
+        total = self.server.unmask([_from(k, decode_unmask(b, request), UNMASK)
+                                    for k, (b, _) in unmasks.items()])
+        self.seconds["unmasking"] = time.perf_counter() - t0
+        advertised, shared = self.server.advertised, self.server.shared
+        dropped = {"before_shares": sorted(advertised - shared),
+                   "before_input": sorted(shared - request.inputs),
+                   "after_input": sorted(request.inputs - set(unmasks))}
+        return SecureSum(total, request.inputs, self.server.traffic, self.seconds, dropped,
+                         {k: dict(m) for k, (_, m) in answers.items()})

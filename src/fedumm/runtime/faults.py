@@ -140,6 +140,9 @@ class FaultyTransport:
     def training_done(self) -> None:
         self.inner.training_done()
 
+    def secagg_parties(self):
+        return self.inner.secagg_parties()
+
 
 def with_faults(transport, cfg: FaultsConfig, seed: int, num_clients: int):
     """``transport``, behind the simulated faults when the config asks for any."""

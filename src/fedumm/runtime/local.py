@@ -170,6 +170,9 @@ class LocalTransport:
             pool.close()
             gc.unfreeze()
 
+    def secagg_parties(self) -> None:
+        return None  # the clients are in this process: the server simulates their side
+
     def state_dict(self) -> dict[str, Any]:
         return {"client_store": self.store.state_dict()}
 

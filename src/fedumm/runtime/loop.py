@@ -33,6 +33,7 @@ from fedumm.fl.endpoint import BACKBONE_MISMATCH
 from fedumm.fl.lora_modes import LoraMode
 from fedumm.fl.pipeline import BACKBONE_FINGERPRINT, SERVER_CONTROL, Pipeline, Reply
 from fedumm.fl.secagg import upload_per_client
+from fedumm.fl.secure_sum import SecAggParties
 from fedumm.fl.updates import ClientUpdate
 from fedumm.runtime.experiment import evaluate_states, finish_run, mid_run_eval, round_record
 from fedumm.runtime.faults import AGGREGATED, SKIPPED, Arrivals, arrivals, outcome, with_faults
@@ -59,6 +60,11 @@ class Transport(Protocol):
         """The rounds are over: free what only training needs before the final evaluation."""
         ...
 
+    def secagg_parties(self) -> SecAggParties | None:
+        """How secure aggregation reaches the clients (:mod:`fedumm.fl.secure_sum`): None
+        when they live in this process and hand their updates to the server's simulation."""
+        ...
+
 
 class RoundLoop:
     """The rounds of one experiment over any transport, with checkpoints after every round."""
@@ -83,6 +89,7 @@ class RoundLoop:
         self.fingerprint = fingerprint
         # clients per chain (fl/chains.py); the baselines' clients are never chained
         self.chain = st.chain if run_mode(cfg) == FL else 1
+        self.secagg = cfg.secagg.enabled and run_mode(cfg) == FL
         self.progress = progress or (lambda _: None)
         self.server = server_for(cfg, strategy, adapters, adapters.state(), num_clients)
         self.pipeline = Pipeline.from_config(cfg)
@@ -191,6 +198,8 @@ class RoundLoop:
         ccfg[BACKBONE_FINGERPRINT] = self.fingerprint  # every client checks the base it holds
         if self.answer_space:
             ccfg[ANSWER_SPACE] = self.answer_space
+        if self.secagg:  # secure aggregation's key stages come before the clients train
+            self.server.open_round(rnd, selected, self.transport.secagg_parties())
         # strategy.chain > 1: chains of clients trained one after another (fl/chains.py);
         # else one hop in which every client starts from the global adapters
         chains = draw_chains(selected, self.chain, self.cfg.seed, rnd)

@@ -17,7 +17,8 @@ from fedumm.config import BASELINE_MODES, Config
 from fedumm.fl.client_dp import ClientDP
 from fedumm.fl.lora_aggregation import lora_modules, round_lora_errors
 from fedumm.fl.lora_modes import LoraMode
-from fedumm.fl.secagg import SecAggAbort, round_groups, secure_weighted_mean
+from fedumm.fl.secagg import SecAggAbort, SecureRound, round_groups
+from fedumm.fl.secure_sum import SecAggParties
 from fedumm.fl.strategies import Strategy, build_strategy
 from fedumm.fl.updates import ClientUpdate
 from fedumm.models.lora import LoraAdapters
@@ -87,6 +88,8 @@ class Federation:
         # secure aggregation (secagg.*): the strategy sees one summed update per round
         self.secagg = cfg.secagg if cfg.secagg.enabled else None
         self.seed = cfg.seed
+        # the round's secure aggregation once opened, or why it could not be
+        self.secure: SecureRound | str | None = None
         if hasattr(strategy, "init_state"):
             strategy.init_state(initial)
 
@@ -125,22 +128,38 @@ class Federation:
         return {**({"aggregation_error": errors} if errors else {}),
                 **self.strategy.round_record()}
 
+    def open_round(self, rnd: int, clients: list[int], parties: SecAggParties | None) -> None:
+        """Before round ``rnd``'s clients train: secure aggregation's key stages with them
+        (over ``parties``, the transport's; None: the clients are in this process)."""
+        self.secure = None
+        if self.secagg is None or not clients:
+            return
+        groups, _ = round_groups(self.strategy, self.states[0], [])
+        try:
+            self.secure = SecureRound(rnd, clients, self.states[0], groups, self.secagg,
+                                      seed=self.seed, parties=parties)
+        except SecAggAbort as exc:  # too few clients: the round is skipped when it ends
+            self.secure = str(exc)
+
     def _absorb_secure(self, rnd: int, updates: list[ClientUpdate],
                        received: dict[int, State]) -> dict[str, Any]:
         """SecAgg+ over the round's updates (:mod:`fedumm.fl.secagg`), then the strategy's
         server step on the one mean update. A client that was sent the round and sent nothing
-        usable back (dropped out, late, rejected) took part in the key stages and dropped
-        before its masked input: the survivors' shares remove its masks."""
+        usable back (dropped out, late, rejected) took part in the key stages and is not
+        asked for a masked input: the survivors' shares remove its masks."""
+        secure = self.secure
+        if secure is None or isinstance(secure, str):
+            raise RoundAborted(secure or f"round {rnd}: secure aggregation was not opened")
         sent = {u.client_id for u in updates}
         dropped = sorted(set(received) - sent)
         everyone = [*updates, *(ClientUpdate(k, {}, {}) for k in dropped)]
-        groups, weights = round_groups(self.strategy, self.states[0], everyone)
+        _, weights = round_groups(self.strategy, self.states[0], everyone)
         try:
-            mean, rec = secure_weighted_mean(rnd, everyone, self.states[0], groups, weights,
-                                             self.secagg, seed=self.seed,
-                                             dropped_before_input=dropped)
+            mean, rec = secure.finish(everyone, weights, dropped=dropped)
         except SecAggAbort as exc:
             raise RoundAborted(str(exc)) from exc
+        finally:
+            self.secure = None
         self.states[0] = self.strategy.aggregate(rnd, self.states[0], [mean])
         return {"secagg": rec, **self.strategy.round_record()}
 

@@ -5,19 +5,25 @@ data: all of its own files when its overrides give ``data.*`` paths, else its sh
 ``--client-id`` of the partition) of the config's data. Every ``train`` task is the round
 loop's client side (:class:`~fedumm.fl.endpoint.ClientEndpoint`): the encoded global adapters
 arrive as one uint8 tensor in an ``FLModel``, and the encoded update goes back the same way,
-with sample counts, quality and metrics in ``meta``.
+with sample counts, quality and metrics in ``meta``. Under secure aggregation the update stays
+on the site (its reply is sealed: meta and tensor keys only) and the site answers SecAgg+'s
+stage tasks (:class:`~fedumm.fl.secure_sum.SecAggSite`) with its keys, shares, masked input
+and unmasking shares.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import traceback
 from pathlib import Path
 
 import torch
 
 from fedumm.config import load_config
-from fedumm.fl.pipeline import CLIENT_CONFIG, CLIENT_ID, PAYLOAD
+from fedumm.fl.pipeline import CLIENT_CONFIG, CLIENT_ID, PAYLOAD, SECAGG_ANSWER, SECAGG_STAGE
+from fedumm.fl.secagg import client_input
+from fedumm.fl.secure_sum import SecAggSite
 from fedumm.runtime.experiment import (
     build_adapters,
     client_datasets,
@@ -82,14 +88,31 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
         client = clients[k]
     endpoint = client_endpoint(cfg, adapters)
     states = SiteStates(Path(args.run_dir) / STATES_DIR / site if args.run_dir else None)
+    # secure aggregation: this site's side of SecAgg+; its update never leaves it unmasked
+    secure = SecAggSite(k) if cfg.secagg.enabled else None
     while flare.is_running():
         model = flare.receive()
         if model is None:
             break
         rnd = int(model.current_round)
-        reply, client_state = endpoint.handle(
-            client, rnd, to_bytes(model.params[PAYLOAD]),
-            dict(model.meta.get(CLIENT_CONFIG, {})), states.before(rnd))
+        stage = model.meta.get(SECAGG_STAGE)
+        if stage is not None:
+            if secure is None:
+                raise RuntimeError(f"{site}: a secure aggregation message, but this site's "
+                                   "config has secagg.enabled=false")
+            out, answer = secure.handle(rnd, stage, to_bytes(model.params[PAYLOAD]),
+                                        model.meta)
+            flare.send(FLModel(params={PAYLOAD: to_tensor(out)},
+                               meta={SECAGG_ANSWER: answer, CLIENT_ID: k}))
+            continue
+        job = (client, rnd, to_bytes(model.params[PAYLOAD]),
+               dict(model.meta.get(CLIENT_CONFIG, {})), states.before(rnd))
+        if secure is None:
+            reply, client_state = endpoint.handle(*job)
+        else:  # the update stays here until the mask stage asks for it
+            reply, client_state = endpoint.handle_sealed(
+                *job, hold=lambda values, start, r=rnd: secure.hold(
+                    r, functools.partial(client_input, values, start)))
         states.after(rnd, client_state)
         flare.send(FLModel(params={PAYLOAD: to_tensor(reply.payload)},
                            meta={**reply.meta.to_dict(), CLIENT_ID: k}))

@@ -12,8 +12,9 @@ runtime's.
 from __future__ import annotations
 
 import re
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,16 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from fedumm.config import config_from_dict
-from fedumm.fl.pipeline import CLIENT_CONFIG, CLIENT_ID, PAYLOAD, Reply, ReplyMeta
+from fedumm.fl.pipeline import (
+    CLIENT_CONFIG,
+    CLIENT_ID,
+    PAYLOAD,
+    SECAGG_ANSWER,
+    SECAGG_STAGE,
+    Reply,
+    ReplyMeta,
+)
+from fedumm.fl.secure_sum import Message
 from fedumm.runtime.experiment import build_adapters, eval_samples, load_backbone
 from fedumm.runtime.loop import RoundLoop
 from fedumm.runtime.modes import num_clients, strategy_for
@@ -140,3 +150,39 @@ class FlareTransport:
 
     def training_done(self) -> None:
         pass  # the sites stay up until FLARE ends the job
+
+    def secagg_parties(self) -> FlareParties:
+        return FlareParties(self.controller, self.sites, self.rounds)
+
+
+class FlareParties:
+    """Secure aggregation's messages (:mod:`fedumm.fl.secure_sum`) to the sites and back:
+    in each stage every site gets its own message as one task, all sent at once (FLARE's
+    non-blocking ``send_model``) and awaited together. The bytes of a message travel as the
+    FLModel's payload tensor; its public settings (a site's neighbours and threshold, the
+    mask stage's plan) in its meta."""
+
+    def __init__(self, controller: FedUMMController, sites: list[str], rounds: int,
+                 poll_s: float = 0.002) -> None:
+        self.controller, self.sites, self.rounds, self.poll_s = controller, sites, rounds, poll_s
+
+    def exchange(self, rnd: int, stage: str, messages: Mapping[int, Message]
+                 ) -> dict[int, Message]:
+        got: dict[int, Message] = {}
+
+        def take(result: FLModel) -> None:  # on FLARE's thread, once per site
+            got[int(result.meta[CLIENT_ID])] = (to_bytes(result.params[PAYLOAD]),
+                                                dict(result.meta.get(SECAGG_ANSWER, {})))
+
+        for k, (payload, meta) in messages.items():
+            model = FLModel(params={PAYLOAD: to_tensor(payload)}, current_round=rnd,
+                            total_rounds=self.rounds, meta={SECAGG_STAGE: stage, **meta})
+            self.controller.send_model(targets=[self.sites[k]], data=model, callback=take)
+        while len(got) < len(messages):
+            if self.controller.abort_signal is not None and \
+                    self.controller.abort_signal.triggered:
+                raise RuntimeError(f"round {rnd}: the FLARE job was aborted during secure "
+                                   f"aggregation's {stage} stage ({len(got)} of "
+                                   f"{len(messages)} sites answered)")
+            time.sleep(self.poll_s)
+        return got
