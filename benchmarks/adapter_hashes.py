@@ -5,10 +5,9 @@ strategy, the baselines, the LoRA modes, heterogeneous ranks, lossy and sparse c
 error feedback, modality scenarios, forked workers and secure aggregation with dropouts, and
 optionally the quickstart at one thread; prints per run one SHA-256 over the exported adapter
 tensors (sorted names, raw bytes) and the exact-aggregation residual where there is one, and one
-over the logged numbers (per
-round: losses, quality, steps, bytes, aggregation errors, rejections; evaluations; the
-summary's traffic). Run it before and after a change and
-compare the two JSON files:
+over the logged numbers (per round: losses, quality, steps, bytes, aggregation errors,
+rejections; evaluations; the summary's traffic). Run it before and after a change and compare
+the two JSON files:
 
     .venv/bin/python benchmarks/adapter_hashes.py --out runs/bench/hashes_before.json
     .venv/bin/python benchmarks/adapter_hashes.py --out runs/bench/hashes_after.json [--quickstart]

@@ -9,7 +9,9 @@ task at K=16, Dirichlet alpha=0.5, FedAvg, 4 rounds, one thread per run).
                                                   # K=256, 1/16 of the clients per round),
                                                   # LoRA (separate) and FFA-LoRA
     .venv/bin/python benchmarks/trust.py secagg   # time and bytes per round, plain vs SecAgg+,
-                                                  # K=4 and 16, with 0 / 1 / 2 dropouts
+                                                  # K=4 and 16, local runtime and FLARE's
+                                                  # simulator [--only flare]; the protocol
+                                                  # alone with 0 / 1 / 2 dropouts
     .venv/bin/python benchmarks/trust.py report   # the tables of every finished cell, as
                                                   # markdown (runs/bench/trust.md)
 
@@ -117,11 +119,16 @@ def dp_cells() -> list[tuple[str, list[str]]]:
 
 
 def secagg_cells() -> list[tuple[str, list[str]]]:
+    """Plain and SecAgg+ rounds, in the local runtime (clients in one process) and in FLARE's
+    simulator (one process per site: the protocol's messages travel as FLARE tasks)."""
     out = []
-    for k in (4, 16):
-        for on in (False, True):
-            out.append((f"K{k}-{'secagg' if on else 'plain'}",
-                        [f"clients={k}", f"secagg.enabled={str(on).lower()}"]))
+    for runtime in ("local", "flare-sim"):
+        for k in (4, 16):
+            for on in (False, True):
+                where = "" if runtime == "local" else "flare-"
+                out.append((f"K{k}-{where}{'secagg' if on else 'plain'}",
+                            [f"clients={k}", f"secagg.enabled={str(on).lower()}",
+                             f"runtime={runtime}"]))
     return out
 
 
@@ -299,16 +306,18 @@ def secagg_table() -> list[str]:
         s = _summary("secagg", name)
         if s is None:
             continue
-        k, how = name.split("-")
+        k, how = name.split("-", 1)
+        where, _, how_ = how.rpartition("-")  # "flare-secagg": FLARE's simulator
         t, rounds = s["time"], s["rounds"]
         per_round = (t["wall_s"] - t["eval_s"]) / rounds
         up = s["communication"]["upload_bytes_per_client_round"]
         ratio = ""
-        if how == "plain":
-            plain[k] = (per_round, up)
-        elif k in plain:
-            ratio = (f" ({per_round / plain[k][0]:.2f}x time, {up / plain[k][1]:.3f}x "
-                     "bytes)")
+        if how_ == "plain":
+            plain[k + where] = (per_round, up)
+        elif k + where in plain:
+            base = plain[k + where]
+            ratio = f" ({per_round / base[0]:.2f}x time, {up / base[1]:.3f}x bytes)"
+        how = f"{how_}, FLARE simulator" if where else how_
         lines.append(f"| {k[1:]} | {how}{ratio} | {per_round:.2f} | "
                      f"{(t['wall_s'] - t['client_train_s'] - t['eval_s']) / rounds:.3f} | "
                      f"{up:,.0f} | {_fmt(s['final'].get('vqa_accuracy'))} |")
