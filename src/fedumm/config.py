@@ -476,9 +476,14 @@ class SecAggConfig:
     aborts. Above half of the holders also protects against a server that lies about who
     dropped; a lower threshold tolerates more dropouts. Updates are clipped to
     ``+-clip_range`` and quantised to ``quantization_range`` steps (integers 0..range; Flower's
-    defaults); the round's sum must fit in 32 bits: clients per round * range < 2^32."""
+    defaults); the round's sum must fit in 32 bits: clients per round * range < 2^32.
+
+    ``method=he`` sums with homomorphic encryption instead (fedumm.fl.he_sum; FLARE runtimes
+    only): TenSEAL CKKS contexts as NVIDIA FLARE provisions them, the sites holding the
+    secret key; the threshold, the graph and the quantiser do not apply."""
 
     enabled: bool = False
+    method: str = field(default="secagg+", metadata=_choices("secagg+", "he"))
     threshold: float = field(default=0.5, metadata=_range(0.0, None, lo_open=True))
     # k, each client's neighbours besides itself (rounded up to even: a Harary graph)
     neighbours: int = field(default=0, metadata=_range(0))
@@ -782,6 +787,9 @@ class Config:
                               f"upload is a masked vector of 32-bit integers, uniformly "
                               f"random, which a lossy codec cannot compress (its error would "
                               f"land on the mask); set codec.upload=float32, {off}")
+        if sa.method == "he":
+            self._check_he()
+            return
         if sa.threshold > 1 and sa.threshold != int(sa.threshold):
             raise ConfigError(f"secagg.threshold={sa.threshold}: expected a fraction <= 1 or "
                               f"a whole number of clients")
@@ -801,6 +809,14 @@ class Config:
                               f"of {n} clients' quantised updates must fit in 32 bits "
                               f"(clients per round * range < 2^32); lower it to at most "
                               f"{(2**32 - 1) // n} or take fewer clients per round")
+
+    def _check_he(self) -> None:
+        """secagg.method=he needs FLARE's sites (fedumm.fl.he_sum)."""
+        if self.runtime == "local":
+            raise ConfigError("secagg.method=he: homomorphic encryption needs sites that hold "
+                              "the secret key apart from the server, which the local runtime "
+                              "does not have; use runtime=flare-sim or runtime=flare-poc, or "
+                              "secagg.method=secagg+")
 
     def _check_faults(self) -> None:
         """Combinations the simulated faults cannot serve (fedumm.runtime.faults)."""

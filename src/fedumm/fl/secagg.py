@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from fedumm.config import SecAggConfig
+from fedumm.fl.he_sum import HESumRound
 from fedumm.fl.secure_sum import (
     MODULUS_BITS,
     InProcessParties,
@@ -142,17 +143,20 @@ def round_groups(strategy: Strategy, reference: State, updates: Sequence[ClientU
 
 def client_input(tensors: State, start: State, plan: Mapping[str, Any]
                  ) -> tuple[np.ndarray, int]:
-    """Client side of the mask stage: the quantised scaled change z = s (x - start) of the
-    trained ``tensors`` from the adapters the client started from, in the plan's order (zeros
-    for a group it did not train), and how many entries were clipped. ``plan``: the round's
+    """Client side of the mask stage: the scaled change z = s (x - start) of the trained
+    ``tensors`` from the adapters the client started from, in the plan's order (zeros for a
+    group it did not train), and how many entries were clipped. Quantised to uint32 codes
+    when the plan has a quantiser (SecAgg+), float64 otherwise (HE). ``plan``: the round's
     public settings for this client (:meth:`SecureRound.plan_for`)."""
-    quant = Quantizer(plan["clip_range"], plan["steps"])
     scales = plan["scales"]
     parts = [(tensors[k].detach().to("cpu", torch.float64)
               - start[k].detach().to("cpu", torch.float64)).reshape(-1).numpy() * scales[g]
              if scales.get(g, 0.0) > 0 else np.zeros(start[k].numel())
              for g, k in plan["order"]]
-    return quant.quantize(np.concatenate(parts) if parts else np.zeros(0))
+    z = np.concatenate(parts) if parts else np.zeros(0)
+    if "steps" not in plan:
+        return z, 0
+    return Quantizer(plan["clip_range"], plan["steps"]).quantize(z)
 
 
 class SecureRound:
@@ -160,7 +164,9 @@ class SecureRound:
 
     Opening it runs SecAgg+'s key stages with the round's ``clients`` over ``parties`` (a
     transport's; None: the clients live in this process, the local runtime, and their
-    updates are handed to :meth:`finish`). ``groups``: each adapter group's tensor keys
+    updates are handed to :meth:`finish`); with ``cfg.method == "he"`` nothing happens before
+    the clients train and ``parties`` must bring the server's HE context
+    (:mod:`fedumm.fl.he_sum`). ``groups``: each adapter group's tensor keys
     (:func:`round_groups`); every update is taken relative to ``reference``, the global
     adapters of the round. ``seed`` draws the neighbour graph (with ``rnd``); keys and
     self-mask seeds are the OS's randomness. Raises :class:`SecAggAbort` when too few clients
@@ -171,28 +177,38 @@ class SecureRound:
                  parties: SecAggParties | None = None) -> None:
         ids = [int(k) for k in clients]
         n = len(ids)
-        self.rnd, self.reference = rnd, reference
+        self.rnd, self.reference, self.clients, self.he = rnd, reference, ids, cfg.method == "he"
+        self.groups = {g: list(ks) for g, ks in groups.items()}
+        self.order = [(g, k) for g in self.groups for k in self.groups[g]]
+        self.length = sum(reference[k].numel() for _, k in self.order)
+        self.parties = parties if parties is not None else \
+            InProcessParties({k: SecAggSite(k) for k in ids})
         self.quant = Quantizer(cfg.clip_range, cfg.quantization_range)
+        self.sum: SecureSumRound | HESumRound
+        if self.he:
+            context = getattr(parties, "he_context", None)
+            if context is None:
+                raise ValueError("secagg.method=he needs a transport whose sites hold FLARE's "
+                                 "HE keys (runtime=flare-sim or flare-poc)")
+            self.sum = HESumRound(rnd, ids, self.length, self.parties, context)
+            return
         self.quant.check(n)
         self.holders, self.threshold = cfg.share_holders(n), cfg.threshold_count(n)
         if self.threshold > self.holders:
             raise ValueError(f"secure aggregation: threshold {self.threshold} exceeds the "
                              f"{self.holders} clients each client shares its secrets with "
                              f"(round of {n})")
-        self.groups = {g: list(ks) for g, ks in groups.items()}
-        self.order = [(g, k) for g in self.groups for k in self.groups[g]]
-        self.length = sum(reference[k].numel() for _, k in self.order)
-        self.parties = parties if parties is not None else \
-            InProcessParties({k: SecAggSite(k) for k in ids})
         self.sum = SecureSumRound(rnd, ids, neighbour_graph(ids, cfg.neighbours, seed, rnd),
                                   self.threshold, self.length, self.parties)
-        self.clients = ids
 
     def plan_for(self, scales: Mapping[str, float]) -> dict[str, Any]:
         """What one client needs to form its input: the order of the tensors, its scale per
-        group and the quantiser (public: the scales follow from the sample counts)."""
-        return {"order": [list(gk) for gk in self.order], "scales": dict(scales),
-                "clip_range": self.quant.clip_range, "steps": self.quant.steps}
+        group and, for SecAgg+, the quantiser (public: the scales follow from the sample
+        counts)."""
+        plan = {"order": [list(gk) for gk in self.order], "scales": dict(scales)}
+        if not self.he:
+            plan.update(clip_range=self.quant.clip_range, steps=self.quant.steps)
+        return plan
 
     def finish(self, updates: Sequence[ClientUpdate], weights: Mapping[str, Sequence[float]],
                dropped: Collection[int] = ()) -> tuple[ClientUpdate, dict]:
@@ -227,7 +243,7 @@ class SecureRound:
                               lambda k: {"plan": self.plan_for(mine[k])})
         counted = [i for i, k in enumerate(ids) if k in res.inputs]
         t0 = time.perf_counter()
-        total = self.quant.dequantize_sum(res.total, len(counted))
+        total = res.total if self.he else self.quant.dequantize_sum(res.total, len(counted))
         tensors, offset = {}, 0
         for g, k in self.order:
             ref, size = self.reference[k], self.reference[k].numel()
@@ -236,16 +252,20 @@ class SecureRound:
                 mean = torch.from_numpy(total[offset:offset + size] / mass).reshape(ref.shape)
                 tensors[k] = (ref.detach().to("cpu", torch.float64) + mean).to(ref.dtype)
             offset += size
-        res.seconds["unmasking"] += time.perf_counter() - t0
+        last = list(res.seconds)[-1]  # the server's own finishing work counts with it
+        res.seconds[last] += time.perf_counter() - t0
         samples: dict[str, int] = defaultdict(int)
         for i in counted:
             for m, c in updates[i].num_samples.items():
                 samples[m] += c
-        record = {"clients": n, "threshold": self.threshold, "share_holders": self.holders,
+        record = {"clients": n,
+                  **({"method": "he"} if self.he else
+                     {"threshold": self.threshold, "share_holders": self.holders}),
                   "inputs": len(counted),
                   **{f"dropped_{when}": ks for when, ks in res.dropped.items()},
                   "length": self.length,
-                  "clipped": sum(int(a.get("clipped", 0)) for a in res.answers.values()),
+                  **({} if self.he else {"clipped": sum(int(a.get("clipped", 0))
+                                                        for a in res.answers.values())}),
                   "bytes": {s: {"up": up, "down": down} for s, (up, down) in res.traffic.items()},
                   "seconds": {s: round(v, 6) for s, v in res.seconds.items()}}
         upd = ClientUpdate(AGGREGATE_ID, tensors, dict(samples),

@@ -508,20 +508,37 @@ class SecAggParties(Protocol):
 InputOf = Callable[[Mapping[str, Any]], tuple[np.ndarray, int]]
 
 
-class SecAggSite:
-    """One client's side of SecAgg+ over the wire, in any runtime: its secrets for the round
-    (a :class:`SecAggClient`) and the input it will mask. :meth:`hold` gives the input, as a
-    function of the mask stage's public plan (the weights of the round) that returns the
-    uint32 vector and how many entries it clipped."""
+class Site:
+    """One client's side of a secure sum, in any runtime: the input it will contribute.
+    :meth:`hold` gives it as a function of the round's public plan (the weights of the
+    round, :meth:`fedumm.fl.secagg.SecureRound.plan_for`) that returns the vector and how
+    many entries it clipped; a round's stage handler takes it once."""
 
-    def __init__(self, client: int, entropy: Callable[[int], bytes] = os.urandom) -> None:
-        self.id, self.entropy = int(client), entropy
-        self.party: SecAggClient | None = None
+    def __init__(self, client: int) -> None:
+        self.id = int(client)
         self.input_of: tuple[int, InputOf] | None = None  # (round, input)
 
     def hold(self, rnd: int, input_of: InputOf) -> None:
-        """The input to mask in round ``rnd``."""
+        """The input to contribute in round ``rnd``."""
         self.input_of = (int(rnd), input_of)
+
+    def take_input(self, rnd: int, plan: Mapping[str, Any]) -> tuple[np.ndarray, int]:
+        """Round ``rnd``'s input under ``plan``; refused if this client holds none for it."""
+        if self.input_of is None or self.input_of[0] != rnd:
+            raise SecAggAbort(f"client {self.id}: asked to mask an input for round {rnd}, "
+                              f"which it does not hold")
+        input_of, self.input_of = self.input_of[1], None  # one input per round
+        return input_of(plan)
+
+
+class SecAggSite(Site):
+    """One client's side of SecAgg+ over the wire: its secrets for the round (a
+    :class:`SecAggClient`) and the input it will mask."""
+
+    def __init__(self, client: int, entropy: Callable[[int], bytes] = os.urandom) -> None:
+        super().__init__(client)
+        self.entropy = entropy
+        self.party: SecAggClient | None = None
 
     def handle(self, rnd: int, stage: str, payload: bytes, meta: Mapping[str, Any]
                ) -> Message:
@@ -537,11 +554,7 @@ class SecAggSite:
         if stage == SHARE:
             return encode_shares(party.share_keys(decode_keys(payload))), {}
         if stage == MASK:
-            if self.input_of is None or self.input_of[0] != rnd:
-                raise SecAggAbort(f"client {self.id}: asked to mask an input for round {rnd}, "
-                                  f"which it does not hold")
-            vector, clipped = self.input_of[1](meta.get("plan", {}))
-            self.input_of = None  # one input per round
+            vector, clipped = self.take_input(rnd, meta.get("plan", {}))
             return encode_masked(party.masked_input(vector, decode_sealed(payload))), \
                 {"clipped": clipped}
         if stage == UNMASK:

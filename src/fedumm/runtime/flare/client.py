@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from fedumm.config import load_config
+from fedumm.fl.he_sum import CLIENT_CONTEXT, HESite, load_context
 from fedumm.fl.pipeline import CLIENT_CONFIG, CLIENT_ID, PAYLOAD, SECAGG_ANSWER, SECAGG_STAGE
 from fedumm.fl.secagg import client_input
-from fedumm.fl.secure_sum import SecAggSite
+from fedumm.fl.secure_sum import SecAggSite, Site
 from fedumm.runtime.experiment import (
     build_adapters,
     client_datasets,
@@ -51,6 +52,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--client-id", type=int, required=True, help="this site's client number")
     p.add_argument("--override", action="append", default=[], help="key=value for this site")
     p.add_argument("--run-dir", default="", help="where to report a failure (simulator / POC)")
+    p.add_argument("--he-context", default="", help="this site's HE context (secagg.method=he; "
+                   "default: client_context.tenseal in its startup kit)")
     return p.parse_args(argv)
 
 
@@ -88,8 +91,9 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
         client = clients[k]
     endpoint = client_endpoint(cfg, adapters)
     states = SiteStates(Path(args.run_dir) / STATES_DIR / site if args.run_dir else None)
-    # secure aggregation: this site's side of SecAgg+; its update never leaves it unmasked
-    secure = SecAggSite(k) if cfg.secagg.enabled else None
+    # secure aggregation: this site's side of SecAgg+ (or HE); its update never leaves it
+    # unmasked (unencrypted)
+    secure = secure_site(cfg, k, args.he_context) if cfg.secagg.enabled else None
     while flare.is_running():
         model = flare.receive()
         if model is None:
@@ -116,6 +120,27 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
         states.after(rnd, client_state)
         flare.send(FLModel(params={PAYLOAD: to_tensor(reply.payload)},
                            meta={**reply.meta.to_dict(), CLIENT_ID: k}))
+
+
+def secure_site(cfg, k: int, he_context: str) -> Site:
+    """This site's side of secure aggregation: SecAgg+, or HE with its context (the given
+    file, else ``startup/client_context.tenseal`` in the kit it runs from)."""
+    if cfg.secagg.method != "he":
+        return SecAggSite(k)
+    path = Path(he_context) if he_context else startup_file(CLIENT_CONTEXT)
+    return HESite(k, load_context(path, secret=True))
+
+
+def startup_file(name: str, start: Path | None = None) -> Path:
+    """``startup/<name>`` in the first of ``start`` (default: the working directory) and its
+    parents that has it: a FLARE site runs its jobs inside its startup kit's folder."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "startup" / name).is_file():
+            return folder / "startup" / name
+    raise FileNotFoundError(f"no startup/{name} in {here} or above: this site was not "
+                            f"provisioned with FLARE's HEBuilder (secagg.method=he needs it), "
+                            f"or pass --he-context")
 
 
 class SiteStates:

@@ -25,6 +25,7 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
 from fedumm.config import config_from_dict
+from fedumm.fl.he_sum import SERVER_CONTEXT, load_context
 from fedumm.fl.pipeline import (
     CLIENT_CONFIG,
     CLIENT_ID,
@@ -79,16 +80,19 @@ def site_names(k_total: int, sites: list[str] | None = None) -> list[str]:
 
 class FedUMMController(ModelController):
     def __init__(self, config: dict[str, Any], run_dir: str = "",
-                 sites: list[str] | None = None) -> None:
+                 sites: list[str] | None = None, he_contexts: str = "") -> None:
         """``config``: the resolved fedumm config; ``run_dir``: where to write the run
         directory (empty: ``fedumm_run`` in the server's job workspace); ``sites``: the site
-        name of every client (default ``site-1`` .. ``site-K``)."""
+        name of every client (default ``site-1`` .. ``site-K``); ``he_contexts``: the folder
+        of the HE contexts (``secagg.method=he``; empty: the server's startup kit, as FLARE
+        provisions it)."""
         # strict: any site error stops the run (a failed client must fail the run)
         super().__init__(persistor_id="", ignore_result_error=False, task_check_period=0.05)
         fobs.register(TensorDecomposer)  # adapters travel as torch tensors (bf16 included)
         self.config = config
         self.run_dir = run_dir
         self.sites = sites
+        self.he_contexts = he_contexts
 
     def run(self) -> None:
         cfg = config_from_dict(self.config)  # build_job refused strategy.name=local
@@ -100,7 +104,8 @@ class FedUMMController(ModelController):
         adapters = build_adapters(cfg, backbone)
         k_total = num_clients(cfg)
         strategy = strategy_for(cfg, backbone.groups)
-        transport = FlareTransport(self, site_names(k_total, self.sites), cfg.rounds)
+        he = self._he_context() if cfg.secagg.enabled and cfg.secagg.method == "he" else None
+        transport = FlareTransport(self, site_names(k_total, self.sites), cfg.rounds, he)
         loop = RoundLoop(cfg, d, backbone, adapters, strategy, eval_samples(cfg),
                          k_total, transport, backbone.fingerprint())
         try:
@@ -113,12 +118,23 @@ class FedUMMController(ModelController):
             raise
         self.info(f"fedumm run directory: {d.path}")
 
+    def _he_context(self):
+        """The server's HE context (no secret key): from ``he_contexts``, or the startup kit
+        through FLARE's own loader (which checks the kit's signature)."""
+        if self.he_contexts:
+            return load_context(Path(self.he_contexts) / SERVER_CONTEXT, secret=False)
+        from nvflare.app_opt.he.homomorphic_encrypt import load_tenseal_context_from_workspace
+
+        return load_tenseal_context_from_workspace(SERVER_CONTEXT, self.fl_ctx)
+
 
 class FlareTransport:
     """Payloads to sites and back through the controller's ``send_model_and_wait``."""
 
-    def __init__(self, controller: FedUMMController, sites: list[str], rounds: int) -> None:
+    def __init__(self, controller: FedUMMController, sites: list[str], rounds: int,
+                 he_context=None) -> None:
         self.controller, self.sites, self.rounds = controller, sites, rounds
+        self.he_context = he_context  # the server's, under secagg.method=he
 
     def train(self, rnd: int, jobs: dict[int, bytes], client_config: dict[str, Any],
               on_reply: Callable[[Reply], None]) -> list[Reply]:
@@ -152,7 +168,7 @@ class FlareTransport:
         pass  # the sites stay up until FLARE ends the job
 
     def secagg_parties(self) -> FlareParties:
-        return FlareParties(self.controller, self.sites, self.rounds)
+        return FlareParties(self.controller, self.sites, self.rounds, he_context=self.he_context)
 
 
 class FlareParties:
@@ -163,8 +179,9 @@ class FlareParties:
     mask stage's plan) in its meta."""
 
     def __init__(self, controller: FedUMMController, sites: list[str], rounds: int,
-                 poll_s: float = 0.002) -> None:
+                 poll_s: float = 0.002, he_context=None) -> None:
         self.controller, self.sites, self.rounds, self.poll_s = controller, sites, rounds, poll_s
+        self.he_context = he_context  # the server's HE context (secagg.method=he)
 
     def exchange(self, rnd: int, stage: str, messages: Mapping[int, Message]
                  ) -> dict[int, Message]:

@@ -20,6 +20,7 @@ from nvflare.client.config import ExchangeFormat
 from nvflare.job_config.api import FedJob
 
 from fedumm.config import Config, ConfigError, config_from_dict
+from fedumm.fl.he_sum import CLIENT_CONTEXT
 from fedumm.runtime.flare.client import CONFIG_FILE
 from fedumm.runtime.flare.controller import FedUMMController, site_names
 from fedumm.runtime.modes import LOCAL, num_clients, run_mode
@@ -34,12 +35,15 @@ CLIENT_SCRIPT = Path(__file__).with_name("fedumm_client.py")
 
 def build_job(cfg: Config, *, run_dir: str = "", staging: Path | None = None,
               site_overrides: dict[str, list[str]] | None = None,
-              sites: list[str] | None = None, task_request_interval: float = 0.1) -> FedJob:
+              sites: list[str] | None = None, task_request_interval: float = 0.1,
+              he_contexts: str = "") -> FedJob:
     """The FLARE job for ``cfg``. ``run_dir``: where the server writes the run directory and
     sites report failures (empty for a real deployment: the server's job workspace).
     ``staging``: a folder for the files the job copies into ``custom/`` when it is exported
     (they must exist until then; a new temporary folder when omitted). ``sites``: the site
-    name of each client (default ``site-1`` .. ``site-K``)."""
+    name of each client (default ``site-1`` .. ``site-K``). ``he_contexts``: a folder with
+    the HE contexts of ``secagg.method=he`` (the simulator's, :func:`fedumm.fl.he_sum.
+    provision_contexts`); empty: each party takes its own from its provisioned startup kit."""
     if run_mode(cfg) == LOCAL:
         raise ConfigError("strategy.name=local runs only on the local runtime")
     k_total = num_clients(cfg)
@@ -62,8 +66,8 @@ def build_job(cfg: Config, *, run_dir: str = "", staging: Path | None = None,
         config_from_dict(cfg.to_dict(), ovs)
     job = FedJob(name=JOB_NAME, min_clients=k_total)
     job.set_app_packages(["fedumm"])  # installed on every site: reference it, don't copy it
-    job.to_server(FedUMMController(config=cfg.to_dict(), run_dir=run_dir, sites=sites),
-                  id="fedumm_controller")
+    job.to_server(FedUMMController(config=cfg.to_dict(), run_dir=run_dir, sites=sites,
+                                   he_contexts=he_contexts), id="fedumm_controller")
     job.to_server({"server": {"task_request_interval": task_request_interval}})
     tmp = Path(staging) if staging else Path(tempfile.mkdtemp(prefix="fedumm_job_"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -75,6 +79,8 @@ def build_job(cfg: Config, *, run_dir: str = "", staging: Path | None = None,
             args += ["--override", ov]
         if run_dir:
             args += ["--run-dir", run_dir]
+        if he_contexts:
+            args += ["--he-context", str(Path(he_contexts) / CLIENT_CONTEXT)]
         job.to(str(tmp / CLIENT_SCRIPT.name), site)
         job.to(str(tmp / CONFIG_FILE), site)
         job.to(ClientAPIExecutor(execution_mode="in_process",

@@ -25,6 +25,7 @@ from typing import Any
 from fedumm.config import Config
 from fedumm.data.clients import split_clients
 from fedumm.data.readers import read_samples
+from fedumm.fl.he_sum import provision_contexts
 from fedumm.outputs import OutputFolder, write_tree
 from fedumm.runtime.flare.client import ERRORS_DIR, has_own_data
 from fedumm.runtime.flare.controller import site_names
@@ -157,8 +158,11 @@ def _run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
         d.create(cfg)
         flare_dir.mkdir(parents=True, exist_ok=True)
         launch.write_text(json.dumps({"sites": sites, "site_overrides": site_overrides}))
+    # HE keys: the simulator provisions nothing, so they are made here with FLARE's builder
+    he = str(provision_contexts(flare_dir / "he")[0].parent) if uses_he(cfg) else ""
     build_job(cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging",
-              site_overrides=site_overrides, sites=sites).export_job(str(flare_dir / "jobs"))
+              site_overrides=site_overrides, sites=sites,
+              he_contexts=he).export_job(str(flare_dir / "jobs"))
     k = num_clients(cfg)
     cmd = [_nvflare(), "simulator", str(flare_dir / "jobs" / JOB_NAME), "-w",
            str(flare_dir / "workspace"), "-c", ",".join(site_names(k, sites)), "-t", str(k),
@@ -207,8 +211,13 @@ def allow_fedumm_components(prod_dir: Path) -> int:
     return changed
 
 
-def _deploy_poc(env, poc: Path, k: int, job) -> str:
-    """Provision the POC kits, admit fedumm's components, start the services, submit ``job``.
+def uses_he(cfg: Config) -> bool:
+    return cfg.secagg.enabled and cfg.secagg.method == "he"
+
+
+def _deploy_poc(env, poc: Path, k: int, job, use_he: bool = False) -> str:
+    """Provision the POC kits (with FLARE's HE contexts when ``use_he``), admit fedumm's
+    components, start the services, submit ``job``.
 
     This is ``PocEnv.deploy`` with one step added, and the one place fedumm calls FLARE's
     private functions (``_start_poc``, ``PocEnv._get_session_manager``): provisioned kits
@@ -218,7 +227,8 @@ def _deploy_poc(env, poc: Path, k: int, job) -> str:
     from nvflare.recipe.poc_env import SERVICE_START_TIMEOUT
     from nvflare.tool.poc.poc_commands import _start_poc, prepare_poc_provision
 
-    prepare_poc_provision(clients=[], number_of_clients=k, workspace=str(poc), docker_image=None)
+    prepare_poc_provision(clients=[], number_of_clients=k, workspace=str(poc), docker_image=None,
+                          use_he=use_he)
     allow_fedumm_components(poc)
     _start_poc(poc_workspace=str(poc), gpu_ids=[], excluded=[env.username], services_list=[])
     time.sleep(SERVICE_START_TIMEOUT)
@@ -250,7 +260,8 @@ def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> di
         with open(flare_dir / "poc_admin.log", "w") as admin_log, \
                 contextlib.redirect_stdout(admin_log):
             job_id = _deploy_poc(env, poc, k, build_job(
-                cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging"))
+                cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging"),
+                use_he=uses_he(cfg))
             status = env.get_job_result(job_id, timeout=timeout_s)
             if status is None:
                 env.abort_job(job_id)
