@@ -10,8 +10,9 @@ task at K=16, Dirichlet alpha=0.5, FedAvg, 4 rounds, one thread per run).
                                                   # LoRA (separate) and FFA-LoRA
     .venv/bin/python benchmarks/trust.py secagg   # time and bytes per round, plain vs SecAgg+,
                                                   # K=4 and 16, local runtime and FLARE's
-                                                  # simulator [--only flare]; the protocol
-                                                  # alone with 0 / 1 / 2 dropouts
+                                                  # simulator, and FLARE's HE there
+                                                  # [--only flare]; the protocol alone
+                                                  # with 0 / 1 / 2 dropouts
     .venv/bin/python benchmarks/trust.py report   # the tables of every finished cell, as
                                                   # markdown (runs/bench/trust.md)
 
@@ -120,15 +121,19 @@ def dp_cells() -> list[tuple[str, list[str]]]:
 
 def secagg_cells() -> list[tuple[str, list[str]]]:
     """Plain and SecAgg+ rounds, in the local runtime (clients in one process) and in FLARE's
-    simulator (one process per site: the protocol's messages travel as FLARE tasks)."""
+    simulator (one process per site: the protocol's messages travel as FLARE tasks), and
+    FLARE's HE there."""
     out = []
     for runtime in ("local", "flare-sim"):
+        where = "" if runtime == "local" else "flare-"
         for k in (4, 16):
             for on in (False, True):
-                where = "" if runtime == "local" else "flare-"
                 out.append((f"K{k}-{where}{'secagg' if on else 'plain'}",
                             [f"clients={k}", f"secagg.enabled={str(on).lower()}",
                              f"runtime={runtime}"]))
+            if where:  # FLARE's homomorphic encryption (TenSEAL), FLARE runs only
+                out.append((f"K{k}-{where}he", [f"clients={k}", "secagg.enabled=true",
+                                                "secagg.method=he", f"runtime={runtime}"]))
     return out
 
 

@@ -530,6 +530,11 @@ class Site:
         input_of, self.input_of = self.input_of[1], None  # one input per round
         return input_of(plan)
 
+    def handle(self, rnd: int, stage: str, payload: bytes, meta: Mapping[str, Any]
+               ) -> Message:
+        """Answer the server's ``stage`` message of round ``rnd``."""
+        raise NotImplementedError
+
 
 class SecAggSite(Site):
     """One client's side of SecAgg+ over the wire: its secrets for the round (a
@@ -564,22 +569,23 @@ class SecAggSite(Site):
 
 @dataclass
 class InProcessParties:
-    """Every client's :class:`SecAggSite` in this process (the local runtime, tests). Clients
+    """Every client's site (:class:`SecAggSite`) in this process (the local runtime, tests). Clients
     drop out (stop answering) after advertising keys (``dropped_before_shares``), after
     sharing them (``dropped_before_input``) or after sending their input
     (``dropped_after_input``)."""
 
-    sites: dict[int, SecAggSite]
+    sites: Mapping[int, Site]
     dropped_before_shares: frozenset[int] = frozenset()
     dropped_before_input: frozenset[int] = frozenset()
     dropped_after_input: frozenset[int] = frozenset()
+    he_context: Any = None  # the server's, for sites that are HESites (fl/he_sum.py)
 
     def exchange(self, rnd: int, stage: str, messages: Mapping[int, Message]
                  ) -> dict[int, Message]:
-        gone = {ADVERTISE: set(), SHARE: self.dropped_before_shares,
+        gone = {SHARE: self.dropped_before_shares,
                 MASK: self.dropped_before_shares | self.dropped_before_input,
                 UNMASK: self.dropped_before_shares | self.dropped_before_input
-                | self.dropped_after_input}[stage]
+                | self.dropped_after_input}.get(stage, frozenset())
         return {k: self.sites[k].handle(rnd, stage, payload, meta)
                 for k, (payload, meta) in messages.items() if k not in gone}
 
@@ -596,7 +602,7 @@ class SecureSum:
     """What one SecAgg+ round gives the server: the sum of U3's vectors, who took part in
     which stage, the clients' public answers to the mask stage, and the cost."""
 
-    total: np.ndarray  # uint32, mod 2^32
+    total: np.ndarray  # SecAgg+: uint32, mod 2^32; HE (fl/he_sum.py): float64
     inputs: frozenset[int]  # U3: the clients whose vector is in the total
     traffic: dict[str, list[int]]  # stage -> [bytes up, bytes down]
     seconds: dict[str, float]
