@@ -143,8 +143,8 @@ class Federation:
 
     def _absorb_secure(self, rnd: int, updates: list[ClientUpdate],
                        received: dict[int, State]) -> dict[str, Any]:
-        """SecAgg+ over the round's updates (:mod:`fedumm.fl.secagg`), then the strategy's
-        server step on the one mean update. A client that was sent the round and sent nothing
+        """Secure aggregation of the round's updates (SecAgg+ or HE, :mod:`fedumm.fl.secagg`),
+        then the strategy's server step on the one mean update. A client that was sent the round and sent nothing
         usable back (dropped out, late, rejected) took part in the key stages and is not
         asked for a masked input: the survivors' shares remove its masks."""
         secure = self.secure
