@@ -125,3 +125,16 @@ def test_config_takes_he_on_flare_runtimes_only() -> None:
         load_config(None, ["secagg.enabled=true", "secagg.method=he"])
     with pytest.raises(ConfigError, match="secagg.method"):
         load_config(None, ["secagg.method=paillier"])
+
+
+def test_a_site_finds_its_context_in_the_startup_kit_it_runs_in(tmp_path) -> None:
+    from fedumm.runtime.flare.client import startup_file
+
+    kit = tmp_path / "site-1"
+    (kit / "startup").mkdir(parents=True)
+    (kit / "startup" / CLIENT_CONTEXT).write_bytes(b"x")
+    job = kit / "0f3a" / "app_site-1"
+    job.mkdir(parents=True)
+    assert startup_file(CLIENT_CONTEXT, job) == kit / "startup" / CLIENT_CONTEXT
+    with pytest.raises(FileNotFoundError, match="not provisioned with FLARE's HEBuilder"):
+        startup_file(SERVER_CONTEXT, job)

@@ -144,9 +144,9 @@ class Federation:
     def _absorb_secure(self, rnd: int, updates: list[ClientUpdate],
                        received: dict[int, State]) -> dict[str, Any]:
         """Secure aggregation of the round's updates (SecAgg+ or HE, :mod:`fedumm.fl.secagg`),
-        then the strategy's server step on the one mean update. A client that was sent the round and sent nothing
-        usable back (dropped out, late, rejected) took part in the key stages and is not
-        asked for a masked input: the survivors' shares remove its masks."""
+        then the strategy's server step on the one mean update. A client that was sent the
+        round and sent nothing usable back (dropped out, late, rejected) took part in the key
+        stages and is not asked for a masked input: the survivors' shares remove its masks."""
         secure = self.secure
         if secure is None or isinstance(secure, str):
             raise RoundAborted(secure or f"round {rnd}: secure aggregation was not opened")

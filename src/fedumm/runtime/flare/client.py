@@ -8,7 +8,8 @@ arrive as one uint8 tensor in an ``FLModel``, and the encoded update goes back t
 with sample counts, quality and metrics in ``meta``. Under secure aggregation the update stays
 on the site (its reply is sealed: meta and tensor keys only) and the site answers SecAgg+'s
 stage tasks (:class:`~fedumm.fl.secure_sum.SecAggSite`) with its keys, shares, masked input
-and unmasking shares.
+and unmasking shares, or, under ``secagg.method=he``, HE's (:class:`~fedumm.fl.he_sum.HESite`)
+with its encrypted input and a decrypted sum.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fedumm.config import load_config
+from fedumm.config import Config, load_config
 from fedumm.fl.he_sum import CLIENT_CONTEXT, HESite, load_context
 from fedumm.fl.pipeline import CLIENT_CONFIG, CLIENT_ID, PAYLOAD, SECAGG_ANSWER, SECAGG_STAGE
 from fedumm.fl.secagg import client_input
@@ -122,7 +123,7 @@ def _serve(flare, FLModel, site: str, args: argparse.Namespace,  # noqa: N803
                            meta={**reply.meta.to_dict(), CLIENT_ID: k}))
 
 
-def secure_site(cfg, k: int, he_context: str) -> Site:
+def secure_site(cfg: Config, k: int, he_context: str) -> Site:
     """This site's side of secure aggregation: SecAgg+, or HE with its context (the given
     file, else ``startup/client_context.tenseal`` in the kit it runs from)."""
     if cfg.secagg.method != "he":
