@@ -10,9 +10,9 @@ task at K=16, Dirichlet alpha=0.5, FedAvg, 4 rounds, one thread per run).
                                                   # LoRA (separate) and FFA-LoRA
     .venv/bin/python benchmarks/trust.py secagg   # time and bytes per round, plain vs SecAgg+,
                                                   # K=4 and 16, local runtime and FLARE's
-                                                  # simulator, and FLARE's HE there
-                                                  # [--only flare]; the protocol alone
-                                                  # with 0 / 1 / 2 dropouts
+                                                  # simulator and POC, and FLARE's HE
+                                                  # there [--only flare / poc]; the
+                                                  # protocol alone with 0 / 1 / 2 dropouts
     .venv/bin/python benchmarks/trust.py report   # the tables of every finished cell, as
                                                   # markdown (runs/bench/trust.md)
 
@@ -120,12 +120,12 @@ def dp_cells() -> list[tuple[str, list[str]]]:
 
 
 def secagg_cells() -> list[tuple[str, list[str]]]:
-    """Plain and SecAgg+ rounds, in the local runtime (clients in one process) and in FLARE's
-    simulator (one process per site: the protocol's messages travel as FLARE tasks), and
-    FLARE's HE there."""
+    """Plain and SecAgg+ rounds, in the local runtime (clients in one process) and on FLARE,
+    its simulator and a POC deployment on loopback (one process per site: the protocol's
+    messages travel as FLARE tasks), and FLARE's HE there."""
     out = []
-    for runtime in ("local", "flare-sim"):
-        where = "" if runtime == "local" else "flare-"
+    for runtime in ("local", "flare-sim", "flare-poc"):
+        where = {"local": "", "flare-sim": "flare-", "flare-poc": "poc-"}[runtime]
         for k in (4, 16):
             for on in (False, True):
                 out.append((f"K{k}-{where}{'secagg' if on else 'plain'}",
@@ -322,7 +322,8 @@ def secagg_table() -> list[str]:
         elif k + where in plain:
             base = plain[k + where]
             ratio = f" ({per_round / base[0]:.2f}x time, {up / base[1]:.3f}x bytes)"
-        how = f"{how_}, FLARE simulator" if where else how_
+        how = {"flare": f"{how_}, FLARE simulator", "poc": f"{how_}, FLARE POC"}.get(where,
+                                                                                   how_)
         lines.append(f"| {k[1:]} | {how}{ratio} | {per_round:.2f} | "
                      f"{(t['wall_s'] - t['client_train_s'] - t['eval_s']) / rounds:.3f} | "
                      f"{up:,.0f} | {_fmt(s['final'].get('vqa_accuracy'))} |")

@@ -217,7 +217,14 @@ def test_a_flare_run_without_its_launch_record_does_not_resume(tmp_path, tiny_ov
         run_experiment(None, poc, resume=True)
 
 
-def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny_overrides):
+@pytest.mark.parametrize("algo", [
+    pytest.param(["strategy.name=scaffold"], id="scaffold"),
+    # SecAgg+: a resumed round draws new keys on restarted sites; the sums are the same
+    pytest.param(["clients=4", "secagg.enabled=true", "faults.dropout=0.25",
+                  "secagg.threshold=2"], id="secagg", marks=pytest.mark.slow),
+])
+def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny_overrides,
+                                                                  algo):
     """SCAFFOLD keeps client state on the sites: the resumed sites must continue from it."""
     import os
     import signal
@@ -229,7 +236,7 @@ def test_a_killed_flare_simulator_run_resumes_from_its_last_round(tmp_path, tiny
 
     from fedumm.runtime.procs import run_processes
 
-    extra = ["rounds=4", "strategy.name=scaffold"]
+    extra = ["rounds=4", *algo]
     local = run_experiment(_cfg(tiny_overrides, *extra), tmp_path / "local", progress=False)
     cfg_file = tmp_path / "cfg.yaml"
     _cfg(tiny_overrides, *extra, "runtime=flare-sim").save(cfg_file)
