@@ -490,6 +490,11 @@ class SecAggConfig:
     clip_range: float = field(default=8.0, metadata=_range(0.0, None, lo_open=True))
     quantization_range: int = field(default=2**22, metadata=_range(2, 2**31))
 
+    @property
+    def uses_he(self) -> bool:
+        """Secure aggregation by homomorphic encryption (fedumm.fl.he_sum)."""
+        return self.enabled and self.method == "he"
+
     def share_holders(self, n: int) -> int:
         """How many clients hold shares of each client's secrets in a round of ``n``."""
         k = self.neighbours + self.neighbours % 2

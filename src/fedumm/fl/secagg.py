@@ -164,7 +164,7 @@ class SecureRound:
 
     Opening it runs SecAgg+'s key stages with the round's ``clients`` over ``parties`` (a
     transport's; None: the clients live in this process, the local runtime, and their
-    updates are handed to :meth:`finish`); with ``cfg.method == "he"`` nothing happens before
+    updates are handed to :meth:`finish`); with ``cfg.uses_he`` nothing happens before
     the clients train and ``parties`` must bring the server's HE context
     (:mod:`fedumm.fl.he_sum`). ``groups``: each adapter group's tensor keys
     (:func:`round_groups`); every update is taken relative to ``reference``, the global
@@ -177,7 +177,7 @@ class SecureRound:
                  parties: SecAggParties | None = None) -> None:
         ids = [int(k) for k in clients]
         n = len(ids)
-        self.rnd, self.reference, self.clients, self.he = rnd, reference, ids, cfg.method == "he"
+        self.rnd, self.reference, self.clients, self.he = rnd, reference, ids, cfg.uses_he
         self.groups = {g: list(ks) for g, ks in groups.items()}
         self.order = [(g, k) for g in self.groups for k in self.groups[g]]
         self.length = sum(reference[k].numel() for _, k in self.order)
@@ -297,11 +297,6 @@ def secure_weighted_mean(rnd: int, updates: Sequence[ClientUpdate], reference: S
     ``strategy.aggregate`` of the one mean update is that mean per group (its weight is its
     summed samples), then the strategy's ``server_update``."""
     ids = [u.client_id for u in updates]
-    n = len(updates)
-    if not updates or any(len(weights[g]) != n for g in groups):
-        raise ValueError(f"secure aggregation: expected updates and one weight per update for "
-                         f"each group, got {n} updates and weights of lengths "
-                         f"{ {g: len(weights[g]) for g in groups} }")
     drops = [frozenset(map(int, d)) for d in (dropped_before_shares, dropped_before_input,
                                               dropped_after_input)]
     parties = InProcessParties({k: SecAggSite(k) for k in ids}, *drops)

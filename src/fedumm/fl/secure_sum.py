@@ -441,7 +441,6 @@ def encode_shares(m: Shares) -> bytes:
 
 
 def decode_shares(blob: bytes) -> Shares:
-    _check_length(blob, ID_BYTES, ID_BYTES + SEALED_BYTES, "shares")
     return Shares(struct.unpack_from("<i", blob)[0], decode_sealed(blob, ID_BYTES))
 
 
@@ -619,12 +618,11 @@ class SecureSumRound:
     def __init__(self, rnd: int, clients: Sequence[int], graph: Mapping[int, Sequence[int]],
                  threshold: int, length: int, parties: SecAggParties) -> None:
         self.rnd, self.parties = int(rnd), parties
-        self.clients = [int(k) for k in clients]
         self.server = SecAggServer(rnd, graph, threshold, length)
         t0 = time.perf_counter()
         keys = parties.exchange(rnd, ADVERTISE, {
-            k: (b"", {"neighbours": list(graph[k]), "threshold": int(threshold)})
-            for k in self.clients})
+            int(k): (b"", {"neighbours": list(graph[k]), "threshold": int(threshold)})
+            for k in clients})
         routed = self.server.receive_keys([_from(k, one, ADVERTISE) for k, (b, _) in
                                            keys.items() for one in decode_keys(b).values()])
         shares = parties.exchange(rnd, SHARE, {k: (encode_keys(list(ks.values())), {})

@@ -104,7 +104,7 @@ class FedUMMController(ModelController):
         adapters = build_adapters(cfg, backbone)
         k_total = num_clients(cfg)
         strategy = strategy_for(cfg, backbone.groups)
-        he = self._he_context() if cfg.secagg.enabled and cfg.secagg.method == "he" else None
+        he = self._he_context() if cfg.secagg.uses_he else None
         transport = FlareTransport(self, site_names(k_total, self.sites), cfg.rounds, he)
         loop = RoundLoop(cfg, d, backbone, adapters, strategy, eval_samples(cfg),
                          k_total, transport, backbone.fingerprint())

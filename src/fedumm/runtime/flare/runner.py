@@ -159,7 +159,7 @@ def _run_flare_sim(cfg: Config, out: str | Path, *, poll_s: float = 0.5,
         flare_dir.mkdir(parents=True, exist_ok=True)
         launch.write_text(json.dumps({"sites": sites, "site_overrides": site_overrides}))
     # HE keys: the simulator provisions nothing, so they are made here with FLARE's builder
-    he = str(provision_contexts(flare_dir / "he")[0].parent) if uses_he(cfg) else ""
+    he = str(provision_contexts(flare_dir / "he")[0].parent) if cfg.secagg.uses_he else ""
     build_job(cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging",
               site_overrides=site_overrides, sites=sites,
               he_contexts=he).export_job(str(flare_dir / "jobs"))
@@ -211,10 +211,6 @@ def allow_fedumm_components(prod_dir: Path) -> int:
     return changed
 
 
-def uses_he(cfg: Config) -> bool:
-    return cfg.secagg.enabled and cfg.secagg.method == "he"
-
-
 def _deploy_poc(env, poc: Path, k: int, job, use_he: bool = False) -> str:
     """Provision the POC kits (with FLARE's HE contexts when ``use_he``), admit fedumm's
     components, start the services, submit ``job``.
@@ -261,7 +257,7 @@ def run_flare_poc(cfg: Config, out: str | Path, timeout_s: float = 3600.0) -> di
                 contextlib.redirect_stdout(admin_log):
             job_id = _deploy_poc(env, poc, k, build_job(
                 cfg, run_dir=str(d.path.resolve()), staging=flare_dir / "staging"),
-                use_he=uses_he(cfg))
+                use_he=cfg.secagg.uses_he)
             status = env.get_job_result(job_id, timeout=timeout_s)
             if status is None:
                 env.abort_job(job_id)
